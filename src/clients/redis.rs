@@ -1,0 +1,441 @@
+//! Redis: the source of profiles and dirty flags, the version clocks, and the L2
+//! cache of applied versions. Every multi-key operation is a Lua script over the
+//! keys of one shard (one cluster slot); every per-user read is pipelined.
+
+use crate::{
+    config::RedisConfig,
+    proto::json_to_bson,
+    shard::{Keys, shard_of},
+};
+use fred::{
+    prelude::*,
+    types::{Value as RValue, scripts::Script},
+};
+use mongodb::bson::{Bson, Document};
+use std::{collections::BTreeMap, sync::LazyLock, time::Duration};
+
+/// Which half of a profile a version belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Section {
+    Static,
+    Dynamic,
+}
+
+impl Section {
+    pub fn tag(self) -> &'static str {
+        match self {
+            Section::Static => "s",
+            Section::Dynamic => "d",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    #[error("redis: {0}")]
+    Command(#[from] fred::error::Error),
+    #[error("redis returned an unexpected reply to {what}: {reply}")]
+    Reply { what: &'static str, reply: String },
+}
+
+impl RedisError {
+    /// Connection trouble and timeouts pass; a bad reply does not.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            RedisError::Command(e) => {
+                !matches!(e.kind(), ErrorKind::InvalidArgument | ErrorKind::Parse)
+            }
+            RedisError::Reply { .. } => false,
+        }
+    }
+}
+
+/// Why one user's profile could not be loaded. Permanent: retrying cannot help
+/// until the upstream writes the profile again.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum ProfileError {
+    #[error("profile key `{key}` does not exist")]
+    Missing { key: String },
+    #[error("profile key `{key}` is not valid JSON: {reason}")]
+    BadJson { key: String, reason: String },
+    #[error("profile key `{key}` holds JSON that is not an object")]
+    NotAnObject { key: String },
+    #[error("profile key `{key}` has Redis type `{kind}`; expected a string or a hash")]
+    WrongType { key: String, kind: String },
+}
+
+/// Allocates one version per user from the shard's hybrid logical clock and flags
+/// each user with it. `v = max(now_µs, last + 1)`, strictly increasing per shard.
+/// KEYS: dirty zset, clock. ARGV: user ids. Returns the versions in order.
+static MARK: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+local v = last + 1
+if now > v then v = now end
+local out = {}
+for i = 1, #ARGV do
+  if i > 1 then v = v + 1 end
+  redis.call('ZADD', KEYS[1], string.format('%.0f', v), ARGV[i])
+  out[i] = v
+end
+redis.call('SET', KEYS[2], string.format('%.0f', v))
+return out
+"#,
+    )
+});
+
+/// Compare-and-delete: removes a flag only if its score is still the version that
+/// was published. KEYS: dirty zset. ARGV: user, version, user, version, ...
+static CLEAR: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+local n = 0
+for i = 1, #ARGV, 2 do
+  local s = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if s and tonumber(s) == tonumber(ARGV[i + 1]) then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"#,
+    )
+});
+
+/// Raises applied versions in the L2 hash, never lowers them.
+/// KEYS: applied hash. ARGV: field, version, field, version, ...
+static APPLIED_MAX: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+for i = 1, #ARGV, 2 do
+  local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
+  if tonumber(ARGV[i + 1]) > cur then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+return 1
+"#,
+    )
+});
+
+/// Moves up to ARGV[1] members from the legacy set to its draining set in one
+/// step. KEYS: legacy set, draining set (same slot). Returns the members.
+static LEGACY_POP: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+local m = redis.call('SPOP', KEYS[1], tonumber(ARGV[1]))
+if #m > 0 then redis.call('SADD', KEYS[2], unpack(m)) end
+return m
+"#,
+    )
+});
+
+/// The Redis side of datasync.
+#[derive(Clone)]
+pub struct RedisStore {
+    pool: Pool,
+    keys: Keys,
+    shards: u32,
+}
+
+impl RedisStore {
+    /// Connects a pool (cluster routing when configured) with reconnection.
+    pub async fn connect(c: &RedisConfig, shards: u32) -> Result<Self, RedisError> {
+        let mut url = c.url.expose().to_string();
+        if c.cluster && url.starts_with("redis://") {
+            url = url.replacen("redis://", "redis-cluster://", 1);
+        }
+        let config = Config::from_url(&url)?;
+        let pool = Builder::from_config(config)
+            .with_connection_config(|cc| {
+                cc.connection_timeout = Duration::from_secs(5);
+                cc.internal_command_timeout = Duration::from_secs(10);
+            })
+            .with_performance_config(|p| {
+                p.default_command_timeout = Duration::from_secs(30);
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+            .build_pool(c.pool_size)?;
+        pool.init().await?;
+        Ok(Self {
+            pool,
+            keys: Keys::from_config(c),
+            shards,
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn shards(&self) -> u32 {
+        self.shards
+    }
+
+    pub fn client(&self) -> &Client {
+        self.pool.next()
+    }
+
+    /// Flags users dirty, allocating a version for each; one script per shard,
+    /// all shards at once. Returns `(user, version)` in input order.
+    pub async fn mark(&self, users: &[String]) -> Result<Vec<(String, i64)>, RedisError> {
+        let mut by_shard: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, u) in users.iter().enumerate() {
+            by_shard
+                .entry(shard_of(u, self.shards))
+                .or_default()
+                .push(i);
+        }
+        let calls = by_shard.iter().map(|(&shard, idx)| {
+            let args: Vec<&str> = idx.iter().map(|&i| users[i].as_str()).collect();
+            let keys = vec![self.keys.dirty(shard), self.keys.clock(shard)];
+            async move {
+                let v: Vec<i64> = MARK.evalsha_with_reload(self.client(), keys, args).await?;
+                Ok::<_, RedisError>(v)
+            }
+        });
+        let results = futures::future::try_join_all(calls).await?;
+        let mut out = vec![(String::new(), 0); users.len()];
+        for ((_, idx), versions) in by_shard.iter().zip(results) {
+            if versions.len() != idx.len() {
+                return Err(RedisError::Reply {
+                    what: "mark",
+                    reply: format!("{} versions for {} users", versions.len(), idx.len()),
+                });
+            }
+            for (&i, v) in idx.iter().zip(versions) {
+                out[i] = (users[i].clone(), v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes profiles as JSON strings, pipelined.
+    pub async fn write_profiles(&self, profiles: &[(String, String)]) -> Result<(), RedisError> {
+        let pipe = self.client().pipeline();
+        for (user, json) in profiles {
+            let _: () = pipe
+                .set(self.keys.profile(user), json.as_str(), None, None, false)
+                .await?;
+        }
+        let _: Vec<RValue> = pipe.all().await?;
+        Ok(())
+    }
+
+    /// The oldest flags of a shard with a version above `after`.
+    pub async fn read_flags(
+        &self,
+        shard: u32,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<(String, i64)>, RedisError> {
+        let min = match after {
+            Some(v) => format!("({v}"),
+            None => "-inf".to_string(),
+        };
+        let raw: Vec<(String, f64)> = self
+            .client()
+            .zrangebyscore(
+                self.keys.dirty(shard),
+                min.as_str(),
+                "+inf",
+                true,
+                Some((0, limit as i64)),
+            )
+            .await?;
+        Ok(raw.into_iter().map(|(u, s)| (u, s as i64)).collect())
+    }
+
+    /// How many flags a shard holds.
+    pub async fn count_flags(&self, shard: u32) -> Result<u64, RedisError> {
+        Ok(self.client().zcard(self.keys.dirty(shard)).await?)
+    }
+
+    /// Loads profiles: one pipeline of GETs, then one of HGETALLs for the keys
+    /// that hold hashes. One result per user, in order.
+    pub async fn load_profiles(
+        &self,
+        users: &[String],
+    ) -> Result<Vec<Result<Document, ProfileError>>, RedisError> {
+        let pipe = self.client().pipeline();
+        for u in users {
+            let _: () = pipe.get(self.keys.profile(u)).await?;
+        }
+        let replies: Vec<Result<RValue, fred::error::Error>> = pipe.try_all().await;
+        let mut out = Vec::with_capacity(users.len());
+        let mut hashes = Vec::new();
+        for (i, (u, r)) in users.iter().zip(replies).enumerate() {
+            let key = self.keys.profile(u);
+            out.push(match r {
+                Ok(RValue::Null) => Err(ProfileError::Missing { key }),
+                Ok(v) => match v.as_bytes() {
+                    Some(b) => parse_json_profile(&key, b),
+                    None => Err(ProfileError::WrongType {
+                        key,
+                        kind: format!("{:?}", v.kind()),
+                    }),
+                },
+                Err(e) if e.details().contains("WRONGTYPE") => {
+                    hashes.push(i);
+                    Err(ProfileError::WrongType {
+                        key,
+                        kind: "unknown".into(),
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            });
+        }
+        if !hashes.is_empty() {
+            let pipe = self.client().pipeline();
+            for &i in &hashes {
+                let _: () = pipe.hgetall(self.keys.profile(&users[i])).await?;
+                let _: () = pipe.r#type(self.keys.profile(&users[i])).await?;
+            }
+            let replies: Vec<RValue> = pipe.all().await?;
+            for (&i, pair) in hashes.iter().zip(replies.chunks(2)) {
+                let key = self.keys.profile(&users[i]);
+                let kind = pair[1].as_string().unwrap_or_default();
+                out[i] = if kind == "hash" {
+                    let map: BTreeMap<String, String> = pair[0].clone().convert()?;
+                    Ok(map.into_iter().map(|(k, v)| (k, Bson::String(v))).collect())
+                } else {
+                    Err(ProfileError::WrongType { key, kind })
+                };
+            }
+        }
+        Ok(out)
+    }
+
+    /// Compare-and-delete of a shard's flags. Returns how many were removed.
+    pub async fn clear_flags(
+        &self,
+        shard: u32,
+        flags: &[(String, i64)],
+    ) -> Result<u64, RedisError> {
+        if flags.is_empty() {
+            return Ok(0);
+        }
+        let mut args = Vec::with_capacity(flags.len() * 2);
+        for (u, v) in flags {
+            args.push(u.clone());
+            args.push(v.to_string());
+        }
+        Ok(CLEAR
+            .evalsha_with_reload(self.client(), vec![self.keys.dirty(shard)], args)
+            .await?)
+    }
+
+    /// L2: the applied versions of `section` for users of one shard (`None` =
+    /// unknown).
+    pub async fn applied_versions(
+        &self,
+        shard: u32,
+        users: &[&str],
+        section: Section,
+    ) -> Result<Vec<Option<i64>>, RedisError> {
+        if users.is_empty() {
+            return Ok(vec![]);
+        }
+        let fields: Vec<String> = users.iter().map(|u| applied_field(u, section)).collect();
+        let raw: Vec<Option<i64>> = self
+            .client()
+            .hmget(self.keys.applied(shard), fields)
+            .await?;
+        Ok(raw)
+    }
+
+    /// L2: raises the applied versions of one shard.
+    pub async fn raise_applied(
+        &self,
+        shard: u32,
+        entries: &[(&str, Section, i64)],
+    ) -> Result<(), RedisError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut args = Vec::with_capacity(entries.len() * 2);
+        for (u, s, v) in entries {
+            args.push(applied_field(u, *s));
+            args.push(v.to_string());
+        }
+        let _: i64 = APPLIED_MAX
+            .evalsha_with_reload(self.client(), vec![self.keys.applied(shard)], args)
+            .await?;
+        Ok(())
+    }
+
+    /// Moves up to `n` members of the legacy set into its draining set.
+    pub async fn legacy_pop(&self, n: usize) -> Result<Vec<String>, RedisError> {
+        let keys = vec![self.keys.legacy().to_string(), self.keys.legacy_draining()];
+        Ok(LEGACY_POP
+            .evalsha_with_reload(self.client(), keys, vec![n as i64])
+            .await?)
+    }
+
+    /// Up to `n` members left in the draining set (by a crash between pop and ack).
+    pub async fn legacy_unacked(&self, n: usize) -> Result<Vec<String>, RedisError> {
+        Ok(self
+            .client()
+            .srandmember(self.keys.legacy_draining(), Some(n))
+            .await?)
+    }
+
+    /// Removes members from the draining set once they are flagged.
+    pub async fn legacy_ack(&self, users: &[String]) -> Result<(), RedisError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let _: i64 = self
+            .client()
+            .srem(self.keys.legacy_draining(), users.to_vec())
+            .await?;
+        Ok(())
+    }
+
+    /// PING, for readiness.
+    pub async fn ping(&self) -> Result<(), RedisError> {
+        let _: String = self.client().ping(None).await?;
+        Ok(())
+    }
+}
+
+fn applied_field(user: &str, section: Section) -> String {
+    format!("{user}|{}", section.tag())
+}
+
+fn parse_json_profile(key: &str, bytes: &[u8]) -> Result<Document, ProfileError> {
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| ProfileError::BadJson {
+            key: key.to_string(),
+            reason: e.to_string(),
+        })?;
+    match json_to_bson(&v) {
+        Bson::Document(d) => Ok(d),
+        _ => Err(ProfileError::NotAnObject {
+            key: key.to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_profiles_parse_or_name_the_problem() {
+        assert!(parse_json_profile("k", br#"{"a":1}"#).is_ok());
+        assert_eq!(
+            parse_json_profile("k", b"[1]"),
+            Err(ProfileError::NotAnObject { key: "k".into() })
+        );
+        let err = parse_json_profile("user:1:profile", b"{oops").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("profile key `user:1:profile` is not valid JSON"),
+            "{err}"
+        );
+    }
+}

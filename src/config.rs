@@ -1,0 +1,509 @@
+//! Typed configuration: `config/default.toml` (embedded), then a file given with
+//! `--config`, then environment variables `DATASYNC__SECTION__KEY`.
+//!
+//! Loading reports every problem at once — unknown keys, values of the wrong type,
+//! and values that fail validation — so `datasync config check` can list them all.
+
+use serde::{Deserialize, Serialize};
+use std::{fmt, path::Path, time::Duration};
+
+/// The embedded defaults.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Prefix of the environment variables that override config keys.
+pub const ENV_PREFIX: &str = "DATASYNC__";
+
+/// Every problem found while loading or validating a configuration.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "invalid configuration ({} problem(s)):",
+            self.problems.len()
+        )?;
+        for p in &self.problems {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A value that must never be printed (tokens, passwords).
+#[derive(Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Config {
+    pub instance: InstanceConfig,
+    pub redis: RedisConfig,
+    pub kafka: KafkaConfig,
+    pub mongo: MongoConfig,
+    pub sync: SyncConfig,
+    pub mailbox: MailboxConfig,
+    pub applier: ApplierConfig,
+    pub cache: CacheConfig,
+    pub http: HttpConfig,
+    pub shutdown: ShutdownConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ShardMode {
+    /// This instance scans every shard.
+    All,
+    /// The seed's static split: shards where `shard % total == index`.
+    Fixed,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct InstanceConfig {
+    /// This instance's name in events and logs; empty = `<hostname>-<pid>`.
+    pub id: String,
+    /// How shards are assigned to this instance.
+    pub mode: ShardMode,
+    /// With `mode = "fixed"`: this instance's index, `0..total`.
+    pub index: u32,
+    /// With `mode = "fixed"`: how many instances split the shards.
+    pub total: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub url: Secret,
+    /// Route commands as a Redis Cluster client.
+    pub cluster: bool,
+    /// Connections in the client pool.
+    pub pool_size: usize,
+    /// Prefix of datasync's own keys.
+    pub key_prefix: String,
+    /// Template of the profile key; `{id}` is replaced by the user id.
+    pub profile_key: String,
+    /// The seed's legacy dirty set, drained into the sharded flags.
+    pub legacy_dirty_set: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma separated.
+    pub brokers: String,
+    /// Topic of critical (static) changes.
+    pub static_topic: String,
+    /// Topic of batched (dynamic) changes.
+    pub dynamic_topic: String,
+    /// Dead-letter topic.
+    pub dlq_topic: String,
+    /// Partitions of topics datasync creates.
+    pub partitions: i32,
+    /// Create the topics at start if they do not exist.
+    pub create_topics: bool,
+    /// Upper bound for one delivery (`message.timeout.ms`).
+    #[serde(with = "humantime_serde")]
+    pub message_timeout: Duration,
+    /// Producer batching delay (`linger.ms`).
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// Consumer group of the MongoApplier.
+    pub consumer_group: String,
+    /// Consumer session timeout (`session.timeout.ms`).
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct MongoConfig {
+    /// Connection string. Add `retryWrites=false` for SecantusDB.
+    pub url: Secret,
+    pub database: String,
+    pub collection: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct SyncConfig {
+    /// Scan interval; zero = continuous drain.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Number of virtual shards.
+    pub shards: u32,
+    /// Flags read per page.
+    pub page_size: usize,
+    /// Pages in flight at once.
+    pub max_in_flight_pages: usize,
+    /// Drain the legacy dirty set each cycle.
+    pub legacy_drain: bool,
+    /// Pause after an empty cycle in continuous mode.
+    #[serde(with = "humantime_serde")]
+    pub idle_backoff: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct MailboxConfig {
+    pub scanner: usize,
+    pub loader: usize,
+    pub resolver: usize,
+    pub publisher: usize,
+    pub applier: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ApplierConfig {
+    /// Run the MongoApplier in this process.
+    pub enabled: bool,
+    /// Events that close a window.
+    pub window_max_events: usize,
+    /// Time after a window's first event that closes it.
+    #[serde(with = "humantime_serde")]
+    pub window_max_wait: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct CacheConfig {
+    /// Entries of the L1 cache of applied versions.
+    pub l1_capacity: u64,
+    /// Time to live of an L1 entry.
+    #[serde(with = "humantime_serde")]
+    pub l1_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct HttpConfig {
+    /// Serve the HTTP API.
+    pub enabled: bool,
+    /// Address to bind.
+    pub bind: String,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Most users in one mark request.
+    pub max_users_per_request: usize,
+    /// Bearer token for admin endpoints; empty disables them.
+    pub admin_token: Secret,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ShutdownConfig {
+    /// Time allowed for a graceful stop.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct TelemetryConfig {
+    /// `text` or `json`.
+    pub log_format: String,
+    /// Default log filter.
+    pub log_filter: String,
+}
+
+impl Config {
+    /// The embedded defaults alone.
+    pub fn default_config() -> Config {
+        Self::from_layers(&[], std::iter::empty()).expect("embedded default config is valid")
+    }
+
+    /// Defaults, then `file` (if any), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut layers = Vec::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                problems: vec![format!("cannot read config file {}: {e}", path.display())],
+            })?;
+            layers.push((path.display().to_string(), text));
+        }
+        Self::from_layers(&layers, std::env::vars())
+    }
+
+    /// Defaults, then each `(name, toml text)` layer, then `env` pairs that start
+    /// with [`ENV_PREFIX`].
+    pub fn from_layers(
+        layers: &[(String, String)],
+        env: impl Iterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let mut merged: toml::Table = DEFAULT_TOML.parse().expect("embedded default.toml parses");
+        for (name, text) in layers {
+            match text.parse::<toml::Table>() {
+                Ok(t) => merge(&mut merged, t),
+                Err(e) => problems.push(format!("{name}: {e}")),
+            }
+        }
+        let mut env: Vec<_> = env.filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+        env.sort();
+        for (key, value) in env {
+            let path: Vec<String> = key[ENV_PREFIX.len()..]
+                .split("__")
+                .map(|s| s.to_ascii_lowercase())
+                .collect();
+            if path.iter().any(|p| p.is_empty()) {
+                problems.push(format!("environment variable {key}: empty key segment"));
+                continue;
+            }
+            set_path(&mut merged, &path, parse_env_value(&value));
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+
+        let mut unknown = Vec::new();
+        let parsed: Result<Config, _> =
+            serde_ignored::deserialize(toml::Value::Table(merged), |p| unknown.push(p.to_string()));
+        problems.extend(unknown.into_iter().map(|k| format!("unknown key `{k}`")));
+        match parsed {
+            Ok(cfg) => {
+                problems.extend(cfg.validate());
+                if problems.is_empty() {
+                    Ok(cfg)
+                } else {
+                    Err(ConfigError { problems })
+                }
+            }
+            Err(e) => {
+                problems.push(e.to_string().trim().to_string());
+                Err(ConfigError { problems })
+            }
+        }
+    }
+
+    /// Checks the values' meaning; returns one line per problem, naming the key.
+    pub fn validate(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let mut need = |ok: bool, msg: &str| {
+            if !ok {
+                p.push(msg.to_string());
+            }
+        };
+        need(!self.redis.url.is_empty(), "redis.url: must not be empty");
+        need(
+            self.redis.pool_size >= 1,
+            "redis.pool_size: must be at least 1",
+        );
+        need(
+            !self.redis.key_prefix.is_empty(),
+            "redis.key_prefix: must not be empty",
+        );
+        need(
+            self.redis.profile_key.contains("{id}"),
+            "redis.profile_key: must contain the placeholder {id}",
+        );
+        need(
+            !self.kafka.brokers.is_empty(),
+            "kafka.brokers: must not be empty",
+        );
+        for (k, v) in [
+            ("kafka.static_topic", &self.kafka.static_topic),
+            ("kafka.dynamic_topic", &self.kafka.dynamic_topic),
+            ("kafka.dlq_topic", &self.kafka.dlq_topic),
+            ("kafka.consumer_group", &self.kafka.consumer_group),
+            ("mongo.database", &self.mongo.database),
+            ("mongo.collection", &self.mongo.collection),
+        ] {
+            need(!v.is_empty(), &format!("{k}: must not be empty"));
+        }
+        need(
+            self.kafka.static_topic != self.kafka.dynamic_topic,
+            "kafka.static_topic: must differ from kafka.dynamic_topic",
+        );
+        need(
+            self.kafka.partitions >= 1,
+            "kafka.partitions: must be at least 1",
+        );
+        need(
+            !self.kafka.message_timeout.is_zero(),
+            "kafka.message_timeout: must be more than zero",
+        );
+        need(
+            self.mongo.url.expose().starts_with("mongodb://")
+                || self.mongo.url.expose().starts_with("mongodb+srv://"),
+            "mongo.url: must start with mongodb:// or mongodb+srv://",
+        );
+        need(
+            (1..=16384).contains(&self.sync.shards),
+            "sync.shards: must be between 1 and 16384",
+        );
+        need(
+            self.sync.page_size >= 1,
+            "sync.page_size: must be at least 1",
+        );
+        need(
+            self.sync.max_in_flight_pages >= 1,
+            "sync.max_in_flight_pages: must be at least 1",
+        );
+        for (k, v) in [
+            ("mailbox.scanner", self.mailbox.scanner),
+            ("mailbox.loader", self.mailbox.loader),
+            ("mailbox.resolver", self.mailbox.resolver),
+            ("mailbox.publisher", self.mailbox.publisher),
+            ("mailbox.applier", self.mailbox.applier),
+        ] {
+            need(v >= 1, &format!("{k}: must be at least 1"));
+        }
+        need(
+            self.applier.window_max_events >= 1,
+            "applier.window_max_events: must be at least 1",
+        );
+        need(
+            self.cache.l1_capacity >= 1,
+            "cache.l1_capacity: must be at least 1",
+        );
+        need(
+            self.http.bind.parse::<std::net::SocketAddr>().is_ok(),
+            "http.bind: must be an address like 127.0.0.1:8080",
+        );
+        need(
+            self.http.max_body_bytes >= 1024,
+            "http.max_body_bytes: must be at least 1024",
+        );
+        need(
+            self.http.max_users_per_request >= 1,
+            "http.max_users_per_request: must be at least 1",
+        );
+        if self.instance.mode == ShardMode::Fixed {
+            need(
+                self.instance.total >= 1,
+                "instance.total: must be at least 1",
+            );
+            need(
+                self.instance.index < self.instance.total,
+                "instance.index: must be less than instance.total",
+            );
+        }
+        need(
+            matches!(self.telemetry.log_format.as_str(), "text" | "json"),
+            "telemetry.log_format: must be \"text\" or \"json\"",
+        );
+        p
+    }
+
+    /// The instance id, filled in when the config leaves it empty.
+    pub fn instance_id(&self) -> String {
+        if !self.instance.id.is_empty() {
+            return self.instance.id.clone();
+        }
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "datasync".into());
+        format!("{host}-{}", std::process::id())
+    }
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    let (last, parents) = path.split_last().expect("non-empty path");
+    let mut t = table;
+    for seg in parents {
+        let entry = t
+            .entry(seg.clone())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(Default::default());
+        }
+        t = entry.as_table_mut().expect("just made a table");
+    }
+    t.insert(last.clone(), value);
+}
+
+/// An environment value is read as a TOML value when it is one (numbers, booleans,
+/// quoted strings, arrays) and as a plain string otherwise.
+fn parse_env_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_layers(
+            &[("test.toml".into(), text.into())],
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::default_config();
+        assert_eq!(c.sync.shards, 64);
+        assert_eq!(c.sync.interval, Duration::from_secs(60));
+        assert_eq!(c.kafka.static_topic, "profile-static-sync");
+    }
+
+    #[test]
+    fn file_then_env_override_in_order() {
+        let c = load(
+            "[sync]\ninterval = \"5s\"\npage_size = 10\n",
+            &[
+                ("DATASYNC__SYNC__PAGE_SIZE", "20"),
+                ("DATASYNC__KAFKA__BROKERS", "h:1"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.sync.interval, Duration::from_secs(5));
+        assert_eq!(c.sync.page_size, 20);
+        assert_eq!(c.kafka.brokers, "h:1");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = load(
+            "[sync]\nshards = 0\nbogus = 1\n[nope]\nx = 1\n",
+            &[("DATASYNC__REDIS__PROFILE_KEY", "no-placeholder")],
+        )
+        .unwrap_err();
+        let all = err.problems.join("\n");
+        assert!(all.contains("unknown key `sync.bogus`"), "{all}");
+        assert!(all.contains("unknown key `nope`"), "{all}");
+        assert!(all.contains("sync.shards"), "{all}");
+        assert!(all.contains("redis.profile_key"), "{all}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let err = load("[sync]\npage_size = \"many\"\n", &[]).unwrap_err();
+        let all = err.problems.join("\n");
+        assert!(all.contains("page_size"), "{all}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = load("[http]\nadmin_token = \"hunter2\"\n", &[]).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

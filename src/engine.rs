@@ -1,0 +1,434 @@
+//! The engine: connects the clients, starts the actors on their own arbiters
+//! under supervisors, and hands back a `Send + Sync` handle to mark users, run a
+//! scan, read counters and stop.
+//!
+//! The actors run in an actix `System` on a dedicated thread, so a host
+//! application can embed the engine from any tokio runtime.
+
+use crate::{
+    actors::{
+        applier::{ConsumerLoop, MongoApplier},
+        loader::ProfileLoader,
+        publisher::{Flush, KafkaPublisher},
+        resolver::VersionResolver,
+        scanner::{CycleReport, Pipeline, ScanNow, ShardScanner},
+    },
+    cache::{AppliedCache, CacheStats},
+    clients::{
+        kafka,
+        mongo::{MongoError, MongoStore},
+        redis::{RedisError, RedisStore},
+    },
+    config::{Config, ShardMode},
+    telemetry::{Stats, StatsSnapshot},
+};
+use actix::{Arbiter, Supervisor};
+use std::{
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+    time::Duration,
+};
+use tokio::sync::{OwnedRwLockWriteGuard, RwLock, oneshot};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot connect to redis: {0}")]
+    Redis(#[from] RedisError),
+    #[error("cannot connect to mongodb: {0}")]
+    Mongo(#[from] MongoError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("cannot start the actor thread: {0}")]
+    Thread(#[from] std::io::Error),
+    #[error("the actor system stopped while starting")]
+    Aborted,
+    #[error("invalid input: {0}")]
+    Invalid(String),
+}
+
+/// A user to write and flag.
+#[derive(Debug, Clone)]
+pub struct ProfileWrite {
+    pub user_id: String,
+    /// A JSON object.
+    pub profile: serde_json::Value,
+}
+
+/// The version allocated for a flagged user.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Marked {
+    pub user_id: String,
+    pub version: i64,
+}
+
+/// A handle to a running engine. Cheap to clone; `Send + Sync`.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    instance_id: String,
+    redis: RedisStore,
+    mongo: MongoStore,
+    cache: AppliedCache,
+    stats: Arc<Stats>,
+    cancel: CancellationToken,
+    pipeline: Arc<Pipeline>,
+    scanner: actix::Addr<ShardScanner>,
+    publisher: actix::Addr<KafkaPublisher>,
+    hold: Arc<RwLock<()>>,
+    applier_done: Mutex<Option<oneshot::Receiver<()>>>,
+    system: actix::System,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Publishing stays paused while this guard lives (see [`Engine::hold_publishing`]).
+pub struct PublishHold(#[allow(dead_code)] OwnedRwLockWriteGuard<()>);
+
+/// Shards this instance scans.
+pub fn owned_shards(config: &Config) -> Vec<u32> {
+    let all = 0..config.sync.shards;
+    match config.instance.mode {
+        ShardMode::All => all.collect(),
+        ShardMode::Fixed => all
+            .filter(|s| s % config.instance.total == config.instance.index)
+            .collect(),
+    }
+}
+
+struct Started {
+    redis: RedisStore,
+    mongo: MongoStore,
+    cache: AppliedCache,
+    pipeline: Arc<Pipeline>,
+    scanner: actix::Addr<ShardScanner>,
+    publisher: actix::Addr<KafkaPublisher>,
+    applier_done: Option<oneshot::Receiver<()>>,
+    system: actix::System,
+}
+
+impl Engine {
+    /// Connects to Redis, MongoDB and Kafka, creates the topics and the unique
+    /// index, and starts the actors. Scanning begins at once.
+    pub async fn start(config: Config) -> Result<Engine, EngineError> {
+        let problems = config.validate();
+        if !problems.is_empty() {
+            return Err(EngineError::Invalid(problems.join("; ")));
+        }
+        crate::telemetry::prometheus();
+        let instance_id = config.instance_id();
+        let stats = Arc::new(Stats::default());
+        let cancel = CancellationToken::new();
+        let hold = Arc::new(RwLock::new(()));
+
+        let (tx, rx) = oneshot::channel();
+        let thread = {
+            let (config, instance_id, stats, cancel, hold) = (
+                config.clone(),
+                instance_id.clone(),
+                stats.clone(),
+                cancel.clone(),
+                hold.clone(),
+            );
+            std::thread::Builder::new()
+                .name("datasync-actors".into())
+                .spawn(move || {
+                    let system = actix::System::new();
+                    let ok = system.block_on(async move {
+                        let started = start_actors(config, instance_id, stats, cancel, hold).await;
+                        let ok = started.is_ok();
+                        let _ = tx.send(started);
+                        ok
+                    });
+                    if ok {
+                        let _ = system.run();
+                    }
+                })?
+        };
+        let started = match rx.await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => return Err(EngineError::Aborted),
+        };
+        tracing::info!(instance = %instance_id, shards = started.pipeline.shards.len(), "engine started");
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                config,
+                instance_id,
+                redis: started.redis,
+                mongo: started.mongo,
+                cache: started.cache,
+                stats,
+                cancel,
+                pipeline: started.pipeline,
+                scanner: started.scanner,
+                publisher: started.publisher,
+                hold,
+                applier_done: Mutex::new(started.applier_done),
+                system: started.system,
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.inner.instance_id
+    }
+
+    pub fn redis(&self) -> &RedisStore {
+        &self.inner.redis
+    }
+
+    pub fn mongo(&self) -> &MongoStore {
+        &self.inner.mongo
+    }
+
+    /// This engine's counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner.stats.snapshot()
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        self.inner.cache.stats()
+    }
+
+    /// Flags users whose profiles are already in Redis.
+    pub async fn mark_dirty(&self, user_ids: &[String]) -> Result<Vec<Marked>, EngineError> {
+        validate_user_ids(user_ids.iter().map(String::as_str))?;
+        let marked = self.inner.redis.mark(user_ids).await?;
+        self.inner.stats.flags_marked(marked.len() as u64);
+        Ok(marked
+            .into_iter()
+            .map(|(user_id, version)| Marked { user_id, version })
+            .collect())
+    }
+
+    /// Writes each profile to Redis, then flags it. Nothing is written unless
+    /// every entry is valid; if flagging fails the call fails, so the caller
+    /// retries (the profiles written are simply written again).
+    pub async fn write_and_mark(&self, users: &[ProfileWrite]) -> Result<Vec<Marked>, EngineError> {
+        validate_user_ids(users.iter().map(|u| u.user_id.as_str()))?;
+        let mut writes = Vec::with_capacity(users.len());
+        for (i, u) in users.iter().enumerate() {
+            if !u.profile.is_object() {
+                return Err(EngineError::Invalid(format!(
+                    "users[{i}].profile: must be a JSON object"
+                )));
+            }
+            writes.push((u.user_id.clone(), u.profile.to_string()));
+        }
+        self.inner.redis.write_profiles(&writes).await?;
+        let ids: Vec<String> = users.iter().map(|u| u.user_id.clone()).collect();
+        self.mark_dirty(&ids).await
+    }
+
+    /// Runs one scan cycle now and reports what it did.
+    pub async fn scan_now(&self) -> Result<CycleReport, EngineError> {
+        self.inner
+            .scanner
+            .send(ScanNow)
+            .await
+            .map_err(|_| EngineError::Aborted)
+    }
+
+    /// Pauses publishing until the returned guard is dropped: pages that reach
+    /// the publisher wait (their flags stay). For maintenance and for tests that
+    /// must hold a batch in flight.
+    pub async fn hold_publishing(&self) -> PublishHold {
+        PublishHold(self.inner.hold.clone().write_owned().await)
+    }
+
+    /// Redis and MongoDB both answer.
+    pub async fn ready(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        if let Err(e) = self.inner.redis.ping().await {
+            problems.push(format!("redis: {e}"));
+        }
+        if let Err(e) = self.inner.mongo.ping().await {
+            problems.push(format!("mongodb: {e}"));
+        }
+        if self.inner.cancel.is_cancelled() {
+            problems.push("shutting down".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    /// Stops gracefully: no new scans, in-flight pages finish, the producer
+    /// flushes, the applier finishes its window and commits. Gives up waiting
+    /// after `timeout`; whatever was not finished is redone on the next start.
+    pub async fn shutdown(&self, timeout: Duration) {
+        let inner = &self.inner;
+        inner.cancel.cancel();
+        let graceful = async {
+            // Waits for the cycle in progress, if any.
+            drop(inner.pipeline.cycle_lock.lock().await);
+            let _ = inner.publisher.send(Flush(timeout)).await;
+            let done = inner.applier_done.lock().expect("not poisoned").take();
+            if let Some(done) = done {
+                let _ = done.await;
+            }
+        };
+        if tokio::time::timeout(timeout, graceful).await.is_err() {
+            tracing::warn!(?timeout, "graceful shutdown timed out");
+        }
+        inner.system.stop();
+        let thread = inner.thread.lock().expect("not poisoned").take();
+        if let Some(t) = thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        tracing::info!("engine stopped");
+    }
+}
+
+fn validate_user_ids<'a>(ids: impl Iterator<Item = &'a str>) -> Result<(), EngineError> {
+    let mut n = 0;
+    for (i, id) in ids.enumerate() {
+        n += 1;
+        if id.is_empty() {
+            return Err(EngineError::Invalid(format!(
+                "user_ids[{i}]: must not be empty"
+            )));
+        }
+        if id.len() > 256 {
+            return Err(EngineError::Invalid(format!(
+                "user_ids[{i}]: longer than 256 bytes"
+            )));
+        }
+        if id.chars().any(char::is_control) {
+            return Err(EngineError::Invalid(format!(
+                "user_ids[{i}]: contains control characters"
+            )));
+        }
+    }
+    if n == 0 {
+        return Err(EngineError::Invalid("user_ids: must not be empty".into()));
+    }
+    Ok(())
+}
+
+async fn start_actors(
+    config: Config,
+    instance_id: String,
+    stats: Arc<Stats>,
+    cancel: CancellationToken,
+    hold: Arc<RwLock<()>>,
+) -> Result<Started, EngineError> {
+    let redis = RedisStore::connect(&config.redis, config.sync.shards).await?;
+    let mongo = MongoStore::connect(&config.mongo, &instance_id).await?;
+    if config.kafka.create_topics {
+        kafka::ensure_topics(&config.kafka).await?;
+    }
+    let producer = kafka::producer(&config.kafka, &instance_id)?;
+    let cache = AppliedCache::new(
+        config.cache.l1_capacity,
+        config.cache.l1_ttl,
+        redis.clone(),
+        mongo.clone(),
+    );
+    let mb = config.mailbox.clone();
+
+    let loader = {
+        let redis = redis.clone();
+        Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
+            ctx.set_mailbox_capacity(mb.loader);
+            ProfileLoader::new(redis)
+        })
+    };
+    let resolver = {
+        let cache = cache.clone();
+        Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
+            ctx.set_mailbox_capacity(mb.resolver);
+            VersionResolver::new(cache)
+        })
+    };
+    let publisher = {
+        let (kafka, instance_id, stats) =
+            (config.kafka.clone(), instance_id.clone(), stats.clone());
+        Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
+            ctx.set_mailbox_capacity(mb.publisher);
+            KafkaPublisher::new(
+                producer.clone(),
+                &kafka,
+                instance_id.clone(),
+                stats.clone(),
+                hold.clone(),
+            )
+        })
+    };
+    let pipeline = Arc::new(Pipeline {
+        redis: redis.clone(),
+        loader,
+        resolver,
+        publisher: publisher.clone(),
+        stats: stats.clone(),
+        sync: config.sync.clone(),
+        shards: owned_shards(&config),
+        cancel: cancel.clone(),
+        cycle_lock: tokio::sync::Mutex::new(()),
+    });
+    let scanner = {
+        let pipeline = pipeline.clone();
+        Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
+            ctx.set_mailbox_capacity(mb.scanner);
+            ShardScanner::new(pipeline.clone())
+        })
+    };
+
+    let applier_done = if config.applier.enabled {
+        let consumer = kafka::consumer(&config.kafka, &instance_id)?;
+        rdkafka::consumer::Consumer::subscribe(
+            &consumer,
+            &[
+                config.kafka.static_topic.as_str(),
+                config.kafka.dynamic_topic.as_str(),
+            ],
+        )?;
+        let arbiter = Arbiter::new();
+        let mongo2 = mongo.clone();
+        let applier = Supervisor::start_in_arbiter(&arbiter.handle(), move |ctx| {
+            ctx.set_mailbox_capacity(mb.applier);
+            MongoApplier::new(mongo2.clone())
+        });
+        let (done_tx, done_rx) = oneshot::channel();
+        let consumer_loop = ConsumerLoop {
+            consumer,
+            applier,
+            cache: cache.clone(),
+            config: config.applier.clone(),
+            stats: stats.clone(),
+            cancel: cancel.clone(),
+        };
+        actix::spawn(async move {
+            consumer_loop.run().await;
+            let _ = done_tx.send(());
+        });
+        Some(done_rx)
+    } else {
+        None
+    };
+
+    Ok(Started {
+        redis,
+        mongo,
+        cache,
+        pipeline,
+        scanner,
+        publisher,
+        applier_done,
+        system: actix::System::current(),
+    })
+}

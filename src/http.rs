@@ -1,0 +1,184 @@
+//! The HTTP API (actix-web). Every error answers JSON `{"error": "...", "field": ...}`
+//! with a 4xx for bad input and a 5xx/503 for a backend problem.
+
+use crate::engine::{Engine, EngineError, ProfileWrite};
+use actix_web::{
+    App, HttpRequest, HttpResponse, HttpServer, ResponseError,
+    dev::Server,
+    error::JsonPayloadError,
+    http::StatusCode,
+    web::{self, Data, Json, JsonConfig},
+};
+use serde::Deserialize;
+use serde_json::json;
+
+/// An API error with its status and a message naming the problem.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.status).json(json!({ "error": self.message }))
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Invalid(m) => Self::bad_request(m),
+            other => Self {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+fn json_error(err: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
+    let status = match &err {
+        JsonPayloadError::Overflow { .. } | JsonPayloadError::OverflowKnownLength { .. } => {
+            StatusCode::PAYLOAD_TOO_LARGE
+        }
+        JsonPayloadError::ContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    ApiError {
+        status,
+        message: format!("invalid request body: {err}"),
+    }
+    .into()
+}
+
+/// `POST /v1/sync/dirty` body: either user ids whose profiles are already in
+/// Redis, or users with the profile to write first.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirtyRequest {
+    #[serde(default)]
+    user_ids: Option<Vec<String>>,
+    #[serde(default)]
+    users: Option<Vec<UserProfile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserProfile {
+    user_id: String,
+    profile: serde_json::Value,
+}
+
+async fn mark_dirty(
+    engine: Data<Engine>,
+    body: Json<DirtyRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let max = engine.config().http.max_users_per_request;
+    let marked = match body.into_inner() {
+        DirtyRequest {
+            user_ids: Some(ids),
+            users: None,
+        } => {
+            if ids.len() > max {
+                return Err(ApiError::bad_request(format!(
+                    "user_ids: more than {max} entries"
+                )));
+            }
+            engine.mark_dirty(&ids).await?
+        }
+        DirtyRequest {
+            user_ids: None,
+            users: Some(users),
+        } => {
+            if users.len() > max {
+                return Err(ApiError::bad_request(format!(
+                    "users: more than {max} entries"
+                )));
+            }
+            let writes: Vec<ProfileWrite> = users
+                .into_iter()
+                .map(|u| ProfileWrite {
+                    user_id: u.user_id,
+                    profile: u.profile,
+                })
+                .collect();
+            engine.write_and_mark(&writes).await?
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "give exactly one of `user_ids` or `users`",
+            ));
+        }
+    };
+    Ok(HttpResponse::Ok().json(json!({ "marked": marked.len(), "versions": marked })))
+}
+
+async fn live() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "status": "live" }))
+}
+
+async fn ready(engine: Data<Engine>) -> HttpResponse {
+    match engine.ready().await {
+        Ok(()) => HttpResponse::Ok().json(json!({ "status": "ready" })),
+        Err(reason) => HttpResponse::ServiceUnavailable()
+            .json(json!({ "status": "not ready", "reason": reason })),
+    }
+}
+
+async fn metrics() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(crate::telemetry::prometheus().render())
+}
+
+async fn stats(engine: Data<Engine>) -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "engine": engine.stats(), "cache": engine.cache_stats() }))
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: "no such endpoint".into(),
+    })
+}
+
+/// The routes, for the server and for in-process tests.
+pub fn configure(engine: Engine) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg: &mut web::ServiceConfig| {
+        let limit = engine.config().http.max_body_bytes;
+        cfg.app_data(Data::new(engine))
+            .app_data(JsonConfig::default().limit(limit).error_handler(json_error))
+            .route("/v1/sync/dirty", web::post().to(mark_dirty))
+            .route("/v1/stats", web::get().to(stats))
+            .route("/health/live", web::get().to(live))
+            .route("/health/ready", web::get().to(ready))
+            .route("/metrics", web::get().to(metrics))
+            .default_service(web::to(not_found));
+    }
+}
+
+/// Binds the HTTP server. Runs until the returned server is stopped.
+pub fn serve(engine: Engine) -> std::io::Result<Server> {
+    let bind = engine.config().http.bind.clone();
+    let server = HttpServer::new(move || App::new().configure(configure(engine.clone())))
+        .workers(2)
+        .disable_signals()
+        .bind(&bind)?
+        .run();
+    tracing::info!(%bind, "http api listening");
+    Ok(server)
+}

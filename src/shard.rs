@@ -1,0 +1,104 @@
+//! Shard hashing and the names of every Redis key datasync touches.
+//!
+//! `shard = crc32(utf8(user_id)) % shards`, with the IEEE CRC-32 (the one of zlib,
+//! PNG and Ethernet), so any language can compute it. Test vectors:
+//! `crc32("123456789") = 0xCBF43926`, so with 64 shards that id lands in shard 38;
+//! `crc32("user-1") = 0x7E264614` → shard 20.
+//!
+//! Every per-shard key carries the shard as a Redis Cluster hash tag (`{7}`), so
+//! a shard's flags, clock and applied-version cache live in one slot and every
+//! script stays single-slot.
+
+/// The virtual shard of a user.
+pub fn shard_of(user_id: &str, shards: u32) -> u32 {
+    crc32fast::hash(user_id.as_bytes()) % shards
+}
+
+/// Key names, built from the configured prefix and templates.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+    profile_template: String,
+    legacy_set: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str, profile_template: &str, legacy_set: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+            profile_template: profile_template.to_string(),
+            legacy_set: legacy_set.to_string(),
+        }
+    }
+
+    pub fn from_config(c: &crate::config::RedisConfig) -> Self {
+        Self::new(&c.key_prefix, &c.profile_key, &c.legacy_dirty_set)
+    }
+
+    /// Sorted set of a shard's dirty flags: member = user id, score = version.
+    pub fn dirty(&self, shard: u32) -> String {
+        format!("{}:dirty:{{{shard}}}", self.prefix)
+    }
+
+    /// A shard's hybrid logical clock (the last version allocated).
+    pub fn clock(&self, shard: u32) -> String {
+        format!("{}:clock:{{{shard}}}", self.prefix)
+    }
+
+    /// Hash of the last applied version per `user|section` (the L2 cache).
+    pub fn applied(&self, shard: u32) -> String {
+        format!("{}:applied:{{{shard}}}", self.prefix)
+    }
+
+    /// The profile the upstream wrote.
+    pub fn profile(&self, user_id: &str) -> String {
+        self.profile_template.replace("{id}", user_id)
+    }
+
+    /// The seed's legacy flag set.
+    pub fn legacy(&self) -> &str {
+        &self.legacy_set
+    }
+
+    /// Members popped from the legacy set and not yet flagged. Its hash tag is the
+    /// legacy key's whole name, so both live in one cluster slot.
+    pub fn legacy_draining(&self) -> String {
+        format!("{{{}}}:draining", self.legacy_set)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_test_vectors() {
+        assert_eq!(crc32fast::hash(b"123456789"), 0xCBF4_3926);
+        assert_eq!(shard_of("123456789", 64), 0xCBF4_3926 % 64);
+        assert_eq!(shard_of("123456789", 64), 38);
+        assert_eq!(crc32fast::hash(b"user-1"), 0x7E26_4614);
+        assert_eq!(shard_of("user-1", 64), 20);
+    }
+
+    #[test]
+    fn shards_spread_evenly() {
+        let mut counts = vec![0u32; 64];
+        for i in 0..64_000 {
+            counts[shard_of(&format!("user-{i}"), 64) as usize] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn keys_carry_the_shard_hash_tag() {
+        let k = Keys::new("ds", "user:{id}:profile", "profile:dirty_flags");
+        assert_eq!(k.dirty(7), "ds:dirty:{7}");
+        assert_eq!(k.clock(7), "ds:clock:{7}");
+        assert_eq!(k.applied(7), "ds:applied:{7}");
+        assert_eq!(k.profile("42"), "user:42:profile");
+        assert_eq!(k.legacy_draining(), "{profile:dirty_flags}:draining");
+    }
+}

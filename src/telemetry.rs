@@ -1,0 +1,185 @@
+//! Logs, metrics and per-engine counters.
+//!
+//! Each notable event is one method on [`Stats`]: it bumps the engine's own counter
+//! (what tests and the load harness read) and the process-wide Prometheus metric
+//! of the same name, with fixed low-cardinality labels — never a user id.
+
+use metrics::{counter, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::{
+    OnceLock,
+    atomic::{AtomicU64, Ordering::Relaxed},
+};
+
+/// Names of the exported metrics.
+pub mod names {
+    pub const FLAGS_SCANNED: &str = "datasync_flags_scanned_total";
+    pub const EVENTS_PUBLISHED: &str = "datasync_events_published_total";
+    pub const PUBLISH_FAILURES: &str = "datasync_publish_failures_total";
+    pub const ALREADY_APPLIED: &str = "datasync_already_applied_skipped_total";
+    pub const LOAD_FAILURES: &str = "datasync_load_failures_total";
+    pub const FLAGS_CLEARED: &str = "datasync_flags_cleared_total";
+    pub const LEGACY_DRAINED: &str = "datasync_legacy_flags_drained_total";
+    pub const EVENTS_APPLIED: &str = "datasync_events_applied_total";
+    pub const STALE_SKIPPED: &str = "datasync_stale_events_skipped_total";
+    pub const APPLY_FAILURES: &str = "datasync_apply_failures_total";
+    pub const POISON_EVENTS: &str = "datasync_poison_events_total";
+    pub const FLAGS_MARKED: &str = "datasync_flags_marked_total";
+    pub const FLAG_TO_APPLIED: &str = "datasync_flag_to_applied_seconds";
+}
+
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+pub fn prometheus() -> &'static PrometheusHandle {
+    PROMETHEUS.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(names::FLAG_TO_APPLIED.to_string()),
+                &[
+                    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                    300.0,
+                ],
+            )
+            .expect("bucket list is not empty");
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may be installed by a host application; ours still renders.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// Starts logging to stderr. `filter` is a tracing-subscriber filter; RUST_LOG
+/// overrides it.
+pub fn init_logging(format: &str, filter: &str) {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Counters of one engine.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub flags_marked: AtomicU64,
+    pub flags_scanned: AtomicU64,
+    pub events_published: AtomicU64,
+    pub publish_failures: AtomicU64,
+    pub already_applied: AtomicU64,
+    pub load_failures: AtomicU64,
+    pub flags_cleared: AtomicU64,
+    pub legacy_drained: AtomicU64,
+    pub events_applied: AtomicU64,
+    pub stale_skipped: AtomicU64,
+    pub apply_failures: AtomicU64,
+    pub poison_events: AtomicU64,
+}
+
+/// A plain copy of [`Stats`] at one moment.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct StatsSnapshot {
+    pub flags_marked: u64,
+    pub flags_scanned: u64,
+    pub events_published: u64,
+    pub publish_failures: u64,
+    pub already_applied: u64,
+    pub load_failures: u64,
+    pub flags_cleared: u64,
+    pub legacy_drained: u64,
+    pub events_applied: u64,
+    pub stale_skipped: u64,
+    pub apply_failures: u64,
+    pub poison_events: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            flags_marked: self.flags_marked.load(Relaxed),
+            flags_scanned: self.flags_scanned.load(Relaxed),
+            events_published: self.events_published.load(Relaxed),
+            publish_failures: self.publish_failures.load(Relaxed),
+            already_applied: self.already_applied.load(Relaxed),
+            load_failures: self.load_failures.load(Relaxed),
+            flags_cleared: self.flags_cleared.load(Relaxed),
+            legacy_drained: self.legacy_drained.load(Relaxed),
+            events_applied: self.events_applied.load(Relaxed),
+            stale_skipped: self.stale_skipped.load(Relaxed),
+            apply_failures: self.apply_failures.load(Relaxed),
+            poison_events: self.poison_events.load(Relaxed),
+        }
+    }
+
+    pub fn flags_marked(&self, n: u64) {
+        self.flags_marked.fetch_add(n, Relaxed);
+        counter!(names::FLAGS_MARKED).increment(n);
+    }
+
+    pub fn flags_scanned(&self, n: u64) {
+        self.flags_scanned.fetch_add(n, Relaxed);
+        counter!(names::FLAGS_SCANNED).increment(n);
+    }
+
+    pub fn events_published(&self, sync_type: &'static str, n: u64) {
+        self.events_published.fetch_add(n, Relaxed);
+        counter!(names::EVENTS_PUBLISHED, "type" => sync_type).increment(n);
+    }
+
+    pub fn publish_failed(&self, sync_type: &'static str, err: &dyn std::fmt::Display) {
+        self.publish_failures.fetch_add(1, Relaxed);
+        counter!(names::PUBLISH_FAILURES, "type" => sync_type).increment(1);
+        tracing::warn!(error = %err, sync_type, "publish failed; the flag stays for the next cycle");
+    }
+
+    pub fn already_applied(&self, n: u64) {
+        self.already_applied.fetch_add(n, Relaxed);
+        counter!(names::ALREADY_APPLIED).increment(n);
+    }
+
+    pub fn load_failed(&self, reason: &'static str, err: &dyn std::fmt::Display) {
+        self.load_failures.fetch_add(1, Relaxed);
+        counter!(names::LOAD_FAILURES, "reason" => reason).increment(1);
+        tracing::warn!(error = %err, reason, "profile not loadable; the flag stays");
+    }
+
+    pub fn flags_cleared(&self, n: u64) {
+        self.flags_cleared.fetch_add(n, Relaxed);
+        counter!(names::FLAGS_CLEARED).increment(n);
+    }
+
+    pub fn legacy_drained(&self, n: u64) {
+        self.legacy_drained.fetch_add(n, Relaxed);
+        counter!(names::LEGACY_DRAINED).increment(n);
+    }
+
+    pub fn applied(&self, section: &'static str, n: u64) {
+        self.events_applied.fetch_add(n, Relaxed);
+        counter!(names::EVENTS_APPLIED, "section" => section).increment(n);
+    }
+
+    pub fn stale(&self, section: &'static str, n: u64) {
+        self.stale_skipped.fetch_add(n, Relaxed);
+        counter!(names::STALE_SKIPPED, "section" => section).increment(n);
+    }
+
+    pub fn apply_failed(&self, err: &dyn std::fmt::Display) {
+        self.apply_failures.fetch_add(1, Relaxed);
+        counter!(names::APPLY_FAILURES).increment(1);
+        tracing::error!(error = %err, "change rejected by MongoDB");
+    }
+
+    pub fn poison(&self, err: &dyn std::fmt::Display) {
+        self.poison_events.fetch_add(1, Relaxed);
+        counter!(names::POISON_EVENTS).increment(1);
+        tracing::error!(error = %err, "undecodable event skipped");
+    }
+
+    pub fn flag_to_applied(&self, seconds: f64) {
+        histogram!(names::FLAG_TO_APPLIED).record(seconds);
+    }
+}
