@@ -78,6 +78,7 @@ pub struct Stats {
     pub stale_skipped: AtomicU64,
     pub apply_failures: AtomicU64,
     pub poison_events: AtomicU64,
+    pub publish_held: AtomicU64,
 }
 
 /// A plain copy of [`Stats`] at one moment.
@@ -95,6 +96,8 @@ pub struct StatsSnapshot {
     pub stale_skipped: u64,
     pub apply_failures: u64,
     pub poison_events: u64,
+    /// Publish batches that found publishing paused and waited.
+    pub publish_held: u64,
 }
 
 impl Stats {
@@ -112,6 +115,7 @@ impl Stats {
             stale_skipped: self.stale_skipped.load(Relaxed),
             apply_failures: self.apply_failures.load(Relaxed),
             poison_events: self.poison_events.load(Relaxed),
+            publish_held: self.publish_held.load(Relaxed),
         }
     }
 
@@ -177,6 +181,11 @@ impl Stats {
         self.poison_events.fetch_add(1, Relaxed);
         counter!(names::POISON_EVENTS).increment(1);
         tracing::error!(error = %err, "undecodable event skipped");
+    }
+
+    pub fn publish_held(&self) {
+        self.publish_held.fetch_add(1, Relaxed);
+        tracing::info!("publishing is paused; batch waiting");
     }
 
     pub fn flag_to_applied(&self, seconds: f64) {

@@ -140,7 +140,13 @@ impl Handler<Publish> for KafkaPublisher {
         let hold = self.hold.clone();
         Box::pin(async move {
             // Held only while an operator (or a test) pauses publishing.
-            let _open = hold.read().await;
+            let _open = match hold.try_read() {
+                Ok(g) => g,
+                Err(_) => {
+                    stats.publish_held();
+                    hold.read().await
+                }
+            };
             let label = type_label(msg.sync_type);
             let encoded: Vec<Result<Vec<u8>, PublishError>> = msg
                 .items

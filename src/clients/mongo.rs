@@ -155,7 +155,9 @@ impl MongoStore {
                         Some(Bson::Int32(i)) => *i as usize,
                         Some(Bson::Int64(i)) => *i as usize,
                         _ => {
-                            return Err(MongoError::Reply(format!("writeError without index: {e}")));
+                            return Err(MongoError::Reply(format!(
+                                "writeError without index: {e}"
+                            )));
                         }
                     };
                     let code = match e.get("code") {
@@ -197,10 +199,10 @@ fn statement(c: &Change, now: DateTime) -> Document {
     doc! {
         "q": {
             "userId": &c.user_id,
-            "$or": [
-                { version_field: { "$lt": c.version } },
-                { version_field: { "$exists": false } },
-            ],
+            // "Not at least as new": matches an older version and a missing one.
+            // (An `$or` of the two is equivalent but defeats the userId index on
+            // some servers.)
+            version_field: { "$not": { "$gte": c.version } },
         },
         "u": {
             "$set": {

@@ -1,0 +1,157 @@
+//! Shared helpers of the integration tests. They talk to the real local stack
+//! (`scripts/stack.sh up`); endpoints come from the environment with loopback
+//! defaults. Every test gets its own key prefix, topics, consumer group and
+//! collection, so tests run in parallel.
+#![allow(dead_code)]
+
+use datasync::{
+    Config, Engine, ProfileWrite,
+    clients::{mongo::MongoStore, redis::RedisStore},
+};
+use mongodb::bson::Document;
+use std::{future::Future, time::Duration};
+
+pub fn redis_url() -> String {
+    std::env::var("DATASYNC_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+pub fn mongo_url() -> String {
+    std::env::var("DATASYNC_TEST_MONGO_URL")
+        .unwrap_or_else(|_| "mongodb://127.0.0.1:27017/?retryWrites=false".into())
+}
+
+pub fn kafka_brokers() -> String {
+    std::env::var("DATASYNC_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// A unique name for one test's resources.
+pub fn unique(name: &str) -> String {
+    format!(
+        "t-{name}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// The TOML of a test config: its own namespace everywhere, continuous scanning.
+pub fn config_toml(ns: &str) -> String {
+    format!(
+        r#"
+[instance]
+id = "{ns}"
+[redis]
+url = "{redis}"
+key_prefix = "{ns}"
+profile_key = "{ns}:user:{{id}}:profile"
+legacy_dirty_set = "{ns}:legacy"
+[kafka]
+brokers = "{kafka}"
+static_topic = "{ns}-static"
+dynamic_topic = "{ns}-dynamic"
+dlq_topic = "{ns}-dlq"
+consumer_group = "{ns}-applier"
+partitions = 2
+session_timeout = "6s"
+[mongo]
+url = "{mongo}"
+database = "datasync_test"
+collection = "{ns}"
+[sync]
+interval = "0s"
+shards = 8
+page_size = 500
+idle_backoff = "20ms"
+[applier]
+window_max_wait = "100ms"
+[http]
+enabled = false
+bind = "127.0.0.1:0"
+[shutdown]
+timeout = "20s"
+"#,
+        redis = redis_url(),
+        kafka = kafka_brokers(),
+        mongo = mongo_url(),
+    )
+}
+
+pub fn test_config(ns: &str) -> Config {
+    Config::from_layers(&[("test".into(), config_toml(ns))], std::iter::empty())
+        .expect("test config is valid")
+}
+
+/// Polls `cond` until it holds or `timeout` passes; panics naming `what`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn start(ns: &str) -> Engine {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn,datasync=info")
+        .with_test_writer()
+        .try_init();
+    Engine::start(test_config(ns))
+        .await
+        .expect("engine starts against the local stack")
+}
+
+pub async fn redis(ns: &str) -> RedisStore {
+    let c = test_config(ns);
+    RedisStore::connect(&c.redis, c.sync.shards)
+        .await
+        .expect("redis")
+}
+
+pub async fn mongo(ns: &str) -> MongoStore {
+    MongoStore::connect(&test_config(ns).mongo, "tests")
+        .await
+        .expect("mongo")
+}
+
+pub async fn count_docs(m: &MongoStore, filter: Document) -> u64 {
+    m.collection().count_documents(filter).await.expect("count")
+}
+
+/// Sum of every shard's pending flags.
+pub async fn pending_flags(r: &RedisStore) -> u64 {
+    let mut n = 0;
+    for s in 0..r.shards() {
+        n += r.count_flags(s).await.expect("zcard");
+    }
+    n
+}
+
+pub fn profile(user: &str, generation: i64) -> ProfileWrite {
+    ProfileWrite {
+        user_id: user.to_string(),
+        profile: serde_json::json!({ "name": format!("user {user}"), "gen": generation, "tags": ["a", "b"] }),
+    }
+}
+
+/// Drops the test's collection and every key of its namespace.
+pub async fn cleanup(ns: &str) {
+    let _ = mongo(ns).await.collection().drop().await;
+    let r = redis(ns).await;
+    for pattern in [format!("{ns}*"), format!("{{{ns}*")] {
+        let _: Result<i64, _> = fred::interfaces::LuaInterface::eval(
+            r.client(),
+            "local n=0 local c='0' repeat local r=redis.call('SCAN',c,'MATCH',ARGV[1],'COUNT',1000) \
+             c=r[1] for _,k in ipairs(r[2]) do redis.call('DEL',k) n=n+1 end until c=='0' return n",
+            Vec::<String>::new(),
+            vec![pattern],
+        )
+        .await;
+    }
+}

@@ -1,0 +1,320 @@
+//! End-to-end behaviour of the core pipeline against the real local stack.
+
+mod common;
+
+use common::*;
+use datasync::proto::{SyncType, UserProfileSyncEvent};
+use futures::TryStreamExt;
+use mongodb::bson::{Bson, doc};
+use prost::Message;
+use std::{collections::HashMap, time::Duration};
+
+const LONG: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_of_ten_thousand_users() {
+    let ns = unique("roundtrip");
+    let engine = start(&ns).await;
+    let mut expected = HashMap::new();
+    for chunk in (0..10_000).collect::<Vec<_>>().chunks(1000) {
+        let users: Vec<_> = chunk.iter().map(|i| profile(&format!("u{i}"), 1)).collect();
+        for m in engine.write_and_mark(&users).await.unwrap() {
+            expected.insert(m.user_id, m.version);
+        }
+    }
+    let mongo = mongo(&ns).await;
+    wait_until("10,000 documents in MongoDB", LONG, || async {
+        count_docs(&mongo, doc! {}).await == 10_000
+    })
+    .await;
+
+    let mut cursor = mongo.collection().find(doc! {}).await.unwrap();
+    let mut seen = 0;
+    while let Some(d) = cursor.try_next().await.unwrap() {
+        let user = d.get_str("userId").unwrap();
+        assert_eq!(
+            d.get_i64("dynamicVersion").unwrap(),
+            expected[user],
+            "{user}"
+        );
+        let p = d.get_document("dynamicProfile").unwrap();
+        assert_eq!(p.get_str("name").unwrap(), format!("user {user}"));
+        assert_eq!(p.get_i64("gen").unwrap(), 1);
+        assert_eq!(
+            p.get_array("tags").unwrap(),
+            &vec![Bson::from("a"), Bson::from("b")]
+        );
+        assert_eq!(d.get_i64("dataVersion").unwrap(), 1);
+        seen += 1;
+    }
+    assert_eq!(seen, 10_000);
+    let r = redis(&ns).await;
+    wait_until("every flag cleared", LONG, || async {
+        pending_flags(&r).await == 0
+    })
+    .await;
+    let s = engine.stats();
+    assert_eq!(s.events_applied, 10_000, "{s:?}");
+    engine.shutdown(Duration::from_secs(20)).await;
+    cleanup(&ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_while_the_first_is_in_flight_is_not_lost() {
+    let ns = unique("race");
+    let engine = start(&ns).await;
+    let hold = engine.hold_publishing().await;
+    let first = engine.write_and_mark(&[profile("racer", 1)]).await.unwrap()[0].version;
+    // The scanner has loaded generation 1 and waits at the publisher.
+    wait_until("a batch waiting at the held publisher", LONG, || async {
+        engine.stats().publish_held >= 1
+    })
+    .await;
+    let second = engine.write_and_mark(&[profile("racer", 2)]).await.unwrap()[0].version;
+    assert!(second > first);
+    drop(hold);
+
+    let mongo = mongo(&ns).await;
+    wait_until("generation 2 in MongoDB", LONG, || async {
+        match mongo.find_user("racer").await.unwrap() {
+            Some(d) => d.get_i64("dynamicVersion").unwrap() == second,
+            None => false,
+        }
+    })
+    .await;
+    let d = mongo.find_user("racer").await.unwrap().unwrap();
+    assert_eq!(
+        d.get_document("dynamicProfile")
+            .unwrap()
+            .get_i64("gen")
+            .unwrap(),
+        2
+    );
+    let r = redis(&ns).await;
+    wait_until("the second flag cleared", LONG, || async {
+        pending_flags(&r).await == 0
+    })
+    .await;
+    engine.shutdown(Duration::from_secs(20)).await;
+    cleanup(&ns).await;
+}
+
+fn event(user: &str, version: i64, sync_type: SyncType) -> Vec<u8> {
+    let item = datasync::actors::publisher::Outgoing {
+        user_id: user.into(),
+        version,
+        profile: doc! { "v": version },
+        base_version: 0,
+        lease_epoch: 0,
+    };
+    datasync::actors::publisher::build_event(sync_type, &item, "test")
+        .unwrap()
+        .encode_to_vec()
+}
+
+async fn produce(ns: &str, topic_suffix: &str, events: Vec<Vec<u8>>, user: &str) {
+    let c = test_config(ns);
+    let producer = datasync::clients::kafka::producer(&c.kafka, "test-producer").unwrap();
+    let topic = format!("{ns}-{topic_suffix}");
+    for e in events {
+        producer
+            .send(
+                rdkafka::producer::FutureRecord::to(&topic)
+                    .key(user)
+                    .payload(&e),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_and_reordering_never_regress_a_document() {
+    let ns = unique("regress");
+    let engine = start(&ns).await;
+    let d = SyncType::DynamicBatch;
+    produce(
+        &ns,
+        "dynamic",
+        vec![event("x", 3, d), event("x", 1, d), event("x", 2, d)],
+        "x",
+    )
+    .await;
+    wait_until("first batch consumed", LONG, || async {
+        let s = engine.stats();
+        s.events_applied + s.stale_skipped == 3
+    })
+    .await;
+    produce(
+        &ns,
+        "dynamic",
+        [5, 4, 3, 2, 1, 5].map(|v| event("x", v, d)).to_vec(),
+        "x",
+    )
+    .await;
+    // A static change to the same user must not touch the dynamic section.
+    produce(
+        &ns,
+        "static",
+        vec![event("x", 2, SyncType::StaticImmediate)],
+        "x",
+    )
+    .await;
+    wait_until("all ten events consumed", LONG, || async {
+        let s = engine.stats();
+        s.events_applied + s.stale_skipped == 10
+    })
+    .await;
+
+    let doc = mongo(&ns).await.find_user("x").await.unwrap().unwrap();
+    assert_eq!(doc.get_i64("dynamicVersion").unwrap(), 5);
+    assert_eq!(
+        doc.get_document("dynamicProfile")
+            .unwrap()
+            .get_i64("v")
+            .unwrap(),
+        5
+    );
+    assert_eq!(doc.get_i64("staticVersion").unwrap(), 2);
+    assert_eq!(
+        doc.get_document("staticProfile")
+            .unwrap()
+            .get_i64("v")
+            .unwrap(),
+        2
+    );
+    let s = engine.stats();
+    // Applied: 3 (first batch), 5 (second batch) and the static change.
+    assert_eq!(s.events_applied, 3, "{s:?}");
+    assert_eq!(s.stale_skipped, 7, "{s:?}");
+    assert_eq!(doc.get_i64("dataVersion").unwrap(), 3);
+    engine.shutdown(Duration::from_secs(20)).await;
+    cleanup(&ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_set_members_added_during_the_drain_are_not_lost() {
+    let ns = unique("legacy");
+    let engine = start(&ns).await;
+    let r = redis(&ns).await;
+    let legacy = format!("{ns}:legacy");
+    let users: Vec<String> = (0..3000).map(|i| format!("l{i}")).collect();
+    // Three generations, each written then SADDed while the engine drains.
+    for generation in 1..=3 {
+        for chunk in users.chunks(500) {
+            let writes: Vec<(String, String)> = chunk
+                .iter()
+                .map(|u| {
+                    (
+                        u.clone(),
+                        serde_json::json!({ "gen": generation }).to_string(),
+                    )
+                })
+                .collect();
+            r.write_profiles(&writes).await.unwrap();
+            let _: i64 = fred::interfaces::SetsInterface::sadd(r.client(), &legacy, chunk.to_vec())
+                .await
+                .unwrap();
+        }
+    }
+    let mongo = mongo(&ns).await;
+    wait_until("every user at generation 3", LONG, || async {
+        count_docs(&mongo, doc! { "dynamicProfile.gen": 3i64 }).await == 3000
+    })
+    .await;
+    let s = engine.stats();
+    assert!(s.legacy_drained >= 3000, "{s:?}");
+    engine.shutdown(Duration::from_secs(20)).await;
+    cleanup(&ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_profile_is_named_and_the_rest_of_the_batch_syncs() {
+    let ns = unique("badprofile");
+    let engine = start(&ns).await;
+    let r = redis(&ns).await;
+    let mut writes: Vec<(String, String)> = (0..50)
+        .map(|i| (format!("ok{i}"), serde_json::json!({ "i": i }).to_string()))
+        .collect();
+    writes.push(("broken".into(), "{not json".into()));
+    writes.push(("array".into(), "[1,2]".into()));
+    r.write_profiles(&writes).await.unwrap();
+    let ids: Vec<String> = writes.iter().map(|(u, _)| u.clone()).collect();
+    engine.mark_dirty(&ids).await.unwrap();
+    let mongo = mongo(&ns).await;
+    wait_until("the 50 good profiles applied", LONG, || async {
+        count_docs(&mongo, doc! {}).await == 50
+    })
+    .await;
+    wait_until("both bad profiles reported", LONG, || async {
+        engine.stats().load_failures >= 2
+    })
+    .await;
+    assert!(mongo.find_user("broken").await.unwrap().is_none());
+    // The bad users keep their flags, so a fixed profile syncs later.
+    assert_eq!(pending_flags(&r).await, 2);
+    r.write_profiles(&[("broken".into(), r#"{"fixed":true}"#.into())])
+        .await
+        .unwrap();
+    wait_until("the fixed profile applied", LONG, || async {
+        mongo.find_user("broken").await.unwrap().is_some()
+    })
+    .await;
+    engine.shutdown(Duration::from_secs(20)).await;
+    cleanup(&ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_user_ids_are_refused_before_anything_is_written() {
+    let ns = unique("badids");
+    let engine = start(&ns).await;
+    let err = engine
+        .mark_dirty(&["a".into(), "".into()])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid input: user_ids[1]: must not be empty"
+    );
+    let err = engine
+        .write_and_mark(&[
+            profile("a", 1),
+            datasync::ProfileWrite {
+                user_id: "b".into(),
+                profile: serde_json::json!(5),
+            },
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid input: users[1].profile: must be a JSON object"
+    );
+    let r = redis(&ns).await;
+    assert_eq!(pending_flags(&r).await, 0);
+    let exists: i64 =
+        fred::interfaces::KeysInterface::exists(r.client(), format!("{ns}:user:a:profile"))
+            .await
+            .unwrap();
+    assert_eq!(exists, 0, "nothing half-applied");
+    engine.shutdown(Duration::from_secs(20)).await;
+    cleanup(&ns).await;
+}
+
+#[test]
+fn event_wire_format_keeps_seed_field_numbers() {
+    // Seed 000: user_id=1, sync_type=2, profile_data=3, version=4, timestamp=5.
+    let e = UserProfileSyncEvent {
+        user_id: "u".into(),
+        sync_type: 1,
+        version: 7,
+        timestamp: 9,
+        ..Default::default()
+    };
+    assert_eq!(
+        e.encode_to_vec(),
+        vec![0x0a, 1, b'u', 0x10, 1, 0x20, 7, 0x28, 9]
+    );
+}
