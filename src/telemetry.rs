@@ -45,9 +45,35 @@ pub fn prometheus() -> &'static PrometheusHandle {
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
         // Another recorder may be installed by a host application; ours still renders.
-        let _ = metrics::set_global_recorder(recorder);
+        if metrics::set_global_recorder(recorder).is_ok() {
+            register_zeroes();
+        }
         handle
     })
+}
+
+/// Makes every counter visible from the start, at zero.
+fn register_zeroes() {
+    for name in [
+        names::FLAGS_MARKED,
+        names::FLAGS_SCANNED,
+        names::ALREADY_APPLIED,
+        names::FLAGS_CLEARED,
+        names::LEGACY_DRAINED,
+        names::APPLY_FAILURES,
+        names::POISON_EVENTS,
+    ] {
+        counter!(name).increment(0);
+    }
+    for t in ["static", "dynamic"] {
+        counter!(names::EVENTS_PUBLISHED, "type" => t).increment(0);
+        counter!(names::PUBLISH_FAILURES, "type" => t).increment(0);
+        counter!(names::EVENTS_APPLIED, "section" => t).increment(0);
+        counter!(names::STALE_SKIPPED, "section" => t).increment(0);
+    }
+    for reason in ["missing", "bad_json", "not_an_object", "wrong_type"] {
+        counter!(names::LOAD_FAILURES, "reason" => reason).increment(0);
+    }
 }
 
 /// Starts logging to stderr. `filter` is a tracing-subscriber filter; RUST_LOG
