@@ -27,12 +27,24 @@ fn profile() -> mongodb::bson::Document {
 }
 
 fn protobuf(c: &mut Criterion) {
-    let item = Outgoing { user_id: "user-12345".into(), version: 1, profile: profile(), base_version: 0, lease_epoch: 0 };
-    let bytes = build_event(SyncType::DynamicBatch, &item, "bench").unwrap().encode_to_vec();
+    let item = Outgoing {
+        user_id: "user-12345".into(),
+        version: 1,
+        profile: profile(),
+        base_version: 0,
+        lease_epoch: 0,
+    };
+    let bytes = build_event(SyncType::DynamicBatch, &item, "bench")
+        .unwrap()
+        .encode_to_vec();
     let mut g = c.benchmark_group("protobuf");
     g.throughput(Throughput::Elements(1));
     g.bench_function("build_and_encode_event", |b| {
-        b.iter(|| build_event(SyncType::DynamicBatch, black_box(&item), "bench").unwrap().encode_to_vec())
+        b.iter(|| {
+            build_event(SyncType::DynamicBatch, black_box(&item), "bench")
+                .unwrap()
+                .encode_to_vec()
+        })
     });
     g.bench_function("decode_and_unpack_event", |b| {
         b.iter(|| {
@@ -47,7 +59,9 @@ fn sharding(c: &mut Criterion) {
     let ids: Vec<String> = (0..1000).map(|i| format!("user-{i}")).collect();
     let mut g = c.benchmark_group("shard");
     g.throughput(Throughput::Elements(ids.len() as u64));
-    g.bench_function("crc32_shard_of_1000_ids", |b| b.iter(|| ids.iter().map(|u| shard_of(u, 64)).sum::<u32>()));
+    g.bench_function("crc32_shard_of_1000_ids", |b| {
+        b.iter(|| ids.iter().map(|u| shard_of(u, 64)).sum::<u32>())
+    });
     g.finish();
 }
 
@@ -67,12 +81,16 @@ fn window_collapse(c: &mut Criterion) {
                     topic: "t".into(),
                     partition: 0,
                     offset: i as i64,
-                    payload: build_event(SyncType::DynamicBatch, &item, "bench").unwrap().encode_to_vec(),
+                    payload: build_event(SyncType::DynamicBatch, &item, "bench")
+                        .unwrap()
+                        .encode_to_vec(),
                 }
             })
             .collect();
         g.throughput(Throughput::Elements(n as u64));
-        g.bench_with_input(BenchmarkId::from_parameter(n), &records, |b, r| b.iter(|| collapse(black_box(r))));
+        g.bench_with_input(BenchmarkId::from_parameter(n), &records, |b, r| {
+            b.iter(|| collapse(black_box(r)))
+        });
     }
     g.finish();
 }

@@ -198,6 +198,20 @@ impl Engine {
         self.inner.stats.snapshot()
     }
 
+    /// This engine's flag → applied latencies (milliseconds).
+    pub fn latency_histogram(&self) -> hdrhistogram::Histogram<u64> {
+        self.inner.stats.latency.histogram()
+    }
+
+    /// Flags still pending in the shards this engine owns.
+    pub async fn pending_flags(&self) -> Result<u64, EngineError> {
+        let mut n = 0;
+        for &s in &self.inner.pipeline.shards {
+            n += self.inner.redis.count_flags(s).await?;
+        }
+        Ok(n)
+    }
+
     pub fn cache_stats(&self) -> CacheStats {
         self.inner.cache.stats()
     }

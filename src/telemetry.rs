@@ -4,10 +4,11 @@
 //! (what tests and the load harness read) and the process-wide Prometheus metric
 //! of the same name, with fixed low-cardinality labels — never a user id.
 
+use hdrhistogram::Histogram;
 use metrics::{counter, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::{
-    OnceLock,
+    Mutex, OnceLock,
     atomic::{AtomicU64, Ordering::Relaxed},
 };
 
@@ -105,6 +106,57 @@ pub struct Stats {
     pub apply_failures: AtomicU64,
     pub poison_events: AtomicU64,
     pub publish_held: AtomicU64,
+    /// Flag → applied latency of this engine's applied changes.
+    pub latency: Latency,
+}
+
+/// A latency histogram in milliseconds (1 ms to 1 h, 3 significant digits).
+pub struct Latency(Mutex<Histogram<u64>>);
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self(Mutex::new(
+            Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid bounds"),
+        ))
+    }
+}
+
+impl std::fmt::Debug for Latency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Latency")
+    }
+}
+
+/// Quantiles of a latency histogram, in milliseconds.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub p50_ms: u64,
+    pub p95_ms: u64,
+    pub p99_ms: u64,
+    pub max_ms: u64,
+}
+
+impl Latency {
+    pub fn record_ms(&self, ms: u64) {
+        let mut h = self.0.lock().expect("not poisoned");
+        h.saturating_record(ms.max(1));
+    }
+
+    /// A copy of the histogram, to merge several engines'.
+    pub fn histogram(&self) -> Histogram<u64> {
+        self.0.lock().expect("not poisoned").clone()
+    }
+
+    pub fn summarize(h: &Histogram<u64>) -> LatencySummary {
+        LatencySummary {
+            count: h.len(),
+            p50_ms: h.value_at_quantile(0.50),
+            p95_ms: h.value_at_quantile(0.95),
+            p99_ms: h.value_at_quantile(0.99),
+            max_ms: h.max(),
+        }
+    }
 }
 
 /// A plain copy of [`Stats`] at one moment.
@@ -216,5 +268,6 @@ impl Stats {
 
     pub fn flag_to_applied(&self, seconds: f64) {
         histogram!(names::FLAG_TO_APPLIED).record(seconds);
+        self.latency.record_ms((seconds * 1000.0) as u64);
     }
 }

@@ -1,0 +1,116 @@
+//! Raw ceilings of each backend, measured on the same machine and data as the run:
+//! Redis pipelined reads, broker produce with rdkafka, MongoDB bulk upserts.
+
+use crate::{padding, rate};
+use datasync::{
+    Config,
+    clients::{
+        kafka,
+        mongo::{Change, MongoStore},
+        redis::{RedisStore, Section},
+    },
+};
+use fred::prelude::*;
+use mongodb::bson::doc;
+use rdkafka::producer::FutureRecord;
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Ceilings {
+    pub redis_get_per_s: f64,
+    pub kafka_produce_per_s: f64,
+    pub mongo_bulk_upserts_per_s: f64,
+}
+
+pub async fn measure(
+    config: &Config,
+    ops: usize,
+    profile_bytes: usize,
+) -> anyhow::Result<Ceilings> {
+    let payload = serde_json::json!({ "pad": padding(profile_bytes, 7) }).to_string();
+    Ok(Ceilings {
+        redis_get_per_s: redis_gets(config, ops, &payload).await?,
+        kafka_produce_per_s: kafka_produce(config, ops, &payload).await?,
+        mongo_bulk_upserts_per_s: mongo_upserts(config, ops.min(20_000), profile_bytes).await?,
+    })
+}
+
+async fn redis_gets(config: &Config, ops: usize, payload: &str) -> anyhow::Result<f64> {
+    let redis = RedisStore::connect(&config.redis, config.sync.shards).await?;
+    let users: Vec<String> = (0..ops).map(|i| format!("ceiling-{i}")).collect();
+    for chunk in users.chunks(1000) {
+        let w: Vec<(String, String)> = chunk
+            .iter()
+            .map(|u| (u.clone(), payload.to_string()))
+            .collect();
+        redis.write_profiles(&w).await?;
+    }
+    let started = Instant::now();
+    for chunk in users.chunks(1000) {
+        let pipe = redis.client().pipeline();
+        for u in chunk {
+            let _: () = pipe.get(redis.keys().profile(u)).await?;
+        }
+        let _: Vec<Value> = pipe.all().await?;
+    }
+    let r = rate(ops, started.elapsed());
+    let keys: Vec<String> = users.iter().map(|u| redis.keys().profile(u)).collect();
+    for chunk in keys.chunks(1000) {
+        let _: i64 = redis.client().del(chunk.to_vec()).await?;
+    }
+    Ok(r)
+}
+
+async fn kafka_produce(config: &Config, ops: usize, payload: &str) -> anyhow::Result<f64> {
+    let mut k = config.kafka.clone();
+    let topic = format!("{}-ceiling", config.kafka.dynamic_topic);
+    k.static_topic = format!("{topic}-s");
+    k.dynamic_topic = topic.clone();
+    kafka::ensure_topics(&k).await?;
+    let producer = kafka::producer(&k, "datasync-load-ceiling")?;
+    let started = Instant::now();
+    for chunk in (0..ops).collect::<Vec<_>>().chunks(20_000) {
+        let sends = chunk.iter().map(|i| {
+            let key = format!("user-{i}");
+            let producer = &producer;
+            let topic = &topic;
+            async move {
+                producer
+                    .send(
+                        FutureRecord::to(topic).key(&key).payload(payload),
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    .map_err(|(e, _)| e)
+            }
+        });
+        for r in futures::future::join_all(sends).await {
+            r?;
+        }
+    }
+    Ok(rate(ops, started.elapsed()))
+}
+
+async fn mongo_upserts(config: &Config, ops: usize, profile_bytes: usize) -> anyhow::Result<f64> {
+    let mut m = config.mongo.clone();
+    m.collection = format!("{}-ceiling", m.collection);
+    let mongo = MongoStore::connect(&m, "datasync-load").await?;
+    let changes: Vec<Change> = (0..ops)
+        .map(|i| Change {
+            user_id: format!("user-{i:08}"),
+            section: Section::Dynamic,
+            version: 1,
+            profile: doc! { "pad": padding(profile_bytes, i as u64) },
+            event_id: String::new(),
+            marked_at_ms: 0,
+        })
+        .collect();
+    let started = Instant::now();
+    for chunk in changes.chunks(5000) {
+        mongo.apply(chunk).await?;
+    }
+    let r = rate(ops, started.elapsed());
+    mongo.collection().drop().await?;
+    Ok(r)
+}

@@ -1,0 +1,270 @@
+//! The run's report: a console summary, a JSON file, SVG charts and one
+//! self-contained HTML page.
+
+use crate::{baseline::Baseline, ceilings::Ceilings};
+use datasync::telemetry::LatencySummary;
+use plotters::prelude::*;
+use serde::Serialize;
+use std::{fmt::Write as _, path::Path};
+
+/// One sample of the engines' counters.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Sample {
+    pub t_s: f64,
+    pub marked: u64,
+    pub scanned: u64,
+    pub published: u64,
+    pub applied: u64,
+    pub rss_mb: f64,
+    pub cpu_percent: f64,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct PublishOnly {
+    pub users: usize,
+    pub seconds: f64,
+    pub flags_per_s: f64,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Run {
+    pub changes: u64,
+    pub seconds: f64,
+    /// Upstream changes synced per second, flag → applied.
+    pub changes_per_s: f64,
+    pub events_published: u64,
+    pub events_applied: u64,
+    pub stale_or_superseded: u64,
+    pub already_applied_skips: u64,
+    pub failures: Vec<String>,
+    pub latency: LatencySummary,
+    /// (upper bound ms, count) of the latency distribution.
+    pub latency_buckets: Vec<(u64, u64)>,
+    pub peak_rss_mb: f64,
+    pub mean_cpu_percent: f64,
+    pub documents: u64,
+    pub verified: bool,
+    pub samples: Vec<Sample>,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Report {
+    pub scenario: crate::scenario::Scenario,
+    pub namespace: String,
+    pub ceilings: Option<Ceilings>,
+    pub baseline: Option<Baseline>,
+    pub publish_only: Option<PublishOnly>,
+    pub run: Run,
+    pub ratios: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Report {
+    pub fn compute_ratios(&mut self) {
+        let mut r = serde_json::Map::new();
+        let mut put = |k: &str, num: f64, den: f64| {
+            if den > 0.0 {
+                r.insert(
+                    k.into(),
+                    serde_json::json!((num / den * 100.0).round() / 100.0),
+                );
+            }
+        };
+        if let Some(c) = &self.ceilings {
+            put(
+                "end_to_end_vs_mongo_ceiling",
+                self.run.changes_per_s,
+                c.mongo_bulk_upserts_per_s,
+            );
+            if let Some(p) = &self.publish_only {
+                put(
+                    "publish_only_vs_broker_ceiling",
+                    p.flags_per_s,
+                    c.kafka_produce_per_s,
+                );
+            }
+        }
+        if let Some(b) = &self.baseline {
+            put(
+                "end_to_end_vs_seed_loop",
+                self.run.changes_per_s,
+                b.end_to_end_users_per_s,
+            );
+            if let Some(p) = &self.publish_only {
+                put(
+                    "publish_only_vs_seed_producer_side",
+                    p.flags_per_s,
+                    b.producer_side_users_per_s,
+                );
+            }
+        }
+        self.ratios = r;
+    }
+
+    pub fn console(&self) -> String {
+        let mut s = String::new();
+        let r = &self.run;
+        let _ = writeln!(
+            s,
+            "== datasync-load: {} ({})",
+            self.scenario.name, self.namespace
+        );
+        if let Some(c) = &self.ceilings {
+            let _ = writeln!(
+                s,
+                "ceilings      redis GET {:.0}/s | kafka produce {:.0}/s | mongo bulk upserts {:.0}/s",
+                c.redis_get_per_s, c.kafka_produce_per_s, c.mongo_bulk_upserts_per_s
+            );
+        }
+        if let Some(b) = &self.baseline {
+            let _ = writeln!(
+                s,
+                "seed loop     end-to-end {:.0} users/s | producer side {:.0} users/s",
+                b.end_to_end_users_per_s, b.producer_side_users_per_s
+            );
+        }
+        if let Some(p) = &self.publish_only {
+            let _ = writeln!(
+                s,
+                "publish only  {} flags in {:.2}s = {:.0} flags/s",
+                p.users, p.seconds, p.flags_per_s
+            );
+        }
+        let _ = writeln!(
+            s,
+            "end-to-end    {} changes in {:.2}s = {:.0} changes/s | published {} applied {} stale/superseded {}",
+            r.changes,
+            r.seconds,
+            r.changes_per_s,
+            r.events_published,
+            r.events_applied,
+            r.stale_or_superseded
+        );
+        let _ = writeln!(
+            s,
+            "latency       flag→applied p50 {} ms | p95 {} ms | p99 {} ms | max {} ms ({} samples)",
+            r.latency.p50_ms, r.latency.p95_ms, r.latency.p99_ms, r.latency.max_ms, r.latency.count
+        );
+        let _ = writeln!(
+            s,
+            "process       peak RSS {:.0} MB | mean CPU {:.0}%",
+            r.peak_rss_mb, r.mean_cpu_percent
+        );
+        let _ = writeln!(
+            s,
+            "verified      {} documents, every user at its last change: {}",
+            r.documents,
+            if r.verified { "yes" } else { "NO" }
+        );
+        for (k, v) in &self.ratios {
+            let _ = writeln!(s, "ratio         {k} = {v}");
+        }
+        if !r.failures.is_empty() {
+            let _ = writeln!(s, "failures      {}", r.failures.join("; "));
+        }
+        s
+    }
+
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(self)?)?;
+        let throughput = self.throughput_svg()?;
+        let latency = self.latency_svg()?;
+        std::fs::write(dir.join("throughput.svg"), &throughput)?;
+        std::fs::write(dir.join("latency.svg"), &latency)?;
+        let html = format!(
+            "<!doctype html><html><head><meta charset=\"utf-8\"><title>datasync-load {name}</title>\
+             <style>body{{font-family:sans-serif;margin:2em}}pre{{background:#f4f4f4;padding:1em}}</style></head>\
+             <body><h1>datasync-load: {name}</h1><pre>{summary}</pre><h2>Throughput over time</h2>{throughput}\
+             <h2>Flag → applied latency</h2>{latency}<h2>Scenario</h2><pre>{scenario}</pre></body></html>",
+            name = self.scenario.name,
+            summary = html_escape(&self.console()),
+            scenario = html_escape(&toml::to_string_pretty(&self.scenario).unwrap_or_default()),
+        );
+        std::fs::write(dir.join("report.html"), html)?;
+        Ok(())
+    }
+
+    fn throughput_svg(&self) -> anyhow::Result<String> {
+        let mut out = String::new();
+        {
+            let root = SVGBackend::with_string(&mut out, (900, 400)).into_drawing_area();
+            root.fill(&WHITE)?;
+            let s = &self.run.samples;
+            let rates = |f: fn(&Sample) -> u64| -> Vec<(f64, f64)> {
+                s.windows(2)
+                    .map(|w| {
+                        let dt = (w[1].t_s - w[0].t_s).max(1e-3);
+                        (w[1].t_s, (f(&w[1]) - f(&w[0])) as f64 / dt)
+                    })
+                    .collect()
+            };
+            let series = [
+                ("marked/s", rates(|x| x.marked), BLUE),
+                ("published/s", rates(|x| x.published), GREEN),
+                ("applied/s", rates(|x| x.applied), RED),
+            ];
+            let max_t = s.last().map(|x| x.t_s).unwrap_or(1.0).max(1.0);
+            let max_y = series
+                .iter()
+                .flat_map(|(_, v, _)| v.iter().map(|p| p.1))
+                .fold(1.0, f64::max)
+                * 1.1;
+            let mut chart = ChartBuilder::on(&root)
+                .margin(10)
+                .x_label_area_size(35)
+                .y_label_area_size(70)
+                .build_cartesian_2d(0.0..max_t, 0.0..max_y)?;
+            chart
+                .configure_mesh()
+                .x_desc("seconds")
+                .y_desc("per second")
+                .draw()?;
+            for (name, points, color) in series {
+                chart
+                    .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+                    .label(name)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
+            root.present()?;
+        }
+        Ok(out)
+    }
+
+    fn latency_svg(&self) -> anyhow::Result<String> {
+        let mut out = String::new();
+        {
+            let root = SVGBackend::with_string(&mut out, (900, 400)).into_drawing_area();
+            root.fill(&WHITE)?;
+            let b = &self.run.latency_buckets;
+            let max_x = b.last().map(|x| x.0).unwrap_or(1).max(1) as f64;
+            let max_y = b.iter().map(|x| x.1).max().unwrap_or(1).max(1) as f64 * 1.1;
+            let mut chart = ChartBuilder::on(&root)
+                .margin(10)
+                .x_label_area_size(35)
+                .y_label_area_size(70)
+                .build_cartesian_2d(0.0..max_x, 0.0..max_y)?;
+            chart
+                .configure_mesh()
+                .x_desc("flag → applied (ms)")
+                .y_desc("changes")
+                .draw()?;
+            chart.draw_series(LineSeries::new(
+                b.iter().map(|&(x, y)| (x as f64, y as f64)),
+                RED.stroke_width(2),
+            ))?;
+            root.present()?;
+        }
+        Ok(out)
+    }
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}

@@ -1,0 +1,116 @@
+//! Load scenarios: TOML files under `config/load/`.
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Name used in resource names and report files.
+    pub name: String,
+    /// Seed of every random choice, so a run can be repeated.
+    pub seed: u64,
+    /// Distinct users.
+    pub users: usize,
+    /// Each round changes every user once, in a seeded random order.
+    #[serde(default = "one")]
+    pub rounds: usize,
+    /// Target changes per second; 0 = as fast as the engine takes them.
+    #[serde(default)]
+    pub rate: u64,
+    /// Approximate size of each profile's JSON.
+    #[serde(default = "default_profile_bytes")]
+    pub profile_bytes: usize,
+    /// Share of changes flagged through the seed's legacy `SADD` set.
+    #[serde(default)]
+    pub legacy_share: f64,
+    /// Share of static (immediate) changes.
+    #[serde(default)]
+    pub static_share: f64,
+    /// Engine instances (embedded: in this process, shards split with the fixed mode).
+    #[serde(default = "one")]
+    pub instances: u32,
+    /// `embedded` (engines in this process) or `external`.
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// Users of the publish-only phase (flags → Kafka ack → flags cleared, no
+    /// applier); 0 skips the phase.
+    #[serde(default)]
+    pub publish_only_users: usize,
+    /// Users the seed baseline loop processes (it is slow); 0 skips it.
+    #[serde(default = "default_baseline")]
+    pub baseline_users: usize,
+    /// Operations of each raw ceiling measurement; 0 skips them.
+    #[serde(default = "default_ceiling")]
+    pub ceiling_ops: usize,
+    /// Give up waiting for the run to drain after this many seconds.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    /// Engine config overrides, as in a `--config` file.
+    #[serde(default)]
+    pub engine: toml::Table,
+}
+
+fn one<T: From<u8>>() -> T {
+    T::from(1)
+}
+fn default_profile_bytes() -> usize {
+    256
+}
+fn default_mode() -> String {
+    "embedded".into()
+}
+fn default_baseline() -> usize {
+    1000
+}
+fn default_ceiling() -> usize {
+    20_000
+}
+fn default_timeout() -> u64 {
+    1800
+}
+
+impl Scenario {
+    pub fn load(path: &Path) -> anyhow::Result<Scenario> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let s: Scenario =
+            toml::from_str(&text).with_context(|| format!("scenario {}", path.display()))?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let mut problems = Vec::new();
+        if self.users == 0 {
+            problems.push("users: must be at least 1");
+        }
+        if self.rounds == 0 {
+            problems.push("rounds: must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.legacy_share) {
+            problems.push("legacy_share: must be between 0 and 1");
+        }
+        if self.static_share != 0.0 {
+            problems
+                .push("static_share: static (immediate) changes are not implemented yet; use 0");
+        }
+        if self.instances == 0 {
+            problems.push("instances: must be at least 1");
+        }
+        if self.mode != "embedded" {
+            problems.push(
+                "mode: only \"embedded\" is implemented; \"external\" is not implemented yet",
+            );
+        }
+        if !problems.is_empty() {
+            bail!(
+                "invalid scenario `{}`:\n  - {}",
+                self.name,
+                problems.join("\n  - ")
+            );
+        }
+        Ok(())
+    }
+}
