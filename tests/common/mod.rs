@@ -86,14 +86,15 @@ where
     Fut: Future<Output = bool>,
 {
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
     loop {
+        poll.tick().await;
         if cond().await {
             return;
         }
         if tokio::time::Instant::now() > deadline {
             panic!("timed out after {timeout:?} waiting for: {what}");
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
