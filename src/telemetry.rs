@@ -178,6 +178,25 @@ pub struct StatsSnapshot {
     pub publish_held: u64,
 }
 
+impl std::ops::AddAssign for StatsSnapshot {
+    /// Sums the counters of several engines.
+    fn add_assign(&mut self, o: StatsSnapshot) {
+        self.flags_marked += o.flags_marked;
+        self.flags_scanned += o.flags_scanned;
+        self.events_published += o.events_published;
+        self.publish_failures += o.publish_failures;
+        self.already_applied += o.already_applied;
+        self.load_failures += o.load_failures;
+        self.flags_cleared += o.flags_cleared;
+        self.legacy_drained += o.legacy_drained;
+        self.events_applied += o.events_applied;
+        self.stale_skipped += o.stale_skipped;
+        self.apply_failures += o.apply_failures;
+        self.poison_events += o.poison_events;
+        self.publish_held += o.publish_held;
+    }
+}
+
 impl Stats {
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {

@@ -121,6 +121,5 @@ async fn the_api_marks_users_validates_input_and_reports() {
         assert!(text.contains(name), "/metrics lacks {name}:\n{text}");
     }
 
-    engine.shutdown(Duration::from_secs(20)).await;
-    cleanup(&ns).await;
+    finish(engine, &ns).await;
 }

@@ -55,8 +55,7 @@ async fn round_trip_of_ten_thousand_users() {
     .await;
     let s = engine.stats();
     assert_eq!(s.events_applied, 10_000, "{s:?}");
-    engine.shutdown(Duration::from_secs(20)).await;
-    cleanup(&ns).await;
+    finish(engine, &ns).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,8 +94,7 @@ async fn a_change_made_while_the_first_is_in_flight_is_not_lost() {
         pending_flags(&r).await == 0
     })
     .await;
-    engine.shutdown(Duration::from_secs(20)).await;
-    cleanup(&ns).await;
+    finish(engine, &ns).await;
 }
 
 fn event(user: &str, version: i64, sync_type: SyncType) -> Vec<u8> {
@@ -190,8 +188,7 @@ async fn duplicates_and_reordering_never_regress_a_document() {
     assert_eq!(s.events_applied, 3, "{s:?}");
     assert_eq!(s.stale_skipped, 7, "{s:?}");
     assert_eq!(doc.get_i64("dataVersion").unwrap(), 3);
-    engine.shutdown(Duration::from_secs(20)).await;
-    cleanup(&ns).await;
+    finish(engine, &ns).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,8 +223,7 @@ async fn legacy_set_members_added_during_the_drain_are_not_lost() {
     .await;
     let s = engine.stats();
     assert!(s.legacy_drained >= 3000, "{s:?}");
-    engine.shutdown(Duration::from_secs(20)).await;
-    cleanup(&ns).await;
+    finish(engine, &ns).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,8 +258,7 @@ async fn a_malformed_profile_is_named_and_the_rest_of_the_batch_syncs() {
         mongo.find_user("broken").await.unwrap().is_some()
     })
     .await;
-    engine.shutdown(Duration::from_secs(20)).await;
-    cleanup(&ns).await;
+    finish(engine, &ns).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,8 +294,7 @@ async fn bad_user_ids_are_refused_before_anything_is_written() {
             .await
             .unwrap();
     assert_eq!(exists, 0, "nothing half-applied");
-    engine.shutdown(Duration::from_secs(20)).await;
-    cleanup(&ns).await;
+    finish(engine, &ns).await;
 }
 
 #[test]

@@ -156,3 +156,9 @@ pub async fn cleanup(ns: &str) {
         .await;
     }
 }
+
+/// Stops the engine gracefully and drops the test's data.
+pub async fn finish(engine: Engine, ns: &str) {
+    engine.shutdown(Duration::from_secs(20)).await;
+    cleanup(ns).await;
+}

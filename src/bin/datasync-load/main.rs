@@ -171,22 +171,11 @@ async fn publish_only(sc: &Scenario, ns: &str) -> anyhow::Result<PublishOnly> {
 }
 
 fn sum_stats(engines: &[Engine]) -> datasync::telemetry::StatsSnapshot {
-    let mut t = datasync::telemetry::StatsSnapshot::default();
+    let mut total = datasync::telemetry::StatsSnapshot::default();
     for e in engines {
-        let s = e.stats();
-        t.flags_marked += s.flags_marked;
-        t.flags_scanned += s.flags_scanned;
-        t.events_published += s.events_published;
-        t.events_applied += s.events_applied;
-        t.stale_skipped += s.stale_skipped;
-        t.already_applied += s.already_applied;
-        t.poison_events += s.poison_events;
-        t.apply_failures += s.apply_failures;
-        t.load_failures += s.load_failures;
-        t.publish_failures += s.publish_failures;
-        t.legacy_drained += s.legacy_drained;
+        total += e.stats();
     }
-    t
+    total
 }
 
 /// The end-to-end run.
