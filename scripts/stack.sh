@@ -8,7 +8,8 @@
 #   scripts/stack.sh env      print the endpoints as shell exports
 #
 # Idempotent: `up` twice reuses what already answers; `down` stops only the
-# processes whose pid files this script wrote. Everything it installs or writes
+# processes whose pid files this script wrote (per port, so a second server on
+# another port, e.g. MONGO_PORT=27018 DATASYNC_MONGO_SERVER=rs, is kept apart). Everything it installs or writes
 # lives under .stack/ (ignored by git) except Debian's redis-server package.
 #
 # Variables: REDIS_PORT (6379), MONGO_PORT (27017), KAFKA_PORT (9092),
@@ -97,9 +98,9 @@ up() {
     log "redis: reusing what answers on $REDIS_PORT"
   else
     mkdir -p "$state/redis"
-    start_bg redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$state/redis" \
+    start_bg "redis-$REDIS_PORT" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$state/redis" \
       --save "" --appendonly no --daemonize no
-    wait_port "$REDIS_PORT" redis 20
+    wait_port "$REDIS_PORT" "redis-$REDIS_PORT" 20
     log "redis: started on $REDIS_PORT"
   fi
 
@@ -111,31 +112,31 @@ up() {
       install_secantus_rs
       local bin
       bin=$(command -v secantusd-rs || echo "$HOME/.cargo/bin/secantusd-rs")
-      start_bg mongo "$bin" --host 127.0.0.1 --port "$MONGO_PORT" \
+      start_bg "mongo-$MONGO_PORT" "$bin" --host 127.0.0.1 --port "$MONGO_PORT" \
         --storage-path "$state/mongo-rs" --cache-size 512M
     else
-      start_bg mongo "$venv/bin/secantusd-py" --host 127.0.0.1 --port "$MONGO_PORT" \
+      start_bg "mongo-$MONGO_PORT" "$venv/bin/secantusd-py" --host 127.0.0.1 --port "$MONGO_PORT" \
         --storage-path "$state/mongo-py" --log-level WARNING
     fi
-    wait_port "$MONGO_PORT" mongo 90
+    wait_port "$MONGO_PORT" "mongo-$MONGO_PORT" 90
     log "mongo: started secantusd-$MONGO_SERVER on $MONGO_PORT"
   fi
 
   if port_open "$KAFKA_PORT"; then
     log "kafka: reusing what answers on $KAFKA_PORT"
   else
-    start_bg kafka "$(tansu_bin)" broker \
+    start_bg "kafka-$KAFKA_PORT" "$(tansu_bin)" broker \
       --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
       --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
       --storage-engine memory://tansu/
-    wait_port "$KAFKA_PORT" kafka 30
+    wait_port "$KAFKA_PORT" "kafka-$KAFKA_PORT" 30
     log "kafka: started tansu on $KAFKA_PORT"
   fi
   print_env
 }
 
 down() {
-  for name in kafka mongo redis; do
+  for name in "kafka-$KAFKA_PORT" "mongo-$MONGO_PORT" "redis-$REDIS_PORT"; do
     local pidfile="$state/$name.pid"
     [ -f "$pidfile" ] || continue
     local pid

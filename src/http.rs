@@ -146,7 +146,12 @@ async fn metrics() -> HttpResponse {
 }
 
 async fn stats(engine: Data<Engine>) -> HttpResponse {
-    HttpResponse::Ok().json(json!({ "engine": engine.stats(), "cache": engine.cache_stats() }))
+    HttpResponse::Ok().json(json!({
+        "engine": engine.stats(),
+        "cache": engine.cache_stats(),
+        "latency": crate::telemetry::Latency::summarize(&engine.latency_histogram()),
+        "process": crate::telemetry::process_usage(),
+    }))
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {

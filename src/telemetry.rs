@@ -77,6 +77,39 @@ fn register_zeroes() {
     }
 }
 
+/// This process's resident memory and CPU time, from `/proc` (zero elsewhere).
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct ProcessUsage {
+    pub rss_mb: f64,
+    pub cpu_seconds: f64,
+}
+
+pub fn process_usage() -> ProcessUsage {
+    let rss_kb = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .unwrap_or(0.0);
+    // Fields 14 and 15 of /proc/self/stat (utime, stime), in clock ticks of 1/100 s.
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1.to_string();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+        })
+        .unwrap_or(0.0);
+    ProcessUsage {
+        rss_mb: rss_kb / 1024.0,
+        cpu_seconds: ticks / 100.0,
+    }
+}
+
 /// Starts logging to stderr. `filter` is a tracing-subscriber filter; RUST_LOG
 /// overrides it.
 pub fn init_logging(format: &str, filter: &str) {
@@ -128,7 +161,7 @@ impl std::fmt::Debug for Latency {
 }
 
 /// Quantiles of a latency histogram, in milliseconds.
-#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct LatencySummary {
     pub count: u64,
     pub p50_ms: u64,
@@ -160,7 +193,7 @@ impl Latency {
 }
 
 /// A plain copy of [`Stats`] at one moment.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StatsSnapshot {
     pub flags_marked: u64,
     pub flags_scanned: u64,

@@ -80,5 +80,59 @@ fn an_invalid_scenario_is_refused_with_the_reason() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("users: must be at least 1"), "{err}");
     assert!(err.contains("static_share"), "{err}");
-    assert!(err.contains("\"external\" is not implemented yet"), "{err}");
+    assert!(
+        err.contains("external.apis: external mode needs at least one API URL"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_mode_drives_a_running_service_over_http() {
+    let ns = common::unique("external");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = common::config_toml(&ns).replace(
+        "enabled = false\nbind = \"127.0.0.1:0\"",
+        &format!("enabled = true\nbind = \"127.0.0.1:{port}\""),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("service.toml"), &config).unwrap();
+    let mut service = Command::new(env!("CARGO_BIN_EXE_datasync"))
+        .args(["run", "--config"])
+        .arg(dir.path().join("service.toml"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let scenario = format!(
+        "name = \"external\"\nseed = 3\nusers = 400\nrounds = 2\nmode = \"external\"\n\
+         baseline_users = 0\nceiling_ops = 0\ntimeout_secs = 300\n\
+         [external]\napis = [\"http://127.0.0.1:{port}\"]\n{}",
+        config.replace("\n[", "\n[engine.")
+    );
+    std::fs::write(dir.path().join("scenario.toml"), scenario).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_datasync-load"))
+        .arg(dir.path().join("scenario.toml"))
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let _ = Command::new("kill")
+        .args(["-TERM", &service.id().to_string()])
+        .status();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("800 changes"), "{stdout}");
+    assert!(
+        stdout.contains("every user at its last change: yes"),
+        "{stdout}"
+    );
+    let _ = service.wait();
+    common::cleanup(&ns).await;
 }

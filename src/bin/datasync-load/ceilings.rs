@@ -69,6 +69,14 @@ async fn kafka_produce(config: &Config, ops: usize, payload: &str) -> anyhow::Re
     k.dynamic_topic = topic.clone();
     kafka::ensure_topics(&k).await?;
     let producer = kafka::producer(&k, "datasync-load-ceiling")?;
+    // The first delivery sets up metadata and the idempotent producer id; not timed.
+    producer
+        .send(
+            FutureRecord::to(&topic).key("warm-up").payload(payload),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
     let started = Instant::now();
     for chunk in (0..ops).collect::<Vec<_>>().chunks(20_000) {
         let sends = chunk.iter().map(|i| {

@@ -20,7 +20,11 @@ mod scenario;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use datasync::{Config, Engine, ProfileWrite, clients::redis::RedisStore, telemetry::Latency};
+use datasync::{
+    Config, Engine, ProfileWrite,
+    clients::{mongo::MongoStore, redis::RedisStore},
+    telemetry::{Latency, LatencySummary, ProcessUsage, StatsSnapshot},
+};
 use fred::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 use mongodb::bson::doc;
@@ -69,6 +73,11 @@ fn engine_config(sc: &Scenario, ns: &str, index: u32) -> anyhow::Result<Config> 
         ),
         ("scenario [engine]".to_string(), toml::to_string(&sc.engine)?),
     ];
+    if sc.mode == "external" {
+        // The running services own the names; the scenario's [engine] table says them.
+        return Config::from_layers(&layers[1..], std::env::vars())
+            .map_err(|e| anyhow::anyhow!("{e}"));
+    }
     let mode = if sc.instances > 1 { "fixed" } else { "all" };
     layers.push((
         "namespace".to_string(),
@@ -83,28 +92,6 @@ fn engine_config(sc: &Scenario, ns: &str, index: u32) -> anyhow::Result<Config> 
     Config::from_layers(&layers, std::env::vars()).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn proc_stats() -> (f64, f64) {
-    let rss_kb = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<f64>().ok())
-            })
-        })
-        .unwrap_or(0.0);
-    let cpu_ticks = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(')')?.1.to_string();
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
-        })
-        .unwrap_or(0.0);
-    (rss_kb / 1024.0, cpu_ticks / 100.0)
-}
-
 async fn start_engines(sc: &Scenario, ns: &str, applier: bool) -> anyhow::Result<Vec<Engine>> {
     let mut engines = Vec::new();
     for i in 0..sc.instances {
@@ -115,10 +102,11 @@ async fn start_engines(sc: &Scenario, ns: &str, applier: bool) -> anyhow::Result
     Ok(engines)
 }
 
-async fn pending(engines: &[Engine], redis: &RedisStore) -> anyhow::Result<u64> {
+/// Flags not yet published: every shard's, plus the legacy set and its draining set.
+async fn pending(redis: &RedisStore) -> anyhow::Result<u64> {
     let mut n = 0;
-    for e in engines {
-        n += e.pending_flags().await?;
+    for s in 0..redis.shards() {
+        n += redis.count_flags(s).await?;
     }
     let legacy: u64 = redis.client().scard(redis.keys().legacy()).await?;
     let draining: u64 = redis.client().scard(redis.keys().legacy_draining()).await?;
@@ -150,7 +138,7 @@ async fn publish_only(sc: &Scenario, ns: &str) -> anyhow::Result<PublishOnly> {
     let started = Instant::now();
     let engines = start_engines(sc, &ns, false).await?;
     let deadline = started + Duration::from_secs(sc.timeout_secs);
-    while pending(&engines, &redis).await? > 0 {
+    while pending(&redis).await? > 0 {
         if Instant::now() > deadline {
             bail!(
                 "publish-only phase did not drain within {}s",
@@ -170,185 +158,321 @@ async fn publish_only(sc: &Scenario, ns: &str) -> anyhow::Result<PublishOnly> {
     })
 }
 
-fn sum_stats(engines: &[Engine]) -> datasync::telemetry::StatsSnapshot {
-    let mut total = datasync::telemetry::StatsSnapshot::default();
-    for e in engines {
-        total += e.stats();
+/// What the run drives: engines in this process, or running services over HTTP.
+enum Target {
+    Embedded(Vec<Engine>),
+    External {
+        http: reqwest::Client,
+        apis: Vec<String>,
+    },
+}
+
+/// What a target reports at one moment.
+struct Observed {
+    stats: StatsSnapshot,
+    rss_mb: f64,
+    cpu_seconds: f64,
+}
+
+impl Target {
+    async fn mark(&self, batch_no: usize, users: Vec<ProfileWrite>) -> anyhow::Result<()> {
+        match self {
+            Target::Embedded(engines) => {
+                engines[0].write_and_mark(&users).await?;
+            }
+            Target::External { http, apis } => {
+                let body = serde_json::json!({ "users": users.iter().map(|u| serde_json::json!({
+                    "user_id": u.user_id, "profile": u.profile })).collect::<Vec<_>>() });
+                let api = &apis[batch_no % apis.len()];
+                let resp = http
+                    .post(format!("{api}/v1/sync/dirty"))
+                    .json(&body)
+                    .send()
+                    .await?;
+                if !resp.status().is_success() {
+                    bail!(
+                        "{api}: {} {}",
+                        resp.status(),
+                        resp.text().await.unwrap_or_default()
+                    );
+                }
+            }
+        }
+        Ok(())
     }
-    total
+
+    async fn observe(&self) -> anyhow::Result<Observed> {
+        let mut o = Observed {
+            stats: StatsSnapshot::default(),
+            rss_mb: 0.0,
+            cpu_seconds: 0.0,
+        };
+        match self {
+            Target::Embedded(engines) => {
+                for e in engines {
+                    o.stats += e.stats();
+                }
+                let p = datasync::telemetry::process_usage();
+                (o.rss_mb, o.cpu_seconds) = (p.rss_mb, p.cpu_seconds);
+            }
+            Target::External { http, apis } => {
+                for api in apis {
+                    let v: serde_json::Value = http
+                        .get(format!("{api}/v1/stats"))
+                        .send()
+                        .await?
+                        .json()
+                        .await?;
+                    o.stats += serde_json::from_value::<StatsSnapshot>(v["engine"].clone())?;
+                    let p: ProcessUsage = serde_json::from_value(v["process"].clone())?;
+                    o.rss_mb += p.rss_mb;
+                    o.cpu_seconds += p.cpu_seconds;
+                }
+            }
+        }
+        Ok(o)
+    }
+
+    /// Merged latency histogram (embedded) or the services' own summaries
+    /// (external: counts add up, quantiles are the worst service's).
+    async fn latency(
+        &self,
+    ) -> anyhow::Result<(Option<hdrhistogram::Histogram<u64>>, LatencySummary)> {
+        match self {
+            Target::Embedded(engines) => {
+                let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000, 3)?;
+                for e in engines {
+                    h.add(e.latency_histogram())?;
+                }
+                let s = Latency::summarize(&h);
+                Ok((Some(h), s))
+            }
+            Target::External { http, apis } => {
+                let mut s = LatencySummary::default();
+                for api in apis {
+                    let v: serde_json::Value = http
+                        .get(format!("{api}/v1/stats"))
+                        .send()
+                        .await?
+                        .json()
+                        .await?;
+                    let l: LatencySummary = serde_json::from_value(v["latency"].clone())?;
+                    s.count += l.count;
+                    s.p50_ms = s.p50_ms.max(l.p50_ms);
+                    s.p95_ms = s.p95_ms.max(l.p95_ms);
+                    s.p99_ms = s.p99_ms.max(l.p99_ms);
+                    s.max_ms = s.max_ms.max(l.max_ms);
+                }
+                Ok((None, s))
+            }
+        }
+    }
+
+    async fn stop(&self) {
+        if let Target::Embedded(engines) = self {
+            for e in engines {
+                e.shutdown(Duration::from_secs(30)).await;
+            }
+        }
+    }
+}
+
+/// Waits up to two minutes for a service's `/health/ready`.
+async fn wait_ready(http: &reqwest::Client, api: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match http.get(format!("{api}/health/ready")).send().await {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            _ if Instant::now() > deadline => bail!("{api} did not become ready within 120s"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 /// The end-to-end run.
-async fn end_to_end(sc: &Scenario, ns: &str) -> anyhow::Result<Run> {
-    let engines = start_engines(sc, ns, true).await?;
-    let redis = engines[0].redis().clone();
-    let mongo = engines[0].mongo().clone();
+async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Result<Run> {
+    let target = match &sc.external {
+        Some(ext) if sc.mode == "external" => Target::External {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()?,
+            apis: ext
+                .apis
+                .iter()
+                .map(|a| a.trim_end_matches('/').to_string())
+                .collect(),
+        },
+        _ => Target::Embedded(start_engines(sc, ns, true).await?),
+    };
+    if let Target::External { http, apis } = &target {
+        for api in apis {
+            wait_ready(http, api).await?;
+        }
+    }
+    let redis = RedisStore::connect(&config.redis, config.sync.shards).await?;
+    let mongo = MongoStore::connect(&config.mongo, "datasync-load").await?;
 
     // Warm-up: the consumer group's first join is not part of the measurement.
+    let applied_at_start = target.observe().await?.stats.events_applied;
     let warm: Vec<ProfileWrite> = (0..64)
         .map(|i| ProfileWrite {
-            user_id: format!("warm{i}"),
+            user_id: format!("warm{i}-{ns}"),
             profile: serde_json::json!({}),
         })
         .collect();
-    engines[0].write_and_mark(&warm).await?;
+    target.mark(0, warm).await?;
     let warm_deadline = Instant::now() + Duration::from_secs(120);
-    while sum_stats(&engines).events_applied < 64 {
+    while target.observe().await?.stats.events_applied < applied_at_start + 64 {
         if Instant::now() > warm_deadline {
             bail!("warm-up changes were not applied within 120s; is the stack up?");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let before = sum_stats(&engines);
-    let mut hist_before = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000, 3)?;
-    for e in &engines {
-        hist_before.add(e.latency_histogram())?;
-    }
+    let before = target.observe().await?.stats;
+    let (hist_before, latency_before) = target.latency().await?;
 
     let total = (sc.users * sc.rounds) as u64;
     let bar = ProgressBar::new(total);
     bar.set_style(ProgressStyle::with_template(
-        "{elapsed_precise} [{bar:40}] {pos}/{len} synced {msg}",
+        "{elapsed_precise} [{bar:40}] {pos}/{len} applied {msg}",
     )?);
     let started = Instant::now();
-    let (_, cpu0) = proc_stats();
+    let cpu0 = target.observe().await?.cpu_seconds;
     let mut rng = StdRng::seed_from_u64(sc.seed);
     let pad = padding(sc.profile_bytes, sc.seed);
+    let user_id = |u: usize| format!("u{u}-{ns}");
 
-    let driver = {
-        let engine = engines[0].clone();
-        let redis = redis.clone();
-        let (users, rounds, legacy_share, rate) = (sc.users, sc.rounds, sc.legacy_share, sc.rate);
-        let mut order: Vec<usize> = (0..users).collect();
-        let mut plan = Vec::with_capacity(rounds);
-        for _ in 0..rounds {
-            order.shuffle(&mut rng);
-            let legacy: Vec<bool> = order
-                .iter()
-                .map(|_| rng.random_bool(legacy_share))
-                .collect();
-            plan.push((order.clone(), legacy));
-        }
-        tokio::spawn(async move {
-            let mut sent = 0u64;
-            for (round, (order, legacy)) in plan.into_iter().enumerate() {
-                for (chunk, flags) in order.chunks(500).zip(legacy.chunks(500)) {
-                    if rate > 0 {
-                        let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
-                        tokio::time::sleep_until(due.into()).await;
-                    }
-                    let mut api = Vec::new();
-                    let mut old = Vec::new();
-                    for (&u, &is_legacy) in chunk.iter().zip(flags) {
-                        let p = serde_json::json!({ "round": round as i64 + 1, "user": u, "pad": &pad });
-                        if is_legacy {
-                            old.push((format!("u{u}"), p.to_string()));
-                        } else {
-                            api.push(ProfileWrite {
-                                user_id: format!("u{u}"),
-                                profile: p,
-                            });
-                        }
-                    }
-                    if !api.is_empty() {
-                        engine.write_and_mark(&api).await?;
-                    }
-                    if !old.is_empty() {
-                        redis.write_profiles(&old).await?;
-                        let ids: Vec<String> = old.into_iter().map(|(u, _)| u).collect();
-                        let _: i64 = redis.client().sadd(redis.keys().legacy(), ids).await?;
-                    }
-                    sent += chunk.len() as u64;
+    let mut plan = Vec::with_capacity(sc.rounds);
+    let mut order: Vec<usize> = (0..sc.users).collect();
+    for _ in 0..sc.rounds {
+        order.shuffle(&mut rng);
+        let legacy: Vec<bool> = order
+            .iter()
+            .map(|_| rng.random_bool(sc.legacy_share))
+            .collect();
+        plan.push((order.clone(), legacy));
+    }
+    let driver_done = std::sync::atomic::AtomicBool::new(false);
+    let driver = async {
+        let mut sent = 0u64;
+        let mut batch_no = 0;
+        for (round, (order, legacy)) in plan.into_iter().enumerate() {
+            for (chunk, flags) in order.chunks(500).zip(legacy.chunks(500)) {
+                if sc.rate > 0 {
+                    let due = started + Duration::from_secs_f64(sent as f64 / sc.rate as f64);
+                    tokio::time::sleep_until(due.into()).await;
                 }
+                let mut api = Vec::new();
+                let mut old = Vec::new();
+                for (&u, &is_legacy) in chunk.iter().zip(flags) {
+                    let p =
+                        serde_json::json!({ "round": round as i64 + 1, "user": u, "pad": &pad });
+                    if is_legacy {
+                        old.push((user_id(u), p.to_string()));
+                    } else {
+                        api.push(ProfileWrite {
+                            user_id: user_id(u),
+                            profile: p,
+                        });
+                    }
+                }
+                if !api.is_empty() {
+                    target.mark(batch_no, api).await?;
+                    batch_no += 1;
+                }
+                if !old.is_empty() {
+                    redis.write_profiles(&old).await?;
+                    let ids: Vec<String> = old.into_iter().map(|(u, _)| u).collect();
+                    let _: i64 = redis.client().sadd(redis.keys().legacy(), ids).await?;
+                }
+                sent += chunk.len() as u64;
             }
-            anyhow::Ok(sent)
-        })
+        }
+        anyhow::Ok(())
+    };
+    let driver = async {
+        let r = driver.await;
+        driver_done.store(true, std::sync::atomic::Ordering::SeqCst);
+        r
     };
 
-    let mut samples = Vec::new();
-    let deadline = started + Duration::from_secs(sc.timeout_secs);
-    let mut last_sample = Instant::now() - Duration::from_secs(1);
-    let mut driver = Some(driver);
-    let mut failures = Vec::new();
-    loop {
-        if let Some(d) = &driver
-            && d.is_finished()
-        {
-            if let Err(e) = driver.take().expect("present").await? {
-                failures.push(format!("driver: {e}"));
-                break;
-            }
-        }
-        let s = sum_stats(&engines);
-        let consumed = s.events_applied + s.stale_skipped + s.poison_events + s.apply_failures;
-        let done_applied = s.events_applied - before.events_applied;
-        bar.set_position((done_applied).min(total));
-        bar.set_message(format!(
-            "published {} applied {}",
-            s.events_published - before.events_published,
-            done_applied
-        ));
-        if last_sample.elapsed() >= Duration::from_millis(500) {
-            last_sample = Instant::now();
-            let (rss, _) = proc_stats();
+    let watcher = async {
+        let mut samples = Vec::new();
+        let deadline = started + Duration::from_secs(sc.timeout_secs);
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            let o = target.observe().await?;
+            let s = o.stats;
+            let applied = s.events_applied - before.events_applied;
+            bar.set_position(applied.min(total));
+            bar.set_message(format!(
+                "| published {}",
+                s.events_published - before.events_published
+            ));
             samples.push(Sample {
                 t_s: started.elapsed().as_secs_f64(),
                 marked: s.flags_marked - before.flags_marked,
                 scanned: s.flags_scanned - before.flags_scanned,
                 published: s.events_published - before.events_published,
-                applied: done_applied,
-                rss_mb: rss,
+                applied,
+                rss_mb: o.rss_mb,
                 cpu_percent: 0.0,
             });
-        }
-        if driver.is_none()
-            && consumed >= s.events_published
-            && pending(&engines, &redis).await? == 0
-        {
-            // Everything flagged was published and everything published consumed.
-            let again = sum_stats(&engines);
-            if again.events_published == s.events_published {
-                break;
+            let consumed = s.events_applied + s.stale_skipped + s.poison_events + s.apply_failures;
+            // Done once the driver has flagged everything, no flag is left, and
+            // every published event was consumed (applied, stale, or failed).
+            let marked_all = driver_done.load(std::sync::atomic::Ordering::SeqCst);
+            if marked_all && consumed >= s.events_published && pending(&redis).await? == 0 {
+                let again = target.observe().await?.stats;
+                if again.events_published == s.events_published {
+                    return anyhow::Ok((samples, None));
+                }
+            }
+            if Instant::now() > deadline {
+                return Ok((
+                    samples,
+                    Some(format!("did not drain within {}s", sc.timeout_secs)),
+                ));
             }
         }
-        if Instant::now() > deadline {
-            failures.push(format!("did not drain within {}s", sc.timeout_secs));
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
+    let (driven, watched) = tokio::join!(driver, watcher);
+    let (samples, timeout) = watched?;
     let seconds = started.elapsed().as_secs_f64();
-    let (rss, cpu1) = proc_stats();
     bar.finish_and_clear();
-    samples.push(Sample {
-        t_s: seconds,
-        marked: sum_stats(&engines).flags_marked - before.flags_marked,
-        applied: sum_stats(&engines).events_applied - before.events_applied,
-        published: sum_stats(&engines).events_published - before.events_published,
-        scanned: sum_stats(&engines).flags_scanned - before.flags_scanned,
-        rss_mb: rss,
-        cpu_percent: 0.0,
-    });
-    let after = sum_stats(&engines);
-
-    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000, 3)?;
-    for e in &engines {
-        hist.add(e.latency_histogram())?;
+    let mut failures: Vec<String> = timeout.into_iter().collect();
+    if let Err(e) = driven {
+        failures.push(format!("driver: {e}"));
     }
-    hist.subtract(&hist_before)?;
-    let step = (hist.max() / 50).max(1);
-    let latency_buckets = hist
-        .iter_linear(step)
-        .map(|v| (v.value_iterated_to(), v.count_since_last_iteration()))
-        .collect();
+    let end = target.observe().await?;
+    let after = end.stats;
 
+    let (hist, mut latency) = target.latency().await?;
+    let mut latency_buckets = Vec::new();
+    match (hist, hist_before) {
+        (Some(mut h), Some(b)) => {
+            h.subtract(&b)?;
+            latency = Latency::summarize(&h);
+            let step = (h.max() / 50).max(1);
+            latency_buckets = h
+                .iter_linear(step)
+                .map(|v| (v.value_iterated_to(), v.count_since_last_iteration()))
+                .collect();
+        }
+        _ => latency.count -= latency_before.count.min(latency.count),
+    }
+
+    let ours = format!("^u[0-9]+-{ns}$");
     let documents = mongo
         .collection()
-        .count_documents(doc! { "userId": { "$regex": "^u" } })
+        .count_documents(doc! { "userId": { "$regex": &ours } })
         .await?;
     let last_round = mongo
         .collection()
-        .count_documents(doc! { "dynamicProfile.round": sc.rounds as i64 })
+        .count_documents(
+            doc! { "userId": { "$regex": &ours }, "dynamicProfile.round": sc.rounds as i64 },
+        )
         .await?;
     for (what, n) in [
         ("load failures", after.load_failures - before.load_failures),
@@ -366,9 +490,7 @@ async fn end_to_end(sc: &Scenario, ns: &str) -> anyhow::Result<Run> {
             failures.push(format!("{n} {what}"));
         }
     }
-    for e in &engines {
-        e.shutdown(Duration::from_secs(30)).await;
-    }
+    target.stop().await;
     Ok(Run {
         changes: total,
         seconds,
@@ -378,10 +500,10 @@ async fn end_to_end(sc: &Scenario, ns: &str) -> anyhow::Result<Run> {
         stale_or_superseded: after.stale_skipped - before.stale_skipped,
         already_applied_skips: after.already_applied - before.already_applied,
         failures,
-        latency: Latency::summarize(&hist),
+        latency,
         latency_buckets,
-        peak_rss_mb: samples.iter().map(|s| s.rss_mb).fold(0.0, f64::max),
-        mean_cpu_percent: (cpu1 - cpu0) / seconds * 100.0,
+        peak_rss_mb: samples.iter().map(|s| s.rss_mb).fold(end.rss_mb, f64::max),
+        mean_cpu_percent: (end.cpu_seconds - cpu0) / seconds * 100.0,
         documents,
         verified: documents == sc.users as u64 && last_round == sc.users as u64,
         samples,
@@ -420,7 +542,7 @@ async fn main() -> anyhow::Result<()> {
         report.publish_only = Some(publish_only(&sc, &ns).await?);
     }
     eprintln!("end to end: {} users × {} rounds…", sc.users, sc.rounds);
-    report.run = end_to_end(&sc, &ns).await?;
+    report.run = end_to_end(&sc, &ns, &config).await?;
     report.compute_ratios();
 
     let dir = cli.out.join(&ns);

@@ -47,9 +47,21 @@ pub struct Scenario {
     /// Give up waiting for the run to drain after this many seconds.
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
-    /// Engine config overrides, as in a `--config` file.
+    /// Engine config overrides, as in a `--config` file. In external mode they
+    /// must describe the running processes' keys, topics and collection.
     #[serde(default)]
     pub engine: toml::Table,
+    /// With `mode = "external"`: the running services to drive.
+    #[serde(default)]
+    pub external: Option<External>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct External {
+    /// Base URLs of the running `datasync` services' HTTP APIs; changes are
+    /// spread over them round-robin and their `/v1/stats` are summed.
+    pub apis: Vec<String>,
 }
 
 fn one<T: From<u8>>() -> T {
@@ -99,10 +111,19 @@ impl Scenario {
         if self.instances == 0 {
             problems.push("instances: must be at least 1");
         }
-        if self.mode != "embedded" {
-            problems.push(
-                "mode: only \"embedded\" is implemented; \"external\" is not implemented yet",
-            );
+        match self.mode.as_str() {
+            "embedded" => {}
+            "external" => {
+                if self.external.as_ref().is_none_or(|e| e.apis.is_empty()) {
+                    problems.push("external.apis: external mode needs at least one API URL");
+                }
+                if self.publish_only_users > 0 {
+                    problems.push(
+                        "publish_only_users: the publish-only phase starts its own engines; use 0 in external mode",
+                    );
+                }
+            }
+            _ => problems.push("mode: must be \"embedded\" or \"external\""),
         }
         if !problems.is_empty() {
             bail!(
