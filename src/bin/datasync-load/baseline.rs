@@ -60,6 +60,8 @@ async fn seed_loop(
     let mut k = config.kafka.clone();
     k.dynamic_topic = format!("{}-seed", config.kafka.dynamic_topic);
     k.static_topic = format!("{}-seed-s", config.kafka.dynamic_topic);
+    // The seed sends one record and waits for its ack: no batching delay.
+    k.linger = Duration::ZERO;
     kafka::ensure_topics(&k).await?;
     let producer = kafka::producer(&k, "datasync-load-seed")?;
     let mut m = config.mongo.clone();

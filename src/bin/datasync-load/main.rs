@@ -113,12 +113,24 @@ async fn pending(redis: &RedisStore) -> anyhow::Result<u64> {
     Ok(n + legacy + draining)
 }
 
-/// The publish stage alone: flags are set up first, then engines without an
-/// applier drain them; timed from start to no flag left.
+/// The publish stage alone: engines without an applier and with no scheduled
+/// scan are started, the flags are set up, then one on-demand scan cycle per
+/// engine is timed until no flag is left.
 async fn publish_only(sc: &Scenario, ns: &str) -> anyhow::Result<PublishOnly> {
     let ns = format!("{ns}-pub");
-    let config = engine_config(sc, &ns, 0)?;
-    let redis = RedisStore::connect(&config.redis, config.sync.shards).await?;
+    let mut sc = sc.clone();
+    sc.engine
+        .entry("sync")
+        .or_insert_with(|| toml::Value::Table(Default::default()));
+    if let Some(t) = sc
+        .engine
+        .get_mut("sync")
+        .and_then(toml::Value::as_table_mut)
+    {
+        t.insert("interval".into(), toml::Value::String("1h".into()));
+    }
+    let engines = start_engines(&sc, &ns, false).await?;
+    let redis = engines[0].redis().clone();
     let users: Vec<String> = (0..sc.publish_only_users)
         .map(|i| format!("p{i}"))
         .collect();
@@ -136,7 +148,7 @@ async fn publish_only(sc: &Scenario, ns: &str) -> anyhow::Result<PublishOnly> {
         redis.mark(chunk).await?;
     }
     let started = Instant::now();
-    let engines = start_engines(sc, &ns, false).await?;
+    let reports = futures::future::try_join_all(engines.iter().map(|e| e.scan_now())).await?;
     let deadline = started + Duration::from_secs(sc.timeout_secs);
     while pending(&redis).await? > 0 {
         if Instant::now() > deadline {
@@ -145,11 +157,18 @@ async fn publish_only(sc: &Scenario, ns: &str) -> anyhow::Result<PublishOnly> {
                 sc.timeout_secs
             );
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let published: u64 = reports.iter().map(|r| r.published).sum();
     for e in &engines {
         e.shutdown(Duration::from_secs(30)).await;
+    }
+    if published < users.len() as u64 {
+        bail!(
+            "publish-only phase published {published} of {} flags",
+            users.len()
+        );
     }
     Ok(PublishOnly {
         users: users.len(),
