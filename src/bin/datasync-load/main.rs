@@ -236,12 +236,7 @@ impl Target {
             }
             Target::External { http, apis } => {
                 for api in apis {
-                    let v: serde_json::Value = http
-                        .get(format!("{api}/v1/stats"))
-                        .send()
-                        .await?
-                        .json()
-                        .await?;
+                    let v = service_stats(http, api).await?;
                     o.stats += serde_json::from_value::<StatsSnapshot>(v["engine"].clone())?;
                     let p: ProcessUsage = serde_json::from_value(v["process"].clone())?;
                     o.rss_mb += p.rss_mb;
@@ -269,12 +264,7 @@ impl Target {
             Target::External { http, apis } => {
                 let mut s = LatencySummary::default();
                 for api in apis {
-                    let v: serde_json::Value = http
-                        .get(format!("{api}/v1/stats"))
-                        .send()
-                        .await?
-                        .json()
-                        .await?;
+                    let v = service_stats(http, api).await?;
                     let l: LatencySummary = serde_json::from_value(v["latency"].clone())?;
                     s.count += l.count;
                     s.p50_ms = s.p50_ms.max(l.p50_ms);
@@ -294,6 +284,17 @@ impl Target {
             }
         }
     }
+}
+
+/// A running service's `GET /v1/stats`.
+async fn service_stats(http: &reqwest::Client, api: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(http
+        .get(format!("{api}/v1/stats"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
 }
 
 /// Waits up to two minutes for a service's `/health/ready`.
