@@ -24,6 +24,10 @@ pub struct PublishOnly {
     pub users: usize,
     pub seconds: f64,
     pub flags_per_s: f64,
+    /// RSS with every flag pending, before the scan started.
+    pub rss_before_mb: f64,
+    /// Peak RSS while the flags drained.
+    pub peak_rss_mb: f64,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -125,8 +129,8 @@ impl Report {
         if let Some(p) = &self.publish_only {
             let _ = writeln!(
                 s,
-                "publish only  {} flags in {:.2}s = {:.0} flags/s",
-                p.users, p.seconds, p.flags_per_s
+                "publish only  {} flags in {:.2}s = {:.0} flags/s | RSS {:.0} MB pending, peak {:.0} MB",
+                p.users, p.seconds, p.flags_per_s, p.rss_before_mb, p.peak_rss_mb
             );
         }
         let _ = writeln!(
