@@ -6,6 +6,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 eval "$(scripts/stack.sh up)"
 export RUST_BACKTRACE=1
 # The benches run once each as smoke tests first, so the suite's last lines are
-# the integration tests' results.
+# the integration tests' results (the library has no doc tests).
 cargo test --benches --locked "$@"
-cargo test --locked "$@"
+cargo test --lib --bins --tests --locked "$@"
