@@ -16,6 +16,10 @@ pub struct Scenario {
     /// Each round changes every user once, in a seeded random order.
     #[serde(default = "one")]
     pub rounds: usize,
+    /// With `rate`: run for about this long instead of a fixed number of rounds
+    /// (rounds = rate × duration / users, at least one).
+    #[serde(default)]
+    pub duration_secs: Option<u64>,
     /// Target changes per second; 0 = as fast as the engine takes them.
     #[serde(default)]
     pub rate: u64,
@@ -87,9 +91,12 @@ impl Scenario {
     pub fn load(path: &Path) -> anyhow::Result<Scenario> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        let s: Scenario =
+        let mut s: Scenario =
             toml::from_str(&text).with_context(|| format!("scenario {}", path.display()))?;
         s.validate()?;
+        if let Some(d) = s.duration_secs {
+            s.rounds = ((s.rate * d) as usize / s.users).max(1);
+        }
         Ok(s)
     }
 
@@ -97,6 +104,11 @@ impl Scenario {
         let mut problems = Vec::new();
         if self.users == 0 {
             problems.push("users: must be at least 1");
+        }
+        if self.duration_secs.is_some() && self.rate == 0 {
+            problems.push(
+                "duration_secs: needs a rate above 0 (as fast as possible has no fixed duration)",
+            );
         }
         if self.rounds == 0 {
             problems.push("rounds: must be at least 1");
