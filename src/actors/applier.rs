@@ -148,27 +148,81 @@ pub struct ConsumerLoop {
     pub cancel: CancellationToken,
 }
 
+/// A window whose write is under way in the MongoApplier.
+struct InFlight {
+    window: Vec<Record>,
+    changes: Arc<Vec<Change>>,
+    request: std::pin::Pin<Box<actix::dev::Request<MongoApplier, ApplyWindow>>>,
+}
+
+type WriteResult = Result<Result<Vec<Outcome>, MongoError>, actix::MailboxError>;
+
 impl ConsumerLoop {
+    /// Gathers the next window while the previous one is being written (two
+    /// windows at most), and finishes windows strictly in order, so offsets are
+    /// committed in order and never past an unwritten window.
     pub async fn run(self) {
+        let mut in_flight: Option<InFlight> = None;
         loop {
-            let Some(window) = self.next_window().await else {
-                break;
+            let window = match in_flight.as_mut() {
+                None => match self.next_window().await {
+                    Some(w) => w,
+                    None => break,
+                },
+                Some(f) => {
+                    let mut done: Option<WriteResult> = None;
+                    let mut first = None;
+                    tokio::select! {
+                        biased;
+                        r = &mut f.request => done = Some(r),
+                        _ = self.cancel.cancelled() => {}
+                        m = self.consumer.recv() => first = Some(m),
+                    }
+                    if let Some(r) = done {
+                        let f = in_flight.take().expect("in flight");
+                        if !self.finish(f, r).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    match first {
+                        Some(m) => self.gather(m).await,
+                        None => break, // stopping: finish what is in flight below
+                    }
+                }
             };
-            if !self.apply_and_commit(&window).await {
-                break;
+            let next = self.submit(window);
+            if let Some(mut f) = in_flight.take() {
+                let r = (&mut f.request).await;
+                if !self.finish(f, r).await {
+                    return;
+                }
             }
+            in_flight = Some(next);
+        }
+        if let Some(mut f) = in_flight.take() {
+            let r = (&mut f.request).await;
+            self.finish(f, r).await;
         }
         tracing::info!("mongo applier stopped");
     }
 
-    /// Waits for a first record, then gathers until the window is full or its
-    /// time is up. `None` once the engine stops.
+    /// Waits for a first record, then gathers a window. `None` once the engine
+    /// stops.
     async fn next_window(&self) -> Option<Vec<Record>> {
-        let mut window = Vec::new();
         let first = tokio::select! {
             _ = self.cancel.cancelled() => return None,
             m = self.consumer.recv() => m,
         };
+        Some(self.gather(first).await)
+    }
+
+    /// Gathers from `first` until the window is full or its time is up.
+    async fn gather(
+        &self,
+        first: Result<rdkafka::message::BorrowedMessage<'_>, rdkafka::error::KafkaError>,
+    ) -> Vec<Record> {
+        let mut window = Vec::new();
         self.push(&mut window, first);
         let deadline = tokio::time::Instant::now() + self.config.window_max_wait;
         while window.len() < self.config.window_max_events {
@@ -177,7 +231,7 @@ impl ConsumerLoop {
                 m = self.consumer.recv() => self.push(&mut window, m),
             }
         }
-        Some(window)
+        window
     }
 
     fn push(
@@ -196,10 +250,9 @@ impl ConsumerLoop {
         }
     }
 
-    /// Returns false when the engine stopped before the window was written (its
-    /// offsets stay uncommitted, so the next start applies it).
-    async fn apply_and_commit(&self, window: &[Record]) -> bool {
-        let collapsed = collapse(window);
+    /// Collapses a window and hands it to the MongoApplier.
+    fn submit(&self, window: Vec<Record>) -> InFlight {
+        let collapsed = collapse(&window);
         for (record, err) in &collapsed.poison {
             self.stats.poison(&format!(
                 "{}[{}]@{}: {err}",
@@ -210,9 +263,26 @@ impl ConsumerLoop {
             self.stats.stale(section_label(*section), *n);
         }
         let changes = Arc::new(collapsed.changes);
+        let request = Box::pin(self.applier.send(ApplyWindow(changes.clone())));
+        InFlight {
+            window,
+            changes,
+            request,
+        }
+    }
+
+    /// Waits for a window's write (retrying it until it succeeds), records the
+    /// outcomes and commits its offsets. Returns false when the engine stopped
+    /// before the window was written (its offsets stay uncommitted, so the next
+    /// start applies it).
+    async fn finish(&self, f: InFlight, first: WriteResult) -> bool {
+        let InFlight {
+            window, changes, ..
+        } = f;
+        let mut result = first;
         let mut delay = Duration::from_millis(100);
         let outcomes = loop {
-            match self.applier.send(ApplyWindow(changes.clone())).await {
+            match result {
                 Ok(Ok(o)) => break o,
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, retry_in = ?delay, "window not written; retrying")
@@ -226,6 +296,7 @@ impl ConsumerLoop {
                 _ = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(Duration::from_secs(10));
+            result = self.applier.send(ApplyWindow(changes.clone())).await;
         };
 
         let now_ms = crate::actors::publisher::now_ms();
@@ -258,7 +329,7 @@ impl ConsumerLoop {
         if let Err(e) = self.cache.record_applied(&known).await {
             tracing::warn!(error = %e, "cannot update the applied-version cache");
         }
-        self.commit(window);
+        self.commit(&window);
         true
     }
 
