@@ -106,22 +106,16 @@ impl AppliedCache {
             return Ok(out);
         }
 
-        let l2 = futures::future::try_join_all(misses.iter().map(|(&shard, users)| async move {
-            let s = self
-                .redis
-                .applied_versions(shard, users, Section::Static)
-                .await?;
-            let d = self
-                .redis
-                .applied_versions(shard, users, Section::Dynamic)
-                .await?;
-            Ok::<_, RedisError>((s, d))
-        }))
+        let l2 = futures::future::try_join_all(
+            misses
+                .iter()
+                .map(|(&shard, users)| self.redis.applied_versions(shard, users)),
+        )
         .await?;
         let mut from_mongo = Vec::new();
-        for ((_, users), (s, d)) in misses.iter().zip(l2) {
-            for (i, u) in users.iter().enumerate() {
-                match (s[i], d[i]) {
+        for ((_, users), versions) in misses.iter().zip(l2) {
+            for (u, known) in users.iter().zip(versions) {
+                match known {
                     (None, None) => from_mongo.push(*u),
                     (s, d) => {
                         let v = (s.unwrap_or(0), d.unwrap_or(0));

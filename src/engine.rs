@@ -205,11 +205,11 @@ impl Engine {
 
     /// Flags still pending in the shards this engine owns.
     pub async fn pending_flags(&self) -> Result<u64, EngineError> {
-        let mut n = 0;
-        for &s in &self.inner.pipeline.shards {
-            n += self.inner.redis.count_flags(s).await?;
-        }
-        Ok(n)
+        Ok(self
+            .inner
+            .redis
+            .count_flags(self.inner.pipeline.shards.iter().copied())
+            .await?)
     }
 
     pub fn cache_stats(&self) -> CacheStats {

@@ -249,9 +249,17 @@ impl RedisStore {
         Ok(raw.into_iter().map(|(u, s)| (u, s as i64)).collect())
     }
 
-    /// How many flags a shard holds.
-    pub async fn count_flags(&self, shard: u32) -> Result<u64, RedisError> {
-        Ok(self.client().zcard(self.keys.dirty(shard)).await?)
+    /// How many flags the given shards hold, in one pipeline.
+    pub async fn count_flags(
+        &self,
+        shards: impl IntoIterator<Item = u32>,
+    ) -> Result<u64, RedisError> {
+        let pipe = self.client().pipeline();
+        for shard in shards {
+            let _: () = pipe.zcard(self.keys.dirty(shard)).await?;
+        }
+        let counts: Vec<u64> = pipe.all().await?;
+        Ok(counts.into_iter().sum())
     }
 
     /// Loads profiles: one pipeline of GETs, then one of HGETALLs for the keys
@@ -328,23 +336,30 @@ impl RedisStore {
             .await?)
     }
 
-    /// L2: the applied versions of `section` for users of one shard (`None` =
-    /// unknown).
+    /// L2: the applied `(static, dynamic)` versions of users of one shard, in one
+    /// HMGET (`None` = unknown).
     pub async fn applied_versions(
         &self,
         shard: u32,
         users: &[&str],
-        section: Section,
-    ) -> Result<Vec<Option<i64>>, RedisError> {
+    ) -> Result<Vec<(Option<i64>, Option<i64>)>, RedisError> {
         if users.is_empty() {
             return Ok(vec![]);
         }
-        let fields: Vec<String> = users.iter().map(|u| applied_field(u, section)).collect();
+        let fields: Vec<String> = users
+            .iter()
+            .flat_map(|u| {
+                [
+                    applied_field(u, Section::Static),
+                    applied_field(u, Section::Dynamic),
+                ]
+            })
+            .collect();
         let raw: Vec<Option<i64>> = self
             .client()
             .hmget(self.keys.applied(shard), fields)
             .await?;
-        Ok(raw)
+        Ok(raw.chunks(2).map(|p| (p[0], p[1])).collect())
     }
 
     /// L2: raises the applied versions of one shard.

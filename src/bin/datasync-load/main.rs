@@ -104,10 +104,7 @@ async fn start_engines(sc: &Scenario, ns: &str, applier: bool) -> anyhow::Result
 
 /// Flags not yet published: every shard's, plus the legacy set and its draining set.
 async fn pending(redis: &RedisStore) -> anyhow::Result<u64> {
-    let mut n = 0;
-    for s in 0..redis.shards() {
-        n += redis.count_flags(s).await?;
-    }
+    let n = redis.count_flags(0..redis.shards()).await?;
     let legacy: u64 = redis.client().scard(redis.keys().legacy()).await?;
     let draining: u64 = redis.client().scard(redis.keys().legacy_draining()).await?;
     Ok(n + legacy + draining)
