@@ -219,6 +219,11 @@ impl Engine {
     /// Flags users whose profiles are already in Redis.
     pub async fn mark_dirty(&self, user_ids: &[String]) -> Result<Vec<Marked>, EngineError> {
         validate_user_ids(user_ids.iter().map(String::as_str))?;
+        self.mark_valid(user_ids).await
+    }
+
+    /// Flags users whose ids were already validated.
+    async fn mark_valid(&self, user_ids: &[String]) -> Result<Vec<Marked>, EngineError> {
         let marked = self.inner.redis.mark(user_ids).await?;
         self.inner.stats.flags_marked(marked.len() as u64);
         Ok(marked
@@ -243,7 +248,7 @@ impl Engine {
         }
         self.inner.redis.write_profiles(&writes).await?;
         let ids: Vec<String> = users.iter().map(|u| u.user_id.clone()).collect();
-        self.mark_dirty(&ids).await
+        self.mark_valid(&ids).await
     }
 
     /// Runs one scan cycle now and reports what it did.
