@@ -30,6 +30,15 @@ pub enum CacheError {
     Mongo(#[from] MongoError),
 }
 
+impl crate::retry::Retryable for CacheError {
+    fn is_retryable(&self) -> bool {
+        match self {
+            CacheError::Redis(e) => e.is_retryable(),
+            CacheError::Mongo(e) => e.is_retryable(),
+        }
+    }
+}
+
 /// Applied versions per user: `(static, dynamic)`.
 #[derive(Clone)]
 pub struct AppliedCache {

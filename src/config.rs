@@ -67,6 +67,8 @@ pub struct Config {
     pub applier: ApplierConfig,
     pub cache: CacheConfig,
     pub http: HttpConfig,
+    pub retry: crate::retry::RetryConfig,
+    pub dlq: DlqConfig,
     pub shutdown: ShutdownConfig,
     pub telemetry: TelemetryConfig,
 }
@@ -168,6 +170,7 @@ pub struct MailboxConfig {
     pub resolver: usize,
     pub publisher: usize,
     pub applier: usize,
+    pub dlq: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -202,6 +205,16 @@ pub struct HttpConfig {
     pub max_users_per_request: usize,
     /// Bearer token for admin endpoints; empty disables them.
     pub admin_token: Secret,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct DlqConfig {
+    /// How often dead letters parked in Redis (while Kafka was unreachable) are
+    /// forwarded to the DLQ topic, and the open-entries gauge refreshed.
+    #[serde(with = "humantime_serde")]
+    pub forward_interval: Duration,
+    /// Most entries `GET /v1/dlq` returns when no limit is given.
+    pub list_limit: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -358,6 +371,7 @@ impl Config {
             ("mailbox.resolver", self.mailbox.resolver),
             ("mailbox.publisher", self.mailbox.publisher),
             ("mailbox.applier", self.mailbox.applier),
+            ("mailbox.dlq", self.mailbox.dlq),
         ] {
             need(v >= 1, &format!("{k}: must be at least 1"));
         }
@@ -395,6 +409,12 @@ impl Config {
             matches!(self.telemetry.log_format.as_str(), "text" | "json"),
             "telemetry.log_format: must be \"text\" or \"json\"",
         );
+        need(
+            !self.dlq.forward_interval.is_zero(),
+            "dlq.forward_interval: must be more than zero",
+        );
+        need(self.dlq.list_limit >= 1, "dlq.list_limit: must be at least 1");
+        self.retry.validate(&mut p);
         p
     }
 

@@ -7,7 +7,9 @@
 
 use crate::{
     actors::{
+        Shared,
         applier::{ConsumerLoop, MongoApplier},
+        dlq::{self, DlqActor, DlqListing, RedriveTarget, Redriven},
         loader::ProfileLoader,
         publisher::{Flush, KafkaPublisher},
         resolver::VersionResolver,
@@ -20,6 +22,8 @@ use crate::{
         redis::{RedisError, RedisStore},
     },
     config::{Config, ShardMode},
+    faults::Faults,
+    health::Health,
     telemetry::{Stats, StatsSnapshot},
 };
 use actix::{Arbiter, Supervisor};
@@ -45,6 +49,8 @@ pub enum EngineError {
     Aborted,
     #[error("invalid input: {0}")]
     Invalid(String),
+    #[error(transparent)]
+    Stage(#[from] crate::actors::StageError),
 }
 
 /// A user to write and flag.
@@ -62,6 +68,14 @@ pub struct Marked {
     pub version: i64,
 }
 
+/// See [`Engine::readiness`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Readiness {
+    /// `ready`, `degraded` or `unavailable`.
+    pub status: &'static str,
+    pub reasons: Vec<String>,
+}
+
 /// A handle to a running engine. Cheap to clone; `Send + Sync`.
 #[derive(Clone)]
 pub struct Engine {
@@ -75,6 +89,8 @@ struct Inner {
     mongo: MongoStore,
     cache: AppliedCache,
     stats: Arc<Stats>,
+    health: Arc<Health>,
+    faults: Arc<Faults>,
     cancel: CancellationToken,
     pipeline: Arc<Pipeline>,
     scanner: actix::Addr<ShardScanner>,
@@ -120,25 +136,25 @@ impl Engine {
         }
         crate::telemetry::prometheus();
         let instance_id = config.instance_id();
-        let stats = Arc::new(Stats::default());
-        let cancel = CancellationToken::new();
+        let shared = Shared {
+            stats: Arc::new(Stats::default()),
+            health: Arc::new(Health::new()),
+            retry: config.retry.clone(),
+            cancel: CancellationToken::new(),
+            faults: Arc::new(Faults::default()),
+            instance_id: instance_id.clone(),
+        };
         let hold = Arc::new(RwLock::new(()));
 
         let (tx, rx) = oneshot::channel();
         let thread = {
-            let (config, instance_id, stats, cancel, hold) = (
-                config.clone(),
-                instance_id.clone(),
-                stats.clone(),
-                cancel.clone(),
-                hold.clone(),
-            );
+            let (config, shared, hold) = (config.clone(), shared.clone(), hold.clone());
             std::thread::Builder::new()
                 .name("datasync-actors".into())
                 .spawn(move || {
                     let system = actix::System::new();
                     let ok = system.block_on(async move {
-                        let started = start_actors(config, instance_id, stats, cancel, hold).await;
+                        let started = start_actors(config, shared, hold).await;
                         let ok = started.is_ok();
                         let _ = tx.send(started);
                         ok
@@ -164,8 +180,10 @@ impl Engine {
                 redis: started.redis,
                 mongo: started.mongo,
                 cache: started.cache,
-                stats,
-                cancel,
+                stats: shared.stats,
+                health: shared.health,
+                faults: shared.faults,
+                cancel: shared.cancel,
                 pipeline: started.pipeline,
                 scanner: started.scanner,
                 publisher: started.publisher,
@@ -267,23 +285,62 @@ impl Engine {
         PublishHold(self.inner.hold.clone().write_owned().await)
     }
 
-    /// Redis and MongoDB both answer.
-    pub async fn ready(&self) -> Result<(), String> {
-        let mut problems = Vec::new();
+    /// Whether this instance can take requests. Redis is what the mark API
+    /// needs, so without it (or while stopping) the instance is unavailable.
+    /// Kafka or MongoDB down only degrades it: flags are still accepted and wait
+    /// in Redis while the scanner is paused.
+    pub async fn readiness(&self) -> Readiness {
+        let mut unavailable = Vec::new();
         if let Err(e) = self.inner.redis.ping().await {
-            problems.push(format!("redis: {e}"));
-        }
-        if let Err(e) = self.inner.mongo.ping().await {
-            problems.push(format!("mongodb: {e}"));
+            unavailable.push(format!("redis: {e}"));
         }
         if self.inner.cancel.is_cancelled() {
-            problems.push("shutting down".into());
+            unavailable.push("shutting down".into());
         }
-        if problems.is_empty() {
-            Ok(())
+        let mut degraded = self.inner.health.problems();
+        if !self.inner.health.is_down(crate::health::Backend::Mongo)
+            && let Err(e) = self.inner.mongo.ping().await
+        {
+            degraded.push(format!("mongodb: {e}"));
+        }
+        let status = if !unavailable.is_empty() {
+            "unavailable"
+        } else if !degraded.is_empty() {
+            "degraded"
         } else {
-            Err(problems.join("; "))
+            "ready"
+        };
+        unavailable.extend(degraded);
+        Readiness {
+            status,
+            reasons: unavailable,
         }
+    }
+
+    /// Backend outages seen and over since start, oldest first.
+    pub fn outages(&self) -> Vec<crate::health::Outage> {
+        self.inner.health.outages()
+    }
+
+    /// Open dead letters (up to `limit`) and the number parked for Kafka.
+    pub async fn dlq_list(&self, limit: usize) -> Result<DlqListing, EngineError> {
+        Ok(dlq::list(&self.inner.redis, limit).await?)
+    }
+
+    /// Re-flags the users of open dead letters and closes their entries.
+    pub async fn dlq_redrive(&self, target: RedriveTarget) -> Result<Redriven, EngineError> {
+        if let RedriveTarget::Users(ids) = &target {
+            validate_user_ids(ids.iter().map(String::as_str))?;
+        }
+        let r = dlq::redrive(&self.inner.redis, target).await?;
+        self.inner.stats.flags_marked(r.redriven.len() as u64);
+        Ok(r)
+    }
+
+    /// Fault switches for tests and drills (see [`crate::faults`]).
+    #[doc(hidden)]
+    pub fn faults(&self) -> &Faults {
+        &self.inner.faults
     }
 
     /// Stops gracefully: no new scans, in-flight pages finish, the producer
@@ -341,17 +398,15 @@ fn validate_user_ids<'a>(ids: impl Iterator<Item = &'a str>) -> Result<(), Engin
 
 async fn start_actors(
     config: Config,
-    instance_id: String,
-    stats: Arc<Stats>,
-    cancel: CancellationToken,
+    shared: Shared,
     hold: Arc<RwLock<()>>,
 ) -> Result<Started, EngineError> {
     let redis = RedisStore::connect(&config.redis, config.sync.shards).await?;
-    let mongo = MongoStore::connect(&config.mongo, &instance_id).await?;
+    let mongo = MongoStore::connect(&config.mongo, &shared.instance_id).await?;
     if config.kafka.create_topics {
         kafka::ensure_topics(&config.kafka).await?;
     }
-    let producer = kafka::producer(&config.kafka, &instance_id)?;
+    let producer = kafka::producer(&config.kafka, &shared.instance_id)?;
     let cache = AppliedCache::new(
         config.cache.l1_capacity,
         config.cache.l1_ttl,
@@ -361,31 +416,37 @@ async fn start_actors(
     let mb = config.mailbox.clone();
 
     let loader = {
-        let redis = redis.clone();
+        let (redis, shared) = (redis.clone(), shared.clone());
         Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
             ctx.set_mailbox_capacity(mb.loader);
-            ProfileLoader::new(redis)
+            ProfileLoader::new(redis, shared)
         })
     };
     let resolver = {
-        let cache = cache.clone();
+        let (cache, shared) = (cache.clone(), shared.clone());
         Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
             ctx.set_mailbox_capacity(mb.resolver);
-            VersionResolver::new(cache)
+            VersionResolver::new(cache, shared)
         })
     };
     let publisher = {
-        let (kafka, instance_id, stats) =
-            (config.kafka.clone(), instance_id.clone(), stats.clone());
+        let (kafka, producer, shared) = (config.kafka.clone(), producer.clone(), shared.clone());
         Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
             ctx.set_mailbox_capacity(mb.publisher);
-            KafkaPublisher::new(
-                producer.clone(),
-                &kafka,
-                instance_id.clone(),
-                stats.clone(),
-                hold.clone(),
-            )
+            KafkaPublisher::new(producer, &kafka, shared, hold)
+        })
+    };
+    let dlq = {
+        let (redis, producer, topic, every, shared) = (
+            redis.clone(),
+            producer.clone(),
+            config.kafka.dlq_topic.clone(),
+            config.dlq.forward_interval,
+            shared.clone(),
+        );
+        Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
+            ctx.set_mailbox_capacity(mb.dlq);
+            DlqActor::new(redis, producer, topic, every, shared)
         })
     };
     let pipeline = Arc::new(Pipeline {
@@ -393,22 +454,25 @@ async fn start_actors(
         loader,
         resolver,
         publisher: publisher.clone(),
-        stats: stats.clone(),
+        dlq: dlq.clone(),
+        producer,
+        mongo: mongo.clone(),
+        dynamic_topic: config.kafka.dynamic_topic.clone(),
+        shared: shared.clone(),
         sync: config.sync.clone(),
         shards: owned_shards(&config),
-        cancel: cancel.clone(),
         cycle_lock: tokio::sync::Mutex::new(()),
     });
     let scanner = {
         let pipeline = pipeline.clone();
         Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
             ctx.set_mailbox_capacity(mb.scanner);
-            ShardScanner::new(pipeline.clone())
+            ShardScanner::new(pipeline)
         })
     };
 
     let applier_done = if config.applier.enabled {
-        let consumer = kafka::consumer(&config.kafka, &instance_id)?;
+        let consumer = kafka::consumer(&config.kafka, &shared.instance_id)?;
         rdkafka::consumer::Consumer::subscribe(
             &consumer,
             &[
@@ -416,20 +480,21 @@ async fn start_actors(
                 config.kafka.dynamic_topic.as_str(),
             ],
         )?;
-        let arbiter = Arbiter::new();
-        let mongo2 = mongo.clone();
-        let applier = Supervisor::start_in_arbiter(&arbiter.handle(), move |ctx| {
-            ctx.set_mailbox_capacity(mb.applier);
-            MongoApplier::new(mongo2.clone())
-        });
+        let applier = {
+            let (mongo, shared) = (mongo.clone(), shared.clone());
+            Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
+                ctx.set_mailbox_capacity(mb.applier);
+                MongoApplier::new(mongo, shared)
+            })
+        };
         let (done_tx, done_rx) = oneshot::channel();
         let consumer_loop = ConsumerLoop {
             consumer,
             applier,
+            dlq,
             cache: cache.clone(),
             config: config.applier.clone(),
-            stats: stats.clone(),
-            cancel: cancel.clone(),
+            shared,
         };
         actix::spawn(async move {
             consumer_loop.run().await;

@@ -1,7 +1,10 @@
 //! The HTTP API (actix-web). Every error answers JSON `{"error": "...", "field": ...}`
 //! with a 4xx for bad input and a 5xx/503 for a backend problem.
 
-use crate::engine::{Engine, EngineError, ProfileWrite};
+use crate::{
+    actors::dlq::RedriveTarget,
+    engine::{Engine, EngineError, ProfileWrite},
+};
 use actix_web::{
     App, HttpRequest, HttpResponse, HttpServer, ResponseError,
     dev::Server,
@@ -131,12 +134,117 @@ async fn live() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "live" }))
 }
 
+/// 200 when ready or degraded (flags are still accepted; the reasons say what
+/// is paused), 503 when unavailable.
 async fn ready(engine: Data<Engine>) -> HttpResponse {
-    match engine.ready().await {
-        Ok(()) => HttpResponse::Ok().json(json!({ "status": "ready" })),
-        Err(reason) => HttpResponse::ServiceUnavailable()
-            .json(json!({ "status": "not ready", "reason": reason })),
+    let r = engine.readiness().await;
+    if r.status == "unavailable" {
+        HttpResponse::ServiceUnavailable().json(r)
+    } else {
+        HttpResponse::Ok().json(r)
     }
+}
+
+/// Checks `Authorization: Bearer <http.admin_token>`.
+fn require_admin(engine: &Engine, req: &HttpRequest) -> Result<(), ApiError> {
+    let token = engine.config().http.admin_token.expose();
+    if token.is_empty() {
+        return Err(ApiError {
+            status: StatusCode::FORBIDDEN,
+            message: "admin endpoints are disabled: set http.admin_token".into(),
+        });
+    }
+    let given = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compare in time independent of where the strings differ.
+    let same = given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: "missing or wrong bearer token".into(),
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DlqQuery {
+    limit: Option<usize>,
+}
+
+async fn dlq_list(
+    engine: Data<Engine>,
+    req: HttpRequest,
+    query: web::Query<DlqQuery>,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&engine, &req)?;
+    let limit = query.limit.unwrap_or(engine.config().dlq.list_limit);
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError::bad_request("limit: must be between 1 and 10000"));
+    }
+    Ok(HttpResponse::Ok().json(engine.dlq_list(limit).await?))
+}
+
+/// `POST /v1/dlq/redrive` body: `{"user_ids": [...]}` or `{"all": true}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedriveRequest {
+    #[serde(default)]
+    user_ids: Option<Vec<String>>,
+    #[serde(default)]
+    all: bool,
+}
+
+async fn dlq_redrive(
+    engine: Data<Engine>,
+    req: HttpRequest,
+    body: Json<RedriveRequest>,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&engine, &req)?;
+    let target = match body.into_inner() {
+        RedriveRequest {
+            user_ids: Some(ids),
+            all: false,
+        } => {
+            let max = engine.config().http.max_users_per_request;
+            if ids.len() > max {
+                return Err(ApiError::bad_request(format!(
+                    "user_ids: more than {max} entries"
+                )));
+            }
+            RedriveTarget::Users(ids)
+        }
+        RedriveRequest {
+            user_ids: None,
+            all: true,
+        } => RedriveTarget::All,
+        _ => {
+            return Err(ApiError::bad_request(
+                "give exactly one of `user_ids` or `\"all\": true`",
+            ));
+        }
+    };
+    let r = engine.dlq_redrive(target).await?;
+    Ok(HttpResponse::Ok().json(json!({
+        "redriven": r.redriven.len(),
+        "versions": r.redriven.iter().map(|(u, v)| json!({"user_id": u, "version": v})).collect::<Vec<_>>(),
+        "not_open": r.not_open,
+    })))
+}
+
+fn query_error(err: actix_web::error::QueryPayloadError, _: &HttpRequest) -> actix_web::Error {
+    ApiError::bad_request(format!("invalid query string: {err}")).into()
 }
 
 async fn metrics() -> HttpResponse {
@@ -151,6 +259,7 @@ async fn stats(engine: Data<Engine>) -> HttpResponse {
         "cache": engine.cache_stats(),
         "latency": crate::telemetry::Latency::summarize(&engine.latency_histogram()),
         "process": crate::telemetry::process_usage(),
+        "outages": engine.outages(),
     }))
 }
 
@@ -168,7 +277,10 @@ pub fn configure(engine: Engine) -> impl FnOnce(&mut web::ServiceConfig) {
         cfg.app_data(Data::new(engine))
             .app_data(JsonConfig::default().limit(limit).error_handler(json_error))
             .route("/v1/sync/dirty", web::post().to(mark_dirty))
+            .app_data(web::QueryConfig::default().error_handler(query_error))
             .route("/v1/stats", web::get().to(stats))
+            .route("/v1/dlq", web::get().to(dlq_list))
+            .route("/v1/dlq/redrive", web::post().to(dlq_redrive))
             .route("/health/live", web::get().to(live))
             .route("/health/ready", web::get().to(ready))
             .route("/metrics", web::get().to(metrics))

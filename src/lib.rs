@@ -29,8 +29,11 @@ pub mod cache;
 pub mod clients;
 pub mod config;
 pub mod engine;
+pub mod faults;
+pub mod health;
 pub mod http;
 pub mod proto;
+pub mod retry;
 pub mod shard;
 pub mod telemetry;
 

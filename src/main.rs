@@ -2,7 +2,10 @@
 //! the configuration and calls [`datasync::run`].
 
 use clap::{Parser, Subcommand};
-use datasync::Config;
+use datasync::{
+    Config,
+    actors::dlq::{self, RedriveTarget},
+};
 use std::{path::PathBuf, process::ExitCode};
 
 #[derive(Parser)]
@@ -28,6 +31,34 @@ enum Command {
     Config {
         #[command(subcommand)]
         action: ConfigAction,
+    },
+    /// Inspect and redrive the dead-letter queue (talks to Redis directly).
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// Print the open dead letters as JSON.
+    List {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Most entries to print.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Re-flag the users of open dead letters so they sync again.
+    Redrive {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Every open dead letter.
+        #[arg(long, conflicts_with = "user_ids")]
+        all: bool,
+        /// The users to redrive.
+        #[arg(required_unless_present = "all")]
+        user_ids: Vec<String>,
     },
 }
 
@@ -92,6 +123,48 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Dlq { action } => {
+            let (config, job) = match action {
+                DlqAction::List { config, limit } => (config, Err(limit)),
+                DlqAction::Redrive {
+                    config,
+                    all,
+                    user_ids,
+                } => (
+                    config,
+                    Ok(if all {
+                        RedriveTarget::All
+                    } else {
+                        RedriveTarget::Users(user_ids)
+                    }),
+                ),
+            };
+            let config = match load(config.as_ref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
+            let result = rt.block_on(async move {
+                let redis =
+                    datasync::clients::redis::RedisStore::connect(&config.redis, config.sync.shards)
+                        .await?;
+                let out = match job {
+                    Err(limit) => serde_json::to_string_pretty(&dlq::list(&redis, limit).await?)?,
+                    Ok(target) => serde_json::to_string_pretty(&dlq::redrive(&redis, target).await?)?,
+                };
+                anyhow::Ok(out)
+            });
+            match result {
+                Ok(out) => {
+                    println!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { config } => {
             let config = match load(config.as_ref()) {
                 Ok(c) => c,

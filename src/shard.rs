@@ -50,6 +50,17 @@ impl Keys {
         format!("{}:applied:{{{shard}}}", self.prefix)
     }
 
+    /// Hash of a shard's open dead letters: user id → JSON entry. An entry goes
+    /// away when the user syncs or is redriven.
+    pub fn dlq(&self, shard: u32) -> String {
+        format!("{}:dlq:{{{shard}}}", self.prefix)
+    }
+
+    /// Stream of dead-letter records waiting for Kafka to come back.
+    pub fn dlq_outbox(&self) -> String {
+        format!("{}:dlq-outbox", self.prefix)
+    }
+
     /// The profile the upstream wrote.
     pub fn profile(&self, user_id: &str) -> String {
         self.profile_template.replace("{id}", user_id)

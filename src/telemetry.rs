@@ -5,7 +5,7 @@
 //! of the same name, with fixed low-cardinality labels — never a user id.
 
 use hdrhistogram::Histogram;
-use metrics::{counter, histogram};
+use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::{
     Mutex, OnceLock,
@@ -27,7 +27,30 @@ pub mod names {
     pub const POISON_EVENTS: &str = "datasync_poison_events_total";
     pub const FLAGS_MARKED: &str = "datasync_flags_marked_total";
     pub const FLAG_TO_APPLIED: &str = "datasync_flag_to_applied_seconds";
+    pub const DLQ_RECORDS: &str = "datasync_dlq_records_total";
+    pub const DLQ_PARKED: &str = "datasync_dlq_parked_total";
+    pub const DLQ_OPEN: &str = "datasync_dlq_open_entries";
+    pub const DLQ_OUTBOX: &str = "datasync_dlq_outbox_records";
+    pub const ACTOR_RESTARTS: &str = "datasync_actor_restarts_total";
+    pub const SCANS_PAUSED: &str = "datasync_scans_paused_total";
+    pub const OLDEST_FLAG_AGE: &str = "datasync_oldest_flag_age_seconds";
+    pub const SHARD_LAST_SCAN: &str = "datasync_shard_last_scan_timestamp_seconds";
+    pub const CYCLES: &str = "datasync_scan_cycles_total";
+    pub const BACKEND_UP: &str = crate::health::BACKEND_UP;
 }
+
+/// The actors, as named in metrics and logs.
+pub const ACTORS: [&str; 6] = [
+    "ShardScanner",
+    "ProfileLoader",
+    "VersionResolver",
+    "KafkaPublisher",
+    "MongoApplier",
+    "DlqActor",
+];
+
+/// The stages a dead letter can come from.
+pub const DLQ_STAGES: [&str; 4] = ["load", "publish", "decode", "apply"];
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -63,9 +86,23 @@ fn register_zeroes() {
         names::LEGACY_DRAINED,
         names::APPLY_FAILURES,
         names::POISON_EVENTS,
+        names::DLQ_PARKED,
+        names::CYCLES,
     ] {
         counter!(name).increment(0);
     }
+    for actor in ACTORS {
+        counter!(names::ACTOR_RESTARTS, "actor" => actor).increment(0);
+    }
+    for stage in DLQ_STAGES {
+        counter!(names::DLQ_RECORDS, "stage" => stage).increment(0);
+    }
+    for backend in ["kafka", "mongodb"] {
+        counter!(names::SCANS_PAUSED, "backend" => backend).increment(0);
+    }
+    gauge!(names::DLQ_OPEN).set(0.0);
+    gauge!(names::DLQ_OUTBOX).set(0.0);
+    gauge!(names::OLDEST_FLAG_AGE).set(0.0);
     for t in ["static", "dynamic"] {
         counter!(names::EVENTS_PUBLISHED, "type" => t).increment(0);
         counter!(names::PUBLISH_FAILURES, "type" => t).increment(0);
@@ -139,6 +176,10 @@ pub struct Stats {
     pub apply_failures: AtomicU64,
     pub poison_events: AtomicU64,
     pub publish_held: AtomicU64,
+    pub dlq_records: AtomicU64,
+    pub dlq_parked: AtomicU64,
+    pub actor_restarts: AtomicU64,
+    pub scans_paused: AtomicU64,
     /// Flag → applied latency of this engine's applied changes.
     pub latency: Latency,
 }
@@ -209,6 +250,14 @@ pub struct StatsSnapshot {
     pub poison_events: u64,
     /// Publish batches that found publishing paused and waited.
     pub publish_held: u64,
+    /// Dead-letter records written (to Kafka or parked in Redis).
+    pub dlq_records: u64,
+    /// Dead-letter records parked in Redis while Kafka was unreachable.
+    pub dlq_parked: u64,
+    /// Actor restarts after a panic.
+    pub actor_restarts: u64,
+    /// Cycles or pages skipped because Kafka or MongoDB was down.
+    pub scans_paused: u64,
 }
 
 impl std::ops::AddAssign for StatsSnapshot {
@@ -227,6 +276,10 @@ impl std::ops::AddAssign for StatsSnapshot {
         self.apply_failures += o.apply_failures;
         self.poison_events += o.poison_events;
         self.publish_held += o.publish_held;
+        self.dlq_records += o.dlq_records;
+        self.dlq_parked += o.dlq_parked;
+        self.actor_restarts += o.actor_restarts;
+        self.scans_paused += o.scans_paused;
     }
 }
 
@@ -246,6 +299,10 @@ impl Stats {
             apply_failures: self.apply_failures.load(Relaxed),
             poison_events: self.poison_events.load(Relaxed),
             publish_held: self.publish_held.load(Relaxed),
+            dlq_records: self.dlq_records.load(Relaxed),
+            dlq_parked: self.dlq_parked.load(Relaxed),
+            actor_restarts: self.actor_restarts.load(Relaxed),
+            scans_paused: self.scans_paused.load(Relaxed),
         }
     }
 
@@ -316,6 +373,44 @@ impl Stats {
     pub fn publish_held(&self) {
         self.publish_held.fetch_add(1, Relaxed);
         tracing::info!("publishing is paused; batch waiting");
+    }
+
+    pub fn dlq_recorded(&self, stage: &'static str, user: &str, err: &str) {
+        self.dlq_records.fetch_add(1, Relaxed);
+        counter!(names::DLQ_RECORDS, "stage" => stage).increment(1);
+        tracing::warn!(user, stage, error = err, "dead letter recorded; the flag stays");
+    }
+
+    pub fn dlq_parked(&self, n: u64) {
+        self.dlq_parked.fetch_add(n, Relaxed);
+        counter!(names::DLQ_PARKED).increment(n);
+    }
+
+    pub fn dlq_open(&self, n: u64) {
+        gauge!(names::DLQ_OPEN).set(n as f64);
+    }
+
+    pub fn dlq_outbox(&self, n: u64) {
+        gauge!(names::DLQ_OUTBOX).set(n as f64);
+    }
+
+    pub fn actor_restarted(&self, actor: &'static str) {
+        self.actor_restarts.fetch_add(1, Relaxed);
+        counter!(names::ACTOR_RESTARTS, "actor" => actor).increment(1);
+    }
+
+    pub fn scan_paused(&self, backend: &'static str) {
+        self.scans_paused.fetch_add(1, Relaxed);
+        counter!(names::SCANS_PAUSED, "backend" => backend).increment(1);
+    }
+
+    pub fn cycle_done(&self, oldest_flag_age_secs: f64) {
+        counter!(names::CYCLES).increment(1);
+        gauge!(names::OLDEST_FLAG_AGE).set(oldest_flag_age_secs);
+    }
+
+    pub fn shard_scanned(&self, shard: u32, unix_secs: f64) {
+        gauge!(names::SHARD_LAST_SCAN, "shard" => shard.to_string()).set(unix_secs);
     }
 
     pub fn flag_to_applied(&self, seconds: f64) {

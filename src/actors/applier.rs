@@ -4,15 +4,21 @@
 //! window's offsets. Offsets are never committed past an unapplied event: when a
 //! write fails the same window is retried until it succeeds or the engine stops.
 
+use super::{
+    Shared, StageError, ask,
+    dlq::{DeadLetter, DlqActor, Record as DlqRecord},
+    guard, restart_pause,
+};
 use crate::{
     cache::AppliedCache,
     clients::{
-        mongo::{Change, MongoError, MongoStore, Outcome},
+        mongo::{Change, MongoStore, Outcome},
         redis::Section,
     },
     config::ApplierConfig,
+    faults::Stage,
+    health::Backend,
     proto::{self, SyncType, UserProfileSyncEvent},
-    telemetry::Stats,
 };
 use actix::prelude::*;
 use rdkafka::{
@@ -22,9 +28,7 @@ use rdkafka::{
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
-    time::Duration,
 };
-use tokio_util::sync::CancellationToken;
 
 /// One consumed record, copied out of the consumer.
 #[derive(Debug, Clone)]
@@ -40,10 +44,12 @@ pub struct Record {
 pub struct Collapsed {
     /// Newest change per (user, section), sorted by user id then section.
     pub changes: Vec<Change>,
+    /// For each change, the index of its record in the window.
+    pub origins: Vec<usize>,
     /// Events superseded inside the window by a newer one of the same section.
     pub superseded: Vec<(Section, u64)>,
-    /// Records that did not decode.
-    pub poison: Vec<(Record, String)>,
+    /// Records that did not decode: index in the window, user (if known), error.
+    pub poison: Vec<(usize, String, String)>,
 }
 
 fn section_of(t: i32) -> Section {
@@ -64,13 +70,13 @@ pub fn section_label(s: Section) -> &'static str {
 /// Decodes a window and keeps the newest version per user and section.
 pub fn collapse(records: &[Record]) -> Collapsed {
     let mut out = Collapsed::default();
-    let mut newest: BTreeMap<(String, Section), Change> = BTreeMap::new();
+    let mut newest: BTreeMap<(String, Section), (Change, usize)> = BTreeMap::new();
     let mut superseded: HashMap<Section, u64> = HashMap::new();
-    for r in records {
+    for (i, r) in records.iter().enumerate() {
         let event = match UserProfileSyncEvent::decode_bytes(&r.payload) {
             Ok(e) => e,
             Err(e) => {
-                out.poison.push((r.clone(), e.to_string()));
+                out.poison.push((i, String::new(), e.to_string()));
                 continue;
             }
         };
@@ -78,7 +84,7 @@ pub fn collapse(records: &[Record]) -> Collapsed {
             Ok(p) => p,
             Err(e) => {
                 out.poison
-                    .push((r.clone(), format!("user `{}`: {e}", event.user_id)));
+                    .push((i, event.user_id.clone(), format!("user `{}`: {e}", event.user_id)));
                 continue;
             }
         };
@@ -93,48 +99,68 @@ pub fn collapse(records: &[Record]) -> Collapsed {
         };
         match newest.entry((change.user_id.clone(), section)) {
             std::collections::btree_map::Entry::Vacant(v) => {
-                v.insert(change);
+                v.insert((change, i));
             }
             std::collections::btree_map::Entry::Occupied(mut o) => {
                 *superseded.entry(section).or_default() += 1;
-                if change.version > o.get().version {
-                    o.insert(change);
+                if change.version > o.get().0.version {
+                    o.insert((change, i));
                 }
             }
         }
     }
-    out.changes = newest.into_values().collect();
+    (out.changes, out.origins) = newest.into_values().unzip();
     out.superseded = superseded.into_iter().collect();
     out
 }
 
 pub struct MongoApplier {
     mongo: MongoStore,
+    shared: Shared,
+    restarts: u32,
 }
 
 impl MongoApplier {
-    pub fn new(mongo: MongoStore) -> Self {
-        Self { mongo }
+    pub const NAME: &'static str = "MongoApplier";
+
+    pub fn new(mongo: MongoStore, shared: Shared) -> Self {
+        Self {
+            mongo,
+            shared,
+            restarts: 0,
+        }
     }
 }
 
 impl Actor for MongoApplier {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        restart_pause(self.restarts, ctx);
+    }
 }
 
-impl Supervised for MongoApplier {}
+impl Supervised for MongoApplier {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.restarts += 1;
+    }
+}
 
 /// Writes one collapsed window.
 #[derive(Message)]
-#[rtype(result = "Result<Vec<Outcome>, MongoError>")]
+#[rtype(result = "Result<Vec<Outcome>, StageError>")]
 pub struct ApplyWindow(pub Arc<Vec<Change>>);
 
 impl Handler<ApplyWindow> for MongoApplier {
-    type Result = ResponseFuture<Result<Vec<Outcome>, MongoError>>;
+    type Result = ResponseActFuture<Self, Result<Vec<Outcome>, StageError>>;
 
     fn handle(&mut self, ApplyWindow(changes): ApplyWindow, _: &mut Context<Self>) -> Self::Result {
         let mongo = self.mongo.clone();
-        Box::pin(async move { mongo.apply(&changes).await })
+        let shared = self.shared.clone();
+        guard(Self::NAME, shared.stats.clone(), async move {
+            shared.faults.check(Stage::Applier);
+            Ok(mongo.apply(&changes).await?)
+        })
     }
 }
 
@@ -142,20 +168,22 @@ impl Handler<ApplyWindow> for MongoApplier {
 pub struct ConsumerLoop {
     pub consumer: StreamConsumer,
     pub applier: Addr<MongoApplier>,
+    pub dlq: Addr<DlqActor>,
     pub cache: AppliedCache,
     pub config: ApplierConfig,
-    pub stats: Arc<Stats>,
-    pub cancel: CancellationToken,
+    pub shared: Shared,
 }
 
 /// A window whose write is under way in the MongoApplier.
 struct InFlight {
     window: Vec<Record>,
     changes: Arc<Vec<Change>>,
+    origins: Vec<usize>,
+    poison: Vec<(usize, String, String)>,
     request: std::pin::Pin<Box<actix::dev::Request<MongoApplier, ApplyWindow>>>,
 }
 
-type WriteResult = Result<Result<Vec<Outcome>, MongoError>, actix::MailboxError>;
+type WriteResult = Result<Result<Vec<Outcome>, StageError>, actix::MailboxError>;
 
 impl ConsumerLoop {
     /// Gathers the next window while the previous one is being written (two
@@ -175,7 +203,7 @@ impl ConsumerLoop {
                     tokio::select! {
                         biased;
                         r = &mut f.request => done = Some(r),
-                        _ = self.cancel.cancelled() => {}
+                        _ = self.shared.cancel.cancelled() => {}
                         m = self.consumer.recv() => first = Some(m),
                     }
                     if let Some(r) = done {
@@ -211,7 +239,7 @@ impl ConsumerLoop {
     /// stops.
     async fn next_window(&self) -> Option<Vec<Record>> {
         let first = tokio::select! {
-            _ = self.cancel.cancelled() => return None,
+            _ = self.shared.cancel.cancelled() => return None,
             m = self.consumer.recv() => m,
         };
         Some(self.gather(first).await)
@@ -253,21 +281,73 @@ impl ConsumerLoop {
     /// Collapses a window and hands it to the MongoApplier.
     fn submit(&self, window: Vec<Record>) -> InFlight {
         let collapsed = collapse(&window);
-        for (record, err) in &collapsed.poison {
-            self.stats.poison(&format!(
+        for (i, _, err) in &collapsed.poison {
+            let r = &window[*i];
+            self.shared.stats.poison(&format!(
                 "{}[{}]@{}: {err}",
-                record.topic, record.partition, record.offset
+                r.topic, r.partition, r.offset
             ));
         }
         for (section, n) in &collapsed.superseded {
-            self.stats.stale(section_label(*section), *n);
+            self.shared.stats.stale(section_label(*section), *n);
         }
         let changes = Arc::new(collapsed.changes);
         let request = Box::pin(self.applier.send(ApplyWindow(changes.clone())));
         InFlight {
             window,
             changes,
+            origins: collapsed.origins,
+            poison: collapsed.poison,
             request,
+        }
+    }
+
+    /// A dead letter for the record at `i` of a window.
+    fn dead_letter(
+        &self,
+        r: &Record,
+        user_id: String,
+        version: i64,
+        stage: &'static str,
+        error: String,
+    ) -> DeadLetter {
+        DeadLetter {
+            detail: format!(
+                "stage {stage}: consumed from {} partition {} offset {}; not retried; the offset is committed after this record is stored",
+                r.topic, r.partition, r.offset
+            ),
+            user_id,
+            version,
+            stage,
+            original_event: r.payload.clone(),
+            error,
+            retry_count: 0,
+            topic: r.topic.clone(),
+            partition: Some(r.partition),
+            offset: Some(r.offset),
+        }
+    }
+
+    /// Records dead letters, retrying until they are stored: a window's offsets
+    /// are not committed past a record that is neither applied nor recorded.
+    async fn record_dead(&self, letters: Vec<DeadLetter>) -> bool {
+        if letters.is_empty() {
+            return true;
+        }
+        let mut attempt = 0;
+        loop {
+            match ask(DlqActor::NAME, &self.dlq, DlqRecord(letters.clone())).await {
+                Ok(_) => return true,
+                Err(e) => {
+                    let wait = self.shared.retry.delay(attempt);
+                    tracing::warn!(error = %e, retry_in = ?wait, "cannot record dead letters; retrying");
+                    tokio::select! {
+                        _ = self.shared.cancel.cancelled() => return false,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    attempt += 1;
+                }
+            }
         }
     }
 
@@ -277,54 +357,75 @@ impl ConsumerLoop {
     /// start applies it).
     async fn finish(&self, f: InFlight, first: WriteResult) -> bool {
         let InFlight {
-            window, changes, ..
+            window,
+            changes,
+            origins,
+            poison,
+            ..
         } = f;
+        let health = &self.shared.health;
         let mut result = first;
-        let mut delay = Duration::from_millis(100);
+        let mut attempt = 0;
+        // A failed write is retried without limit: consumption pauses (nothing is
+        // committed) until MongoDB takes the window.
         let outcomes = loop {
+            let wait = self.shared.retry.delay(attempt);
             match result {
                 Ok(Ok(o)) => break o,
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, retry_in = ?delay, "window not written; retrying")
+                    if matches!(e, StageError::Mongo(_)) {
+                        health.set_down(Backend::Mongo, &e);
+                    }
+                    tracing::warn!(error = %e, retry_in = ?wait, "window not written; retrying")
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?delay, "applier unavailable; retrying")
+                    tracing::warn!(error = %e, retry_in = ?wait, "applier unavailable; retrying")
                 }
             }
             tokio::select! {
-                _ = self.cancel.cancelled() => return false,
-                _ = tokio::time::sleep(delay) => {}
+                _ = self.shared.cancel.cancelled() => return false,
+                _ = tokio::time::sleep(wait) => {}
             }
-            delay = (delay * 2).min(Duration::from_secs(10));
+            attempt += 1;
             result = self.applier.send(ApplyWindow(changes.clone())).await;
         };
+        health.set_up(Backend::Mongo);
+        let stats = &self.shared.stats;
 
         let now_ms = crate::actors::publisher::now_ms();
         let mut known = Vec::with_capacity(changes.len());
         let mut counts: HashMap<(Section, bool), u64> = HashMap::new();
-        for (c, o) in changes.iter().zip(&outcomes) {
+        let mut dead: Vec<DeadLetter> = poison
+            .into_iter()
+            .map(|(i, user, err)| self.dead_letter(&window[i], user, 0, "decode", err))
+            .collect();
+        for ((c, o), &i) in changes.iter().zip(&outcomes).zip(&origins) {
             match o {
                 Outcome::Applied => {
                     *counts.entry((c.section, true)).or_default() += 1;
-                    self.stats
-                        .flag_to_applied((now_ms - c.marked_at_ms).max(0) as f64 / 1000.0);
+                    stats.flag_to_applied((now_ms - c.marked_at_ms).max(0) as f64 / 1000.0);
                     known.push((c.user_id.as_str(), c.section, c.version));
                 }
                 Outcome::Stale => {
                     *counts.entry((c.section, false)).or_default() += 1;
                     known.push((c.user_id.as_str(), c.section, c.version));
                 }
-                Outcome::Rejected(e) => self
-                    .stats
-                    .apply_failed(&format!("user `{}`: {e}", c.user_id)),
+                Outcome::Rejected(e) => {
+                    let err = format!("user `{}`: {e}", c.user_id);
+                    stats.apply_failed(&err);
+                    dead.push(self.dead_letter(&window[i], c.user_id.clone(), c.version, "apply", err));
+                }
             }
         }
         for ((section, applied), n) in counts {
             if applied {
-                self.stats.applied(section_label(section), n);
+                stats.applied(section_label(section), n);
             } else {
-                self.stats.stale(section_label(section), n);
+                stats.stale(section_label(section), n);
             }
+        }
+        if !self.record_dead(dead).await {
+            return false;
         }
         if let Err(e) = self.cache.record_applied(&known).await {
             tracing::warn!(error = %e, "cannot update the applied-version cache");

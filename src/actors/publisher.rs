@@ -1,19 +1,23 @@
 //! KafkaPublisher: turns loaded profiles into protobuf events and publishes them
 //! with the idempotent producer, answering only once every delivery report is in.
 
+use super::{Shared, StageError, guard, restart_pause};
 use crate::{
+    clients::kafka::{self, Delivered},
+    faults::Stage,
+    health::Backend,
     proto::{self, SyncType, UserProfileSyncEvent},
-    telemetry::Stats,
+    retry::Retryable,
 };
 use actix::prelude::*;
 use mongodb::bson::Document;
 use prost::Message as _;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{
+    error::KafkaError,
+    producer::{FutureProducer, Producer},
+};
 use std::{sync::Arc, time::Duration};
 use tokio::sync::RwLock;
-
-/// How long one record may wait for room in librdkafka's local queue.
-const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One change to publish.
 #[derive(Debug, Clone)]
@@ -25,66 +29,95 @@ pub struct Outgoing {
     pub lease_epoch: i64,
 }
 
-/// Where the broker stored an event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct Delivered {
-    pub partition: i32,
-    pub offset: i64,
-}
-
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PublishError {
     /// The profile cannot be encoded; retrying will not help.
     #[error("cannot encode the profile: {0}")]
     Encode(String),
     /// The broker did not take the event.
-    #[error("kafka delivery failed: {0}")]
-    Delivery(String),
+    #[error("kafka delivery failed: {reason}")]
+    Delivery { reason: String, retryable: bool },
+}
+
+impl Retryable for PublishError {
+    fn is_retryable(&self) -> bool {
+        matches!(self, PublishError::Delivery { retryable: true, .. })
+    }
 }
 
 impl PublishError {
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, PublishError::Delivery(_))
+    fn delivery(e: &KafkaError) -> Self {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        let permanent = matches!(
+            e.rdkafka_error_code(),
+            Some(C::MessageSizeTooLarge | C::InvalidMessage | C::InvalidRecord | C::InvalidMessageSize)
+        );
+        PublishError::Delivery {
+            reason: e.to_string(),
+            retryable: !permanent,
+        }
     }
+}
+
+/// An item that could not be published, with what the dead-letter record needs.
+#[derive(Debug)]
+pub struct PublishFailure {
+    pub error: PublishError,
+    pub retries: u32,
+    /// The encoded event (empty when encoding itself failed).
+    pub event: Vec<u8>,
 }
 
 pub struct KafkaPublisher {
     producer: FutureProducer,
     static_topic: String,
     dynamic_topic: String,
-    instance_id: String,
-    stats: Arc<Stats>,
+    shared: Shared,
     hold: Arc<RwLock<()>>,
+    restarts: u32,
 }
 
 impl KafkaPublisher {
+    pub const NAME: &'static str = "KafkaPublisher";
+
     pub fn new(
         producer: FutureProducer,
         kafka: &crate::config::KafkaConfig,
-        instance_id: String,
-        stats: Arc<Stats>,
+        shared: Shared,
         hold: Arc<RwLock<()>>,
     ) -> Self {
         Self {
             producer,
             static_topic: kafka.static_topic.clone(),
             dynamic_topic: kafka.dynamic_topic.clone(),
-            instance_id,
-            stats,
+            shared,
             hold,
+            restarts: 0,
         }
     }
 }
 
 impl Actor for KafkaPublisher {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        restart_pause(self.restarts, ctx);
+    }
 }
 
-impl Supervised for KafkaPublisher {}
+impl Supervised for KafkaPublisher {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.restarts += 1;
+    }
+}
 
-/// Publishes a batch; one result per item, in order.
+/// One result per published item, in order.
+pub type PublishResults = Vec<Result<Delivered, PublishFailure>>;
+
+/// Publishes a batch; one result per item, in order. Items whose delivery
+/// fails are re-sent per the retry policy; the rest are not held up by them.
 #[derive(Message)]
-#[rtype(result = "Vec<Result<Delivered, PublishError>>")]
+#[rtype(result = "Result<PublishResults, StageError>")]
 pub struct Publish {
     pub sync_type: SyncType,
     pub items: Vec<Outgoing>,
@@ -127,7 +160,7 @@ fn type_label(t: SyncType) -> &'static str {
 }
 
 impl Handler<Publish> for KafkaPublisher {
-    type Result = ResponseFuture<Vec<Result<Delivered, PublishError>>>;
+    type Result = ResponseActFuture<Self, Result<PublishResults, StageError>>;
 
     fn handle(&mut self, msg: Publish, _: &mut Context<Self>) -> Self::Result {
         let producer = self.producer.clone();
@@ -135,51 +168,116 @@ impl Handler<Publish> for KafkaPublisher {
             SyncType::StaticImmediate => self.static_topic.clone(),
             SyncType::DynamicBatch => self.dynamic_topic.clone(),
         };
-        let instance = self.instance_id.clone();
-        let stats = self.stats.clone();
+        let shared = self.shared.clone();
         let hold = self.hold.clone();
-        Box::pin(async move {
+        guard(Self::NAME, shared.stats.clone(), async move {
+            shared.faults.check(Stage::Publisher);
             // Held only while an operator (or a test) pauses publishing.
             let _open = match hold.try_read() {
                 Ok(g) => g,
                 Err(_) => {
-                    stats.publish_held();
+                    shared.stats.publish_held();
                     hold.read().await
                 }
             };
-            let label = type_label(msg.sync_type);
-            let encoded: Vec<Result<Vec<u8>, PublishError>> = msg
-                .items
-                .iter()
-                .map(|item| build_event(msg.sync_type, item, &instance).map(|e| e.encode_to_vec()))
-                .collect();
-            let sends = msg.items.iter().zip(&encoded).map(|(item, bytes)| {
-                let producer = &producer;
-                let topic = &topic;
-                async move {
-                    let bytes = bytes.as_ref().map_err(Clone::clone)?;
-                    let record = FutureRecord::to(topic)
-                        .key(item.user_id.as_str())
-                        .payload(bytes.as_slice());
-                    producer
-                        .send(record, QUEUE_TIMEOUT)
-                        .await
-                        .map(|d| Delivered {
-                            partition: d.partition,
-                            offset: d.offset,
-                        })
-                        .map_err(|(e, _)| PublishError::Delivery(e.to_string()))
-                }
-            });
-            let results = futures::future::join_all(sends).await;
-            let ok = results.iter().filter(|r| r.is_ok()).count() as u64;
-            stats.events_published(label, ok);
-            for e in results.iter().filter_map(|r| r.as_ref().err()) {
-                stats.publish_failed(label, e);
-            }
-            results
+            Ok(publish_all(&producer, &topic, msg, &shared).await)
         })
     }
+}
+
+/// Sends every item, then re-sends the ones that failed with a transient error,
+/// per the retry policy. Marks Kafka down when retries run out on delivery
+/// errors, up on any success.
+async fn publish_all(
+    producer: &FutureProducer,
+    topic: &str,
+    msg: Publish,
+    shared: &Shared,
+) -> PublishResults {
+    let label = type_label(msg.sync_type);
+    let mut events: Vec<Vec<u8>> = Vec::with_capacity(msg.items.len());
+    let mut results: Vec<Option<Result<Delivered, PublishError>>> =
+        Vec::with_capacity(msg.items.len());
+    for item in &msg.items {
+        match build_event(msg.sync_type, item, &shared.instance_id) {
+            Ok(e) => {
+                events.push(e.encode_to_vec());
+                results.push(None);
+            }
+            Err(e) => {
+                events.push(Vec::new());
+                results.push(Some(Err(e)));
+            }
+        }
+    }
+    let mut pending: Vec<usize> = (0..msg.items.len()).filter(|&i| results[i].is_none()).collect();
+    let mut retries = 0;
+    loop {
+        let sends = pending.iter().map(|&i| {
+            let (item, bytes) = (&msg.items[i], &events[i]);
+            async move {
+                kafka::send(producer, topic, &item.user_id, bytes)
+                    .await
+                    .map_err(|e| PublishError::delivery(&e))
+            }
+        });
+        let outcomes = futures::future::join_all(sends).await;
+        let mut again = Vec::new();
+        let mut any_ok = false;
+        for (&i, r) in pending.iter().zip(outcomes) {
+            match r {
+                Ok(d) => {
+                    any_ok = true;
+                    results[i] = Some(Ok(d));
+                }
+                Err(e) if e.is_retryable() && retries < shared.retry.max_retries => {
+                    results[i] = Some(Err(e));
+                    again.push(i);
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        if any_ok {
+            shared.health.set_up(Backend::Kafka);
+        }
+        if again.is_empty() || shared.cancel.is_cancelled() {
+            break;
+        }
+        let wait = shared.retry.delay(retries);
+        tracing::warn!(failed = again.len(), retry = retries + 1, ?wait, "kafka delivery failed; retrying");
+        tokio::select! {
+            _ = shared.cancel.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        retries += 1;
+        pending = again;
+    }
+
+    let ok = results.iter().filter(|r| matches!(r, Some(Ok(_)))).count() as u64;
+    shared.stats.events_published(label, ok);
+    let mut out = Vec::with_capacity(results.len());
+    let mut gave_up = None;
+    for (r, event) in results.into_iter().zip(events) {
+        out.push(match r.expect("every item has a result") {
+            Ok(d) => Ok(d),
+            Err(error) => {
+                shared.stats.publish_failed(label, &error);
+                let retries = if error.is_retryable() { retries } else { 0 };
+                if error.is_retryable() {
+                    gave_up.get_or_insert_with(|| error.to_string());
+                }
+                Err(PublishFailure {
+                    error,
+                    retries,
+                    event,
+                })
+            }
+        });
+    }
+    if let Some(reason) = gave_up {
+        shared.health.set_down(Backend::Kafka, reason);
+    }
+    out
 }
 
 /// Waits until every queued event is delivered (or the timeout passes).

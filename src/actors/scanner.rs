@@ -4,35 +4,33 @@
 //! published with compare-and-delete.
 
 use super::{
-    Flag, MailboxError,
+    Flag, Shared, StageError, ask,
+    dlq::{DeadLetter, DlqActor, Record},
     loader::{Load, ProfileLoader},
-    publisher::{KafkaPublisher, Outgoing, Publish},
+    publisher::{KafkaPublisher, Outgoing, Publish, PublishFailure},
     resolver::{Resolve, VersionResolver},
 };
 use crate::{
-    cache::CacheError,
-    clients::redis::{ProfileError, RedisError, RedisStore, Section},
+    clients::{
+        kafka,
+        mongo::MongoStore,
+        redis::{ProfileError, RedisError, RedisStore, Section},
+    },
     config::SyncConfig,
-    proto::SyncType,
-    telemetry::Stats,
+    health::Backend,
+    proto::{SyncType, UserProfileSyncEvent},
 };
 use actix::prelude::*;
 use futures::StreamExt;
-use std::{sync::Arc, time::Instant};
-use tokio_util::sync::CancellationToken;
+use prost::Message as _;
+use rdkafka::producer::FutureProducer;
+use std::{
+    sync::Arc,
+    time::Instant,
+};
 
 /// Most legacy pages drained in one cycle, so a flood cannot starve the scan.
 const MAX_LEGACY_PAGES_PER_CYCLE: usize = 100;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ScanError {
-    #[error(transparent)]
-    Redis(#[from] RedisError),
-    #[error(transparent)]
-    Cache(#[from] CacheError),
-    #[error(transparent)]
-    Mailbox(#[from] MailboxError),
-}
 
 /// What one cycle did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -44,10 +42,23 @@ pub struct CycleReport {
     pub cleared: u64,
     pub legacy_drained: u64,
     pub page_errors: u64,
+    /// Users recorded in the dead-letter queue (their flags stay).
+    pub dead_lettered: u64,
+    /// Pages not started because Kafka or MongoDB was down.
+    pub paused: u64,
+    /// The oldest flag version seen (µs), 0 if none.
+    pub oldest_version: i64,
 }
 
 impl CycleReport {
     fn add(&mut self, o: &CycleReport) {
+        self.dead_lettered += o.dead_lettered;
+        self.paused += o.paused;
+        if o.oldest_version > 0
+            && (self.oldest_version == 0 || o.oldest_version < self.oldest_version)
+        {
+            self.oldest_version = o.oldest_version;
+        }
         self.scanned += o.scanned;
         self.published += o.published;
         self.already_applied += o.already_applied;
@@ -64,10 +75,15 @@ pub struct Pipeline {
     pub loader: Addr<ProfileLoader>,
     pub resolver: Addr<VersionResolver>,
     pub publisher: Addr<KafkaPublisher>,
-    pub stats: Arc<Stats>,
+    pub dlq: Addr<DlqActor>,
+    /// For probing a broker marked down.
+    pub producer: FutureProducer,
+    /// For probing a MongoDB marked down.
+    pub mongo: MongoStore,
+    pub dynamic_topic: String,
+    pub shared: Shared,
     pub sync: SyncConfig,
     pub shards: Vec<u32>,
-    pub cancel: CancellationToken,
     /// Held for the length of a cycle; shutdown takes it to wait for in-flight work.
     pub cycle_lock: tokio::sync::Mutex<()>,
 }
@@ -107,12 +123,16 @@ impl Handler<ScanNow> for ShardScanner {
 
 async fn run_loop(p: Arc<Pipeline>) {
     loop {
-        if p.cancel.is_cancelled() {
+        if p.shared.cancel.is_cancelled() {
             break;
         }
         let started = Instant::now();
         let report = run_cycle(p.clone()).await;
-        let wait = if p.sync.interval.is_zero() {
+        let wait = if report.paused > 0 {
+            // A backend is down: probe again soon rather than a full interval later.
+            let soon = p.shared.retry.initial_delay;
+            if p.sync.interval.is_zero() { soon } else { soon.min(p.sync.interval) }
+        } else if p.sync.interval.is_zero() {
             if report.scanned == 0 && report.legacy_drained == 0 {
                 p.sync.idle_backoff
             } else {
@@ -122,18 +142,53 @@ async fn run_loop(p: Arc<Pipeline>) {
             p.sync.interval.saturating_sub(started.elapsed())
         };
         tokio::select! {
-            _ = p.cancel.cancelled() => break,
+            _ = p.shared.cancel.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}
         }
     }
     tracing::info!("shard scanner stopped");
 }
 
+/// Probes each backend marked down; the first one still down pauses the cycle.
+async fn backends_ready(p: &Pipeline) -> Result<(), Backend> {
+    let h = &p.shared.health;
+    if h.is_down(Backend::Kafka) {
+        match kafka::probe(&p.producer, &p.dynamic_topic).await {
+            Ok(()) => {
+                h.set_up(Backend::Kafka);
+            }
+            Err(_) => return Err(Backend::Kafka),
+        }
+    }
+    if h.is_down(Backend::Mongo) {
+        // Only the applier's next successful write marks MongoDB up: a ping can
+        // succeed while writes still fail.
+        if p.mongo.ping().await.is_err() {
+            return Err(Backend::Mongo);
+        }
+    }
+    Ok(())
+}
+
+/// A backend the pipeline needs is marked down.
+fn paused(p: &Pipeline) -> Option<Backend> {
+    let h = &p.shared.health;
+    [Backend::Kafka, Backend::Mongo]
+        .into_iter()
+        .find(|&b| h.is_down(b))
+}
+
 /// One pass over the legacy set and every owned shard.
 pub async fn run_cycle(p: Arc<Pipeline>) -> CycleReport {
     let _cycle = p.cycle_lock.lock().await;
     let mut report = CycleReport::default();
-    if p.cancel.is_cancelled() {
+    if p.shared.cancel.is_cancelled() {
+        return report;
+    }
+    if let Err(b) = backends_ready(&p).await {
+        // Stop pulling new work while the backend is down; the flags wait in Redis.
+        report.paused = 1;
+        p.shared.stats.scan_paused(b.name());
         return report;
     }
     if p.sync.legacy_drain {
@@ -156,7 +211,20 @@ pub async fn run_cycle(p: Arc<Pipeline>) -> CycleReport {
     if report.scanned > 0 {
         tracing::debug!(?report, "cycle done");
     }
+    let age = if report.oldest_version > 0 {
+        (now_us() - report.oldest_version).max(0) as f64 / 1e6
+    } else {
+        0.0
+    };
+    p.shared.stats.cycle_done(age);
     report
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 /// Moves the legacy set's members into the sharded flags. Each batch is first
@@ -182,7 +250,7 @@ async fn drain_legacy(p: &Pipeline) -> Result<u64, RedisError> {
         drained += users.len() as u64;
     }
     if drained > 0 {
-        p.stats.legacy_drained(drained);
+        p.shared.stats.legacy_drained(drained);
     }
     Ok(drained)
 }
@@ -190,16 +258,31 @@ async fn drain_legacy(p: &Pipeline) -> Result<u64, RedisError> {
 async fn scan_shard(p: &Pipeline, shard: u32) -> CycleReport {
     let mut report = CycleReport::default();
     let mut cursor = None;
-    while !p.cancel.is_cancelled() {
-        let flags = match p.redis.read_flags(shard, cursor, p.sync.page_size).await {
+    let shared = &p.shared;
+    while !shared.cancel.is_cancelled() {
+        if let Some(b) = paused(p) {
+            report.paused += 1;
+            shared.stats.scan_paused(b.name());
+            return report;
+        }
+        let flags = match shared
+            .retry
+            .run("read flags", &shared.cancel, || {
+                p.redis.read_flags(shard, cursor, p.sync.page_size)
+            })
+            .await
+        {
             Ok(f) => f,
             Err(e) => {
                 report.page_errors += 1;
                 tracing::warn!(shard, error = %e, "cannot read flags; shard retried next cycle");
-                break;
+                return report;
             }
         };
         let Some(last) = flags.last() else { break };
+        if cursor.is_none() {
+            report.oldest_version = flags[0].1;
+        }
         cursor = Some(last.1);
         let full = flags.len() == p.sync.page_size;
         let flags = flags
@@ -217,6 +300,9 @@ async fn scan_shard(p: &Pipeline, shard: u32) -> CycleReport {
             break;
         }
     }
+    shared
+        .stats
+        .shard_scanned(shard, now_us() as f64 / 1e6);
     report
 }
 
@@ -230,90 +316,160 @@ fn load_reason(e: &ProfileError) -> &'static str {
 }
 
 /// Load → resolve → publish → compare-and-clear, for one page of one shard.
+/// Users that fail for good go to the dead-letter queue; their flags stay.
 pub async fn process_page(
     p: &Pipeline,
     shard: u32,
     flags: Vec<Flag>,
-) -> Result<CycleReport, ScanError> {
+) -> Result<CycleReport, StageError> {
+    let stats = &p.shared.stats;
     let mut report = CycleReport {
         scanned: flags.len() as u64,
         ..Default::default()
     };
-    p.stats.flags_scanned(report.scanned);
+    stats.flags_scanned(report.scanned);
 
-    let loaded = p
-        .loader
-        .send(Load(flags))
-        .await
-        .map_err(|e| MailboxError("ProfileLoader", e))??;
+    let loaded = ask(ProfileLoader::NAME, &p.loader, Load(flags)).await?;
     let mut ready = Vec::with_capacity(loaded.len());
+    let mut dead = Vec::new();
     for (flag, profile) in loaded {
         match profile {
             Ok(doc) => ready.push((flag, doc)),
             Err(e) => {
                 report.failed += 1;
-                p.stats.load_failed(load_reason(&e), &e);
+                stats.load_failed(load_reason(&e), &e);
+                dead.push(load_dead_letter(p, flag, &e));
             }
         }
     }
-    if ready.is_empty() {
-        return Ok(report);
-    }
-
-    let users = ready.iter().map(|(f, _)| f.user_id.clone()).collect();
-    let applied = p
-        .resolver
-        .send(Resolve {
-            users,
-            section: Section::Dynamic,
-        })
-        .await
-        .map_err(|e| MailboxError("VersionResolver", e))??;
 
     let mut to_clear = Vec::with_capacity(ready.len());
-    let mut items = Vec::with_capacity(ready.len());
-    let mut flags = Vec::with_capacity(ready.len());
-    for (flag, profile) in ready {
-        let base = applied.get(&flag.user_id).copied().unwrap_or(0);
-        if base >= flag.version {
-            // Already in MongoDB (e.g. published before a crash, flag not cleared).
-            to_clear.push((flag.user_id, flag.version));
-            report.already_applied += 1;
-        } else {
-            items.push(Outgoing {
-                user_id: flag.user_id.clone(),
-                version: flag.version,
-                profile,
-                base_version: base,
-                lease_epoch: 0,
-            });
-            flags.push(flag);
-        }
-    }
-    p.stats.already_applied(report.already_applied);
+    if !ready.is_empty() {
+        let users = ready.iter().map(|(f, _)| f.user_id.clone()).collect();
+        let applied = ask(
+            VersionResolver::NAME,
+            &p.resolver,
+            Resolve {
+                users,
+                section: Section::Dynamic,
+            },
+        )
+        .await?;
 
-    if !items.is_empty() {
-        let results = p
-            .publisher
-            .send(Publish {
+        let mut items = Vec::with_capacity(ready.len());
+        let mut flags = Vec::with_capacity(ready.len());
+        for (flag, profile) in ready {
+            let base = applied.get(&flag.user_id).copied().unwrap_or(0);
+            if base >= flag.version {
+                // Already in MongoDB (e.g. published before a crash, flag not cleared).
+                to_clear.push((flag.user_id, flag.version));
+                report.already_applied += 1;
+            } else {
+                items.push(Outgoing {
+                    user_id: flag.user_id.clone(),
+                    version: flag.version,
+                    profile,
+                    base_version: base,
+                    lease_epoch: 0,
+                });
+                flags.push(flag);
+            }
+        }
+        stats.already_applied(report.already_applied);
+
+        if !items.is_empty() {
+            let publish = Publish {
                 sync_type: SyncType::DynamicBatch,
                 items,
-            })
-            .await
-            .map_err(|e| MailboxError("KafkaPublisher", e))?;
-        for (flag, r) in flags.into_iter().zip(results) {
-            match r {
-                Ok(_) => {
-                    report.published += 1;
-                    to_clear.push((flag.user_id, flag.version));
+            };
+            let results = ask(KafkaPublisher::NAME, &p.publisher, publish).await?;
+            for (flag, r) in flags.into_iter().zip(results) {
+                match r {
+                    Ok(_) => {
+                        report.published += 1;
+                        to_clear.push((flag.user_id, flag.version));
+                    }
+                    Err(f) => {
+                        report.failed += 1;
+                        dead.push(publish_dead_letter(p, flag, f));
+                    }
                 }
-                Err(_) => report.failed += 1,
             }
         }
     }
 
-    let cleared = p.redis.clear_flags(shard, &to_clear).await?;
+    if !dead.is_empty() {
+        // Best effort: if even this fails, the flags still stay and the next
+        // cycle records the dead letters again.
+        match ask(DlqActor::NAME, &p.dlq, Record(dead)).await {
+            Ok(r) => report.dead_lettered = r.recorded,
+            Err(e) => tracing::warn!(shard, error = %e, "cannot record dead letters"),
+        }
+    }
+
+    let shared = &p.shared;
+    let cleared = shared
+        .retry
+        .run("clear flags", &shared.cancel, || {
+            p.redis.clear_flags(shard, &to_clear)
+        })
+        .await?;
     report.cleared = cleared;
-    p.stats.flags_cleared(cleared);
+    stats.flags_cleared(cleared);
     Ok(report)
+}
+
+/// The event a flag would have produced, without data: what a dead letter of
+/// an unloadable profile carries.
+fn bare_event(p: &Pipeline, flag: &Flag) -> Vec<u8> {
+    UserProfileSyncEvent {
+        user_id: flag.user_id.clone(),
+        sync_type: SyncType::DynamicBatch as i32,
+        version: flag.version,
+        timestamp: crate::actors::publisher::now_ms(),
+        marked_at_ms: flag.version / 1000,
+        source_instance: p.shared.instance_id.clone(),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+fn load_dead_letter(p: &Pipeline, flag: Flag, e: &ProfileError) -> DeadLetter {
+    DeadLetter {
+        original_event: bare_event(p, &flag),
+        error: e.to_string(),
+        detail: format!(
+            "stage load: {e:?}; version {}; permanent, not retried; the flag stays until the profile is fixed and the user re-flagged or redriven",
+            flag.version
+        ),
+        user_id: flag.user_id,
+        version: flag.version,
+        stage: "load",
+        retry_count: 0,
+        topic: p.dynamic_topic.clone(),
+        partition: None,
+        offset: None,
+    }
+}
+
+fn publish_dead_letter(p: &Pipeline, flag: Flag, f: PublishFailure) -> DeadLetter {
+    DeadLetter {
+        original_event: if f.event.is_empty() {
+            bare_event(p, &flag)
+        } else {
+            f.event
+        },
+        error: f.error.to_string(),
+        detail: format!(
+            "stage publish: {:?}; version {}; {} retries; the flag stays for the next cycle",
+            f.error, flag.version, f.retries
+        ),
+        user_id: flag.user_id,
+        version: flag.version,
+        stage: "publish",
+        retry_count: f.retries,
+        topic: p.dynamic_topic.clone(),
+        partition: None,
+        offset: None,
+    }
 }

@@ -75,3 +75,57 @@ pub async fn ensure_topics(c: &KafkaConfig) -> Result<(), KafkaError> {
     }
     Ok(())
 }
+
+/// How long one record may wait for room in librdkafka's local queue.
+const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the broker stored a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Delivered {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Publishes one record keyed by `key` and waits for its delivery report.
+pub async fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+) -> Result<Delivered, KafkaError> {
+    let record = rdkafka::producer::FutureRecord::to(topic)
+        .key(key)
+        .payload(payload);
+    producer
+        .send(record, QUEUE_TIMEOUT)
+        .await
+        .map(|d| Delivered {
+            partition: d.partition,
+            offset: d.offset,
+        })
+        .map_err(|(e, _)| e)
+}
+
+/// Asks the cluster for `topic`'s metadata: the broker answers and knows the
+/// topic. Used to probe a broker that was marked down.
+pub async fn probe(producer: &FutureProducer, topic: &str) -> Result<(), KafkaError> {
+    use rdkafka::producer::Producer;
+    let producer = producer.clone();
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let md = producer
+            .client()
+            .fetch_metadata(Some(&topic), Duration::from_secs(2))?;
+        let ok = md
+            .topics()
+            .iter()
+            .any(|t| t.error().is_none() && t.partitions().iter().all(|p| p.leader() >= 0));
+        if ok {
+            Ok(())
+        } else {
+            Err(KafkaError::MetadataFetch(RDKafkaErrorCode::LeaderNotAvailable))
+        }
+    })
+    .await
+    .unwrap_or(Err(KafkaError::Canceled))
+}

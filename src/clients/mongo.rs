@@ -24,6 +24,14 @@ pub enum MongoError {
     Reply(String),
 }
 
+impl crate::retry::Retryable for MongoError {
+    /// Driver errors (connection, timeouts, server selection) may pass; a reply
+    /// this code cannot read will not.
+    fn is_retryable(&self) -> bool {
+        matches!(self, MongoError::Driver(_))
+    }
+}
+
 /// One change to apply: the newest version of one section of one user.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {

@@ -12,7 +12,11 @@ use fred::{
     types::{Value as RValue, scripts::Script},
 };
 use mongodb::bson::{Bson, Document};
-use std::{collections::BTreeMap, sync::LazyLock, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::LazyLock,
+    time::Duration,
+};
 
 /// Which half of a profile a version belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -38,9 +42,9 @@ pub enum RedisError {
     Reply { what: &'static str, reply: String },
 }
 
-impl RedisError {
+impl crate::retry::Retryable for RedisError {
     /// Connection trouble and timeouts pass; a bad reply does not.
-    pub fn is_retryable(&self) -> bool {
+    fn is_retryable(&self) -> bool {
         match self {
             RedisError::Command(e) => {
                 !matches!(e.kind(), ErrorKind::InvalidArgument | ErrorKind::Parse)
@@ -88,17 +92,20 @@ return out
 });
 
 /// Compare-and-delete: removes a flag only if its score is still the version that
-/// was published. KEYS: dirty zset. ARGV: user, version, user, version, ...
+/// was published, and closes the user's dead letter if it had one (it synced).
+/// KEYS: dirty zset, dead-letter hash. ARGV: user, version, user, version, ...
 static CLEAR: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
         r#"
 local n = 0
+local dlq = redis.call('EXISTS', KEYS[2]) == 1
 for i = 1, #ARGV, 2 do
   local s = redis.call('ZSCORE', KEYS[1], ARGV[i])
   if s and tonumber(s) == tonumber(ARGV[i + 1]) then
     redis.call('ZREM', KEYS[1], ARGV[i])
     n = n + 1
   end
+  if dlq then redis.call('HDEL', KEYS[2], ARGV[i]) end
 end
 return n
 "#,
@@ -182,13 +189,7 @@ impl RedisStore {
     /// Flags users dirty, allocating a version for each; one script per shard,
     /// all shards at once. Returns `(user, version)` in input order.
     pub async fn mark(&self, users: &[String]) -> Result<Vec<(String, i64)>, RedisError> {
-        let mut by_shard: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-        for (i, u) in users.iter().enumerate() {
-            by_shard
-                .entry(shard_of(u, self.shards))
-                .or_default()
-                .push(i);
-        }
+        let by_shard = self.by_shard(users.iter().map(String::as_str));
         let calls = by_shard.iter().map(|(&shard, idx)| {
             let args: Vec<&str> = idx.iter().map(|&i| users[i].as_str()).collect();
             let keys = vec![self.keys.dirty(shard), self.keys.clock(shard)];
@@ -332,8 +333,123 @@ impl RedisStore {
             args.push(v.to_string());
         }
         Ok(CLEAR
-            .evalsha_with_reload(self.client(), vec![self.keys.dirty(shard)], args)
+            .evalsha_with_reload(
+                self.client(),
+                vec![self.keys.dirty(shard), self.keys.dlq(shard)],
+                args,
+            )
             .await?)
+    }
+
+    /// The stored dead-letter entries (JSON) of `users`, `None` where none is open.
+    pub async fn dlq_entries(&self, users: &[&str]) -> Result<Vec<Option<String>>, RedisError> {
+        let mut out = vec![None; users.len()];
+        for (shard, idx) in self.by_shard(users.iter().copied()) {
+            let fields: Vec<&str> = idx.iter().map(|&i| users[i]).collect();
+            let got: Vec<Option<String>> = if fields.len() == 1 {
+                vec![self.client().hget(self.keys.dlq(shard), fields[0]).await?]
+            } else {
+                self.client().hmget(self.keys.dlq(shard), fields).await?
+            };
+            for (i, v) in idx.into_iter().zip(got) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens (or replaces) dead-letter entries: `(user, JSON)`.
+    pub async fn dlq_put(&self, entries: &[(&str, String)]) -> Result<(), RedisError> {
+        for (shard, idx) in self.by_shard(entries.iter().map(|e| e.0)) {
+            let map: Vec<(&str, &str)> = idx
+                .iter()
+                .map(|&i| (entries[i].0, entries[i].1.as_str()))
+                .collect();
+            let _: i64 = self.client().hset(self.keys.dlq(shard), map).await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the dead-letter entries of `users`; returns how many were open.
+    pub async fn dlq_remove(&self, users: &[&str]) -> Result<u64, RedisError> {
+        let mut n = 0;
+        for (shard, idx) in self.by_shard(users.iter().copied()) {
+            let fields: Vec<&str> = idx.iter().map(|&i| users[i]).collect();
+            let removed: u64 = self.client().hdel(self.keys.dlq(shard), fields).await?;
+            n += removed;
+        }
+        Ok(n)
+    }
+
+    /// Open dead letters per shard, in one pipeline.
+    pub async fn dlq_counts(&self) -> Result<Vec<u64>, RedisError> {
+        let pipe = self.client().pipeline();
+        for shard in 0..self.shards {
+            let _: () = pipe.hlen(self.keys.dlq(shard)).await?;
+        }
+        Ok(pipe.all().await?)
+    }
+
+    /// Every open dead letter of one shard: `(user, JSON)`.
+    pub async fn dlq_shard(&self, shard: u32) -> Result<Vec<(String, String)>, RedisError> {
+        let map: BTreeMap<String, String> = self.client().hgetall(self.keys.dlq(shard)).await?;
+        Ok(map.into_iter().collect())
+    }
+
+    /// Parks an encoded dead-letter record until Kafka is back.
+    pub async fn outbox_push(&self, records: &[Vec<u8>]) -> Result<(), RedisError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let pipe = self.client().pipeline();
+        for r in records {
+            let _: () = pipe
+                .xadd(
+                    self.keys.dlq_outbox(),
+                    false,
+                    None,
+                    "*",
+                    vec![("record", bytes::Bytes::copy_from_slice(r))],
+                )
+                .await?;
+        }
+        let _: Vec<RValue> = pipe.all().await?;
+        Ok(())
+    }
+
+    /// The oldest `n` parked records: `(stream id, bytes)`.
+    pub async fn outbox_read(&self, n: u64) -> Result<Vec<(String, Vec<u8>)>, RedisError> {
+        let entries: Vec<(String, HashMap<String, bytes::Bytes>)> = self
+            .client()
+            .xrange(self.keys.dlq_outbox(), "-", "+", Some(n))
+            .await?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|(id, mut f)| f.remove("record").map(|b| (id, b.to_vec())))
+            .collect())
+    }
+
+    /// Drops forwarded records from the outbox.
+    pub async fn outbox_ack(&self, ids: &[String]) -> Result<(), RedisError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let _: i64 = self.client().xdel(self.keys.dlq_outbox(), ids.to_vec()).await?;
+        Ok(())
+    }
+
+    /// Records parked in the outbox.
+    pub async fn outbox_len(&self) -> Result<u64, RedisError> {
+        Ok(self.client().xlen(self.keys.dlq_outbox()).await?)
+    }
+
+    /// Groups item indices by the shard of their user.
+    fn by_shard<'a>(&self, users: impl Iterator<Item = &'a str>) -> BTreeMap<u32, Vec<usize>> {
+        let mut m: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, u) in users.enumerate() {
+            m.entry(shard_of(u, self.shards)).or_default().push(i);
+        }
+        m
     }
 
     /// L2: the applied `(static, dynamic)` versions of users of one shard, in one

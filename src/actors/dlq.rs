@@ -1,0 +1,439 @@
+//! DlqActor: the dead-letter queue. A user whose change could not be synced —
+//! its profile is unreadable, or Kafka refused the event after every retry, or
+//! MongoDB rejected it — gets a `DlqMessage` on the DLQ topic with its full error
+//! context, and an open entry in Redis (`<prefix>:dlq:{shard}`) that operators
+//! list and redrive through the API or the CLI.
+//!
+//! The user's dirty flag is never touched here: it stays, so a later cycle tries
+//! again, and the entry closes by itself once the user syncs. One record is
+//! written per (user, version): a change that keeps failing every cycle is not
+//! recorded again. While Kafka is unreachable, records are parked in a Redis
+//! stream and forwarded when it is back, so none is lost.
+
+use super::{Shared, StageError, guard, restart_pause};
+use crate::{
+    clients::{kafka, redis::RedisStore},
+    health::Backend,
+    proto::{DlqMessage, ErrorContext},
+};
+use actix::prelude::*;
+use prost::Message as _;
+use rdkafka::producer::FutureProducer;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Records forwarded from the outbox per round.
+const FORWARD_BATCH: u64 = 500;
+
+/// One change that could not be synced.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Empty when the record could not even be decoded.
+    pub user_id: String,
+    /// The change's version (0 when unknown).
+    pub version: i64,
+    /// Where it failed: `load`, `publish`, `decode` or `apply`.
+    pub stage: &'static str,
+    /// The encoded event, or the raw bytes that failed to decode.
+    pub original_event: Vec<u8>,
+    pub error: String,
+    /// Context beyond the message: the error chain and where the record was.
+    pub detail: String,
+    pub retry_count: u32,
+    /// The Kafka topic the event was bound for or read from.
+    pub topic: String,
+    pub partition: Option<i32>,
+    pub offset: Option<i64>,
+}
+
+/// An open dead letter, as stored in Redis and shown by `GET /v1/dlq`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DlqEntry {
+    pub user_id: String,
+    pub version: i64,
+    pub stage: String,
+    pub error: String,
+    pub detail: String,
+    pub retry_count: u32,
+    pub failed_at_ms: i64,
+    pub instance_id: String,
+    pub topic: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub partition: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub offset: Option<i64>,
+}
+
+/// What one [`Record`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    /// New records written (to Kafka or parked).
+    pub recorded: u64,
+    /// Already recorded for the same version.
+    pub duplicates: u64,
+    /// Parked in Redis because Kafka was unreachable.
+    pub parked: u64,
+}
+
+pub struct DlqActor {
+    redis: RedisStore,
+    producer: FutureProducer,
+    topic: String,
+    shared: Shared,
+    forward_interval: Duration,
+    forwarding: bool,
+    restarts: u32,
+}
+
+impl DlqActor {
+    pub const NAME: &'static str = "DlqActor";
+
+    pub fn new(
+        redis: RedisStore,
+        producer: FutureProducer,
+        topic: String,
+        forward_interval: Duration,
+        shared: Shared,
+    ) -> Self {
+        Self {
+            redis,
+            producer,
+            topic,
+            shared,
+            forward_interval,
+            forwarding: false,
+            restarts: 0,
+        }
+    }
+}
+
+impl Actor for DlqActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        restart_pause(self.restarts, ctx);
+        self.forwarding = false;
+        ctx.run_interval(self.forward_interval, |act, ctx| {
+            if act.forwarding || act.shared.cancel.is_cancelled() {
+                return;
+            }
+            act.forwarding = true;
+            let (redis, producer, topic, shared) = (
+                act.redis.clone(),
+                act.producer.clone(),
+                act.topic.clone(),
+                act.shared.clone(),
+            );
+            ctx.spawn(
+                async move { forward_parked(&redis, &producer, &topic, &shared).await }
+                    .into_actor(act)
+                    .map(|_, act, _| act.forwarding = false),
+            );
+        });
+    }
+}
+
+impl Supervised for DlqActor {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.restarts += 1;
+    }
+}
+
+/// Records dead letters.
+#[derive(Message)]
+#[rtype(result = "Result<Recorded, StageError>")]
+pub struct Record(pub Vec<DeadLetter>);
+
+impl Handler<Record> for DlqActor {
+    type Result = ResponseActFuture<Self, Result<Recorded, StageError>>;
+
+    fn handle(&mut self, Record(letters): Record, _: &mut Context<Self>) -> Self::Result {
+        let (redis, producer, topic, shared) = (
+            self.redis.clone(),
+            self.producer.clone(),
+            self.topic.clone(),
+            self.shared.clone(),
+        );
+        guard(Self::NAME, shared.stats.clone(), async move {
+            record(&redis, &producer, &topic, &shared, letters).await
+        })
+    }
+}
+
+async fn record(
+    redis: &RedisStore,
+    producer: &FutureProducer,
+    topic: &str,
+    shared: &Shared,
+    letters: Vec<DeadLetter>,
+) -> Result<Recorded, StageError> {
+    let mut out = Recorded::default();
+    // One record per (user, version): skip what is already open for that version.
+    let known: Vec<String> = letters
+        .iter()
+        .filter(|l| !l.user_id.is_empty())
+        .map(|l| l.user_id.clone())
+        .collect();
+    let known_users: Vec<&str> = known.iter().map(String::as_str).collect();
+    let open = shared
+        .retry
+        .run("read dead letters", &shared.cancel, || {
+            redis.dlq_entries(&known_users)
+        })
+        .await?;
+    let open: std::collections::HashMap<String, i64> = known
+        .iter()
+        .zip(open)
+        .filter_map(|(u, e)| {
+            let e: DlqEntry = serde_json::from_str(e.as_deref()?).ok()?;
+            Some((u.clone(), e.version))
+        })
+        .collect();
+    let now = crate::actors::publisher::now_ms();
+    let mut fresh = Vec::new();
+    for l in letters {
+        if !l.user_id.is_empty() && open.get(l.user_id.as_str()) == Some(&l.version) {
+            out.duplicates += 1;
+        } else {
+            fresh.push(l);
+        }
+    }
+    if fresh.is_empty() {
+        return Ok(out);
+    }
+
+    let encoded: Vec<Vec<u8>> = fresh
+        .iter()
+        .map(|l| {
+            DlqMessage {
+                user_id: l.user_id.clone(),
+                original_event: l.original_event.clone(),
+                error_context: Some(ErrorContext {
+                    error_message: l.error.clone(),
+                    stack_trace: l.detail.clone(),
+                    retry_count: l.retry_count as i32,
+                    failure_timestamp: now,
+                    instance_id: shared.instance_id.clone(),
+                    kafka_topic: l.topic.clone(),
+                }),
+            }
+            .encode_to_vec()
+        })
+        .collect();
+
+    let mut parked = Vec::new();
+    if shared.health.is_down(Backend::Kafka) {
+        parked = encoded;
+    } else {
+        let keys: Vec<String> = fresh.iter().map(record_key).collect();
+        let sends = keys
+            .iter()
+            .zip(&encoded)
+            .map(|(key, bytes)| kafka::send(producer, topic, key, bytes));
+        let results = futures::future::join_all(sends).await;
+        for (r, bytes) in results.into_iter().zip(encoded) {
+            if let Err(e) = r {
+                shared.health.set_down(Backend::Kafka, &e);
+                parked.push(bytes);
+            }
+        }
+    }
+    if !parked.is_empty() {
+        shared
+            .retry
+            .run("park dead letters", &shared.cancel, || {
+                redis.outbox_push(&parked)
+            })
+            .await?;
+        out.parked = parked.len() as u64;
+        shared.stats.dlq_parked(out.parked);
+    }
+
+    let entries: Vec<(&str, String)> = fresh
+        .iter()
+        .filter(|l| !l.user_id.is_empty())
+        .map(|l| {
+            let e = DlqEntry {
+                user_id: l.user_id.clone(),
+                version: l.version,
+                stage: l.stage.to_string(),
+                error: l.error.clone(),
+                detail: l.detail.clone(),
+                retry_count: l.retry_count,
+                failed_at_ms: now,
+                instance_id: shared.instance_id.clone(),
+                topic: l.topic.clone(),
+                partition: l.partition,
+                offset: l.offset,
+            };
+            (
+                l.user_id.as_str(),
+                serde_json::to_string(&e).expect("entries serialize"),
+            )
+        })
+        .collect();
+    shared
+        .retry
+        .run("open dead letters", &shared.cancel, || redis.dlq_put(&entries))
+        .await?;
+    for l in &fresh {
+        shared.stats.dlq_recorded(l.stage, &l.user_id, &l.error);
+    }
+    out.recorded = fresh.len() as u64;
+    Ok(out)
+}
+
+/// The Kafka key of a record: the user, or where an undecodable record was.
+fn record_key(l: &DeadLetter) -> String {
+    if l.user_id.is_empty() {
+        format!(
+            "{}/{}/{}",
+            l.topic,
+            l.partition.unwrap_or(-1),
+            l.offset.unwrap_or(-1)
+        )
+    } else {
+        l.user_id.clone()
+    }
+}
+
+/// Refreshes the DLQ gauges and forwards parked records once Kafka answers.
+async fn forward_parked(redis: &RedisStore, producer: &FutureProducer, topic: &str, shared: &Shared) {
+    if let Ok(counts) = redis.dlq_counts().await {
+        shared.stats.dlq_open(counts.iter().sum());
+    }
+    let Ok(waiting) = redis.outbox_len().await else {
+        return;
+    };
+    shared.stats.dlq_outbox(waiting);
+    if waiting == 0 {
+        return;
+    }
+    if shared.health.is_down(Backend::Kafka) {
+        match kafka::probe(producer, topic).await {
+            Ok(()) => {
+                shared.health.set_up(Backend::Kafka);
+            }
+            Err(_) => return,
+        }
+    }
+    let Ok(batch) = redis.outbox_read(FORWARD_BATCH).await else {
+        return;
+    };
+    let sends = batch.iter().map(|(_, bytes)| async move {
+        let key = DlqMessage::decode(bytes.as_slice())
+            .map(|m| m.user_id)
+            .unwrap_or_default();
+        kafka::send(producer, topic, &key, bytes).await
+    });
+    let results = futures::future::join_all(sends).await;
+    let mut done = Vec::new();
+    for ((id, _), r) in batch.iter().zip(results) {
+        match r {
+            Ok(_) => done.push(id.clone()),
+            Err(e) => {
+                shared.health.set_down(Backend::Kafka, &e);
+            }
+        }
+    }
+    if let Err(e) = redis.outbox_ack(&done).await {
+        // The records stay parked and are forwarded again: at least once.
+        tracing::warn!(error = %e, "cannot drop forwarded dead letters from the outbox");
+    } else if !done.is_empty() {
+        tracing::info!(forwarded = done.len(), "parked dead letters forwarded to kafka");
+    }
+}
+
+/// Open dead letters, for `GET /v1/dlq` and `datasync dlq list`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DlqListing {
+    /// Open entries in all shards.
+    pub open: u64,
+    /// Records parked in Redis, waiting for Kafka.
+    pub parked: u64,
+    /// Up to the requested number of entries, oldest failure first.
+    pub entries: Vec<DlqEntry>,
+}
+
+/// Lists up to `limit` open dead letters.
+pub async fn list(redis: &RedisStore, limit: usize) -> Result<DlqListing, StageError> {
+    let counts = redis.dlq_counts().await?;
+    let mut entries = Vec::new();
+    for (shard, &n) in counts.iter().enumerate() {
+        if entries.len() >= limit {
+            break;
+        }
+        if n == 0 {
+            continue;
+        }
+        for (user, json) in redis.dlq_shard(shard as u32).await? {
+            match serde_json::from_str::<DlqEntry>(&json) {
+                Ok(e) => entries.push(e),
+                Err(e) => tracing::warn!(user, error = %e, "unreadable dead-letter entry"),
+            }
+        }
+    }
+    entries.sort_by(|a, b| (a.failed_at_ms, &a.user_id).cmp(&(b.failed_at_ms, &b.user_id)));
+    entries.truncate(limit);
+    Ok(DlqListing {
+        open: counts.iter().sum(),
+        parked: redis.outbox_len().await?,
+        entries,
+    })
+}
+
+/// Which dead letters to redrive.
+#[derive(Debug, Clone)]
+pub enum RedriveTarget {
+    Users(Vec<String>),
+    All,
+}
+
+/// What a redrive did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Redriven {
+    /// Users re-flagged, with their new versions.
+    pub redriven: Vec<(String, i64)>,
+    /// Requested users with no open dead letter (left alone).
+    pub not_open: Vec<String>,
+}
+
+/// Re-flags the users of open dead letters (new versions from their shard
+/// clocks, so the normal path and its version rules apply) and closes the
+/// entries. Re-flagging first means a crash in between leaves the entry open,
+/// never a user dropped.
+pub async fn redrive(redis: &RedisStore, target: RedriveTarget) -> Result<Redriven, StageError> {
+    let mut out = Redriven::default();
+    let users: Vec<String> = match target {
+        RedriveTarget::Users(ids) => {
+            let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let open = redis.dlq_entries(&refs).await?;
+            let mut chosen = Vec::new();
+            for (id, e) in ids.into_iter().zip(open) {
+                if e.is_some() {
+                    chosen.push(id);
+                } else {
+                    out.not_open.push(id);
+                }
+            }
+            chosen
+        }
+        RedriveTarget::All => {
+            let mut all = Vec::new();
+            for shard in 0..redis.shards() {
+                all.extend(redis.dlq_shard(shard).await?.into_iter().map(|(u, _)| u));
+            }
+            all
+        }
+    };
+    for chunk in users.chunks(1000) {
+        let marked = redis.mark(chunk).await?;
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        redis.dlq_remove(&refs).await?;
+        out.redriven.extend(marked);
+    }
+    if !out.redriven.is_empty() {
+        tracing::info!(users = out.redriven.len(), "dead letters redriven");
+    }
+    Ok(out)
+}

@@ -1,0 +1,141 @@
+//! Which backends are reachable, as seen by the stages that call them.
+//!
+//! A stage that gives up on Kafka or MongoDB marks it down; the ShardScanner then
+//! stops pulling new work (probing the backend before each page instead), and
+//! readiness reports `degraded` with the reason. The first success marks the
+//! backend up again, and the outage's length is logged and measured.
+
+use dashmap::DashMap;
+use metrics::{gauge, histogram};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Redis,
+    Kafka,
+    Mongo,
+}
+
+impl Backend {
+    pub const ALL: [Backend; 3] = [Backend::Redis, Backend::Kafka, Backend::Mongo];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Redis => "redis",
+            Backend::Kafka => "kafka",
+            Backend::Mongo => "mongodb",
+        }
+    }
+}
+
+pub const BACKEND_UP: &str = "datasync_backend_up";
+pub const OUTAGE_SECONDS: &str = "datasync_backend_outage_seconds";
+
+#[derive(Debug, Clone)]
+struct Down {
+    since: Instant,
+    reason: String,
+}
+
+/// One outage seen and over.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outage {
+    pub backend: Backend,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Default)]
+pub struct Health {
+    down: DashMap<Backend, Down>,
+    recovered: std::sync::Mutex<Vec<Outage>>,
+}
+
+impl Health {
+    pub fn new() -> Self {
+        for b in Backend::ALL {
+            gauge!(BACKEND_UP, "backend" => b.name()).set(1.0);
+        }
+        Self::default()
+    }
+
+    /// Marks `b` down (the first reason and time are kept until it recovers).
+    pub fn set_down(&self, b: Backend, reason: impl std::fmt::Display) {
+        if !self.down.contains_key(&b) {
+            let reason = reason.to_string();
+            tracing::warn!(backend = b.name(), %reason, "backend marked down; new work paused");
+            gauge!(BACKEND_UP, "backend" => b.name()).set(0.0);
+            self.down.entry(b).or_insert(Down {
+                since: Instant::now(),
+                reason,
+            });
+        }
+    }
+
+    /// Marks `b` up; returns how long it was down, if it was.
+    pub fn set_up(&self, b: Backend) -> Option<Duration> {
+        let (_, d) = self.down.remove(&b)?;
+        let took = d.since.elapsed();
+        tracing::info!(backend = b.name(), outage = ?took, "backend recovered");
+        gauge!(BACKEND_UP, "backend" => b.name()).set(1.0);
+        histogram!(OUTAGE_SECONDS, "backend" => b.name()).record(took.as_secs_f64());
+        self.recovered
+            .lock()
+            .expect("not poisoned")
+            .push(Outage {
+                backend: b,
+                seconds: took.as_secs_f64(),
+            });
+        Some(took)
+    }
+
+    pub fn is_down(&self, b: Backend) -> bool {
+        self.down.contains_key(&b)
+    }
+
+    /// Backends down, with the reason and for how long, sorted by backend.
+    pub fn problems(&self) -> Vec<String> {
+        let mut v: Vec<(Backend, String)> = self
+            .down
+            .iter()
+            .map(|e| {
+                (
+                    *e.key(),
+                    format!(
+                        "{} down for {:.1}s: {}",
+                        e.key().name(),
+                        e.since.elapsed().as_secs_f64(),
+                        e.reason
+                    ),
+                )
+            })
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// Outages that are over, oldest first.
+    pub fn outages(&self) -> Vec<Outage> {
+        self.recovered.lock().expect("not poisoned").clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn down_then_up_records_the_outage() {
+        let h = Health::new();
+        assert!(h.set_up(Backend::Kafka).is_none());
+        h.set_down(Backend::Kafka, "broker gone");
+        h.set_down(Backend::Kafka, "second reason is ignored");
+        assert!(h.is_down(Backend::Kafka));
+        let p = h.problems();
+        assert_eq!(p.len(), 1);
+        assert!(p[0].starts_with("kafka down for") && p[0].ends_with("broker gone"), "{p:?}");
+        assert!(h.set_up(Backend::Kafka).is_some());
+        assert!(!h.is_down(Backend::Kafka));
+        assert_eq!(h.outages().len(), 1);
+    }
+}
