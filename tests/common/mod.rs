@@ -158,3 +158,53 @@ pub async fn finish(engine: Engine, ns: &str) {
     engine.shutdown(Duration::from_secs(20)).await;
     cleanup(ns).await;
 }
+
+pub async fn start_with(config: Config) -> Engine {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn,datasync=info")
+        .with_test_writer()
+        .try_init();
+    Engine::start(config)
+        .await
+        .expect("engine starts against the local stack")
+}
+
+/// Reads `topic` from the beginning of each of its `partitions` until `done`
+/// holds for what was read, or `timeout` passes (then panics naming `what`).
+pub async fn read_topic(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&[Vec<u8>]) -> bool,
+) -> Vec<Vec<u8>> {
+    use rdkafka::{
+        ClientConfig, Message, Offset, TopicPartitionList,
+        consumer::{Consumer, StreamConsumer},
+    };
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut got = Vec::new();
+    while !done(&got) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            panic!("timed out after {timeout:?} reading {topic}: {what} ({} records read)", got.len());
+        }
+        if let Ok(Ok(m)) = tokio::time::timeout(left.min(Duration::from_millis(500)), consumer.recv()).await {
+            got.push(m.payload().unwrap_or_default().to_vec());
+        }
+    }
+    got
+}
