@@ -321,10 +321,11 @@ impl Stats {
         counter!(names::EVENTS_PUBLISHED, "type" => sync_type).increment(n);
     }
 
-    pub fn publish_failed(&self, sync_type: &'static str, err: &dyn std::fmt::Display) {
-        self.publish_failures.fetch_add(1, Relaxed);
-        counter!(names::PUBLISH_FAILURES, "type" => sync_type).increment(1);
-        tracing::warn!(error = %err, sync_type, "publish failed; the flag stays for the next cycle");
+    /// `n` events of one batch not published; `first` is one of the errors.
+    pub fn publish_failed(&self, sync_type: &'static str, n: u64, first: &dyn std::fmt::Display) {
+        self.publish_failures.fetch_add(n, Relaxed);
+        counter!(names::PUBLISH_FAILURES, "type" => sync_type).increment(n);
+        tracing::warn!(failed = n, error = %first, sync_type, "events not published; their flags stay for the next cycle");
     }
 
     pub fn already_applied(&self, n: u64) {
@@ -375,10 +376,9 @@ impl Stats {
         tracing::info!("publishing is paused; batch waiting");
     }
 
-    pub fn dlq_recorded(&self, stage: &'static str, user: &str, err: &str) {
-        self.dlq_records.fetch_add(1, Relaxed);
-        counter!(names::DLQ_RECORDS, "stage" => stage).increment(1);
-        tracing::warn!(user, stage, error = err, "dead letter recorded; the flag stays");
+    pub fn dlq_recorded(&self, stage: &'static str, n: u64) {
+        self.dlq_records.fetch_add(n, Relaxed);
+        counter!(names::DLQ_RECORDS, "stage" => stage).increment(n);
     }
 
     pub fn dlq_parked(&self, n: u64) {

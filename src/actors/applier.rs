@@ -435,6 +435,9 @@ impl ConsumerLoop {
     }
 
     fn commit(&self, window: &[Record]) {
+        if window.is_empty() {
+            return;
+        }
         let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
         for r in window {
             let e = next.entry((r.topic.as_str(), r.partition)).or_insert(0);

@@ -276,10 +276,21 @@ async fn record(
         .retry
         .run("open dead letters", &shared.cancel, || redis.dlq_put(&entries))
         .await?;
+    let mut by_stage: std::collections::BTreeMap<&'static str, u64> = Default::default();
     for l in &fresh {
-        shared.stats.dlq_recorded(l.stage, &l.user_id, &l.error);
+        *by_stage.entry(l.stage).or_default() += 1;
+    }
+    for (stage, n) in by_stage {
+        shared.stats.dlq_recorded(stage, n);
     }
     out.recorded = fresh.len() as u64;
+    tracing::warn!(
+        recorded = out.recorded,
+        parked = out.parked,
+        first_user = %fresh[0].user_id,
+        first_error = %fresh[0].error,
+        "dead letters recorded; their flags stay"
+    );
     Ok(out)
 }
 

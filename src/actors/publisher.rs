@@ -257,11 +257,14 @@ async fn publish_all(
     shared.stats.events_published(label, ok);
     let mut out = Vec::with_capacity(results.len());
     let mut gave_up = None;
+    let mut failed = 0;
+    let mut first_error = None;
     for (r, event) in results.into_iter().zip(events) {
         out.push(match r.expect("every item has a result") {
             Ok(d) => Ok(d),
             Err(error) => {
-                shared.stats.publish_failed(label, &error);
+                failed += 1;
+                first_error.get_or_insert_with(|| error.to_string());
                 let retries = if error.is_retryable() { retries } else { 0 };
                 if error.is_retryable() {
                     gave_up.get_or_insert_with(|| error.to_string());
@@ -273,6 +276,9 @@ async fn publish_all(
                 })
             }
         });
+    }
+    if let Some(first) = first_error {
+        shared.stats.publish_failed(label, failed, &first);
     }
     if let Some(reason) = gave_up {
         shared.health.set_down(Backend::Kafka, reason);

@@ -1,0 +1,307 @@
+//! Backend outages with real processes: Kafka brokers taken down (librdkafka's
+//! mock cluster, a real Kafka-protocol peer), and MongoDB and Redis server
+//! processes of the test's own stopped and restarted. Each reports how long
+//! recovery took on stderr (`cargo test -- --nocapture` shows it).
+
+mod common;
+
+use common::*;
+use datasync::{
+    Config,
+    clients::{mongo::MongoStore, redis::RedisStore},
+    proto::DlqMessage,
+};
+use mongodb::bson::doc;
+use prost::Message;
+use rdkafka::mocking::MockCluster;
+use std::{
+    collections::{HashMap, HashSet},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+const LONG: Duration = Duration::from_secs(240);
+const OUTAGE: Duration = Duration::from_secs(30);
+
+fn with(ns: &str, extra: &str) -> Config {
+    Config::from_layers(
+        &[
+            ("test".into(), config_toml(ns)),
+            ("overrides".into(), extra.to_string()),
+        ],
+        std::iter::empty(),
+    )
+    .expect("valid test config")
+}
+
+const FAST_RETRIES: &str = r#"
+[retry]
+max_retries = 3
+initial_delay = "200ms"
+multiplier = 2.0
+max_delay = "1s"
+jitter = 0.0
+[dlq]
+forward_interval = "200ms"
+"#;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn stop(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+async fn mark_all(engine: &datasync::Engine, n: usize, generation: i64) -> HashMap<String, i64> {
+    mark_range(engine, 0..n, generation).await
+}
+
+async fn mark_range(
+    engine: &datasync::Engine,
+    range: std::ops::Range<usize>,
+    generation: i64,
+) -> HashMap<String, i64> {
+    let mut expected = HashMap::new();
+    let ids: Vec<usize> = range.collect();
+    for chunk in ids.chunks(1000) {
+        let users: Vec<_> = chunk
+            .iter()
+            .map(|i| profile(&format!("u{i}"), generation))
+            .collect();
+        for m in engine.write_and_mark(&users).await.unwrap() {
+            expected.insert(m.user_id, m.version);
+        }
+    }
+    expected
+}
+
+/// Every expected user is in MongoDB at its expected version.
+async fn all_at(mongo: &MongoStore, expected: &HashMap<String, i64>) -> bool {
+    use futures::TryStreamExt;
+    let Ok(mut cursor) = mongo.collection().find(doc! {}).await else {
+        return false;
+    };
+    let mut ok = 0;
+    while let Ok(Some(d)) = cursor.try_next().await {
+        let user = d.get_str("userId").unwrap_or_default();
+        if expected.get(user) == d.get_i64("dynamicVersion").ok().as_ref() {
+            ok += 1;
+        }
+    }
+    ok == expected.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_down_30s_dead_letters_run_out_users_and_everything_syncs_after() {
+    let ns = unique("kafkadown");
+    let cluster = MockCluster::new(3).unwrap();
+    for t in ["static", "dynamic", "dlq"] {
+        cluster.create_topic(&format!("{ns}-{t}"), 2, 1).unwrap();
+    }
+    let brokers = cluster.bootstrap_servers();
+    let config = with(
+        &ns,
+        &format!(
+            "{FAST_RETRIES}\n[kafka]\nbrokers = \"{brokers}\"\ncreate_topics = false\nmessage_timeout = \"1s\"\n"
+        ),
+    );
+    let engine = start_with(config).await;
+    // Half the users before the outage, half while the brokers are down.
+    let mut expected = mark_range(&engine, 0..10_000, 1).await;
+    let mongo = mongo(&ns).await;
+    wait_until("some users applied before the outage", LONG, || async {
+        count_docs(&mongo, doc! {}).await >= 1000
+    })
+    .await;
+
+    for b in 1..=3 {
+        cluster.broker_down(b).unwrap();
+    }
+    let down_at = Instant::now();
+    expected.extend(mark_range(&engine, 10_000..20_000, 1).await);
+    wait_until("users whose retries ran out are dead-lettered", LONG, || async {
+        engine.stats().dlq_records > 0
+    })
+    .await;
+    let r = engine.readiness().await;
+    assert_eq!(r.status, "degraded", "{r:?}");
+    assert!(r.reasons.iter().any(|x| x.starts_with("kafka down")), "{r:?}");
+    // The DLQ records could not reach Kafka: they are parked in Redis.
+    assert!(engine.stats().dlq_parked > 0);
+    tokio::time::sleep(OUTAGE.saturating_sub(down_at.elapsed())).await;
+    for b in 1..=3 {
+        cluster.broker_up(b).unwrap();
+    }
+    let up_at = Instant::now();
+
+    wait_until("all 20,000 users at their version in MongoDB", LONG, || {
+        all_at(&mongo, &expected)
+    })
+    .await;
+    let recovered = up_at.elapsed();
+    let redis = redis(&ns).await;
+    wait_until("every flag cleared", LONG, || async { pending_flags(&redis).await == 0 }).await;
+    wait_until("parked dead letters forwarded", LONG, || async {
+        redis.outbox_len().await.unwrap() == 0
+    })
+    .await;
+    // The users dead-lettered synced later, so their entries closed.
+    wait_until("no open dead letter", LONG, || async {
+        engine.dlq_list(10).await.unwrap().open == 0
+    })
+    .await;
+
+    let recorded = engine.stats().dlq_records as usize;
+    let records = read_topic(&brokers, &format!("{ns}-dlq"), 2, "every dead letter", LONG, |got| {
+        got.len() >= recorded
+    })
+    .await;
+    let mut users = HashSet::new();
+    for bytes in &records {
+        let m = DlqMessage::decode(bytes.as_slice()).unwrap();
+        let ctx = m.error_context.as_ref().unwrap();
+        assert!(expected.contains_key(&m.user_id), "{}", m.user_id);
+        assert_eq!(ctx.retry_count, 3, "{ctx:?}");
+        assert!(ctx.stack_trace.contains("stage publish"), "{ctx:?}");
+        assert_eq!(ctx.kafka_topic, format!("{ns}-dynamic"));
+        users.insert(m.user_id);
+    }
+    assert_eq!(records.len(), recorded, "one record per user whose retries ran out");
+    assert_eq!(users.len(), recorded);
+    eprintln!(
+        "kafka outage: {OUTAGE:?} down, {recorded} users dead-lettered, all 20,000 applied {recovered:?} after the brokers returned; outages seen: {:?}",
+        engine.outages()
+    );
+    finish(engine, &ns).await;
+}
+
+fn secantusd() -> String {
+    format!("{}/.stack/venv/bin/secantusd-py", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn start_mongo(port: u16, dir: &std::path::Path) -> Child {
+    Command::new(secantusd())
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--storage-path"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("secantusd-py (run scripts/stack.sh up first)")
+}
+
+async fn mongo_answers(url: &str) -> bool {
+    let c = datasync::config::MongoConfig {
+        url: datasync::config::Secret::new(url),
+        database: "datasync_test".into(),
+        collection: "ping".into(),
+    };
+    match MongoStore::connect(&c, "probe").await {
+        Ok(m) => m.ping().await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_down_30s_pauses_the_applier_and_loses_nothing() {
+    let ns = unique("mongodown");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!(
+        "mongodb://127.0.0.1:{port}/?retryWrites=false&serverSelectionTimeoutMS=2000&connectTimeoutMS=2000"
+    );
+    let mut server = start_mongo(port, dir.path());
+    wait_until("the test's MongoDB answers", LONG, || mongo_answers(&url)).await;
+    let config = with(&ns, &format!("{FAST_RETRIES}\n[mongo]\nurl = \"{url}\"\n"));
+    let mongo = MongoStore::connect(&config.mongo, "tests").await.unwrap();
+    let engine = start_with(config).await;
+
+    let first = mark_all(&engine, 5000, 1).await;
+    wait_until("some users applied before the outage", LONG, || async {
+        count_docs(&mongo, doc! {}).await >= 500
+    })
+    .await;
+    stop(&mut server);
+    let down_at = Instant::now();
+    // Every user changes again while MongoDB is down.
+    let expected = mark_all(&engine, 5000, 2).await;
+    assert!(expected.iter().all(|(u, v)| *v > first[u]));
+    wait_until("readiness degraded by mongodb", LONG, || async {
+        let r = engine.readiness().await;
+        r.status == "degraded" && r.reasons.iter().any(|x| x.contains("mongodb"))
+    })
+    .await;
+    tokio::time::sleep(OUTAGE.saturating_sub(down_at.elapsed())).await;
+    let mut server = start_mongo(port, dir.path());
+    let up_at = Instant::now();
+
+    wait_until("all 5,000 users at generation 2", LONG, || all_at(&mongo, &expected)).await;
+    let recovered = up_at.elapsed();
+    // No change applied twice in effect: dataVersion counts applied changes, at
+    // most one per generation.
+    let over = count_docs(&mongo, doc! { "dataVersion": { "$gt": 2 } }).await;
+    assert_eq!(over, 0, "documents with a change applied twice");
+    let r = engine.readiness().await;
+    assert_eq!(r.status, "ready", "{r:?}");
+    eprintln!(
+        "mongodb outage: {OUTAGE:?} down, all 5,000 users at generation 2 {recovered:?} after it returned; outages seen: {:?}",
+        engine.outages()
+    );
+    engine.shutdown(Duration::from_secs(20)).await;
+    stop(&mut server);
+    cleanup(&ns).await;
+}
+
+fn start_redis(port: u16, dir: &std::path::Path) -> Child {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--appendonly", "yes", "--save", ""])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server (run scripts/stack.sh up first)")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_mid_run_the_engine_reconnects_and_finishes() {
+    let ns = unique("redisrestart");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let mut server = start_redis(port, dir.path());
+    let config = with(&ns, &format!("{FAST_RETRIES}\n[redis]\nurl = \"{url}\"\n"));
+    let connect = || RedisStore::connect(&config.redis, config.sync.shards);
+    wait_until("the test's Redis answers", LONG, || async { connect().await.is_ok() }).await;
+    let engine = start_with(config.clone()).await;
+    let mongo = mongo(&ns).await;
+
+    let expected = mark_all(&engine, 5000, 1).await;
+    wait_until("some users applied before the restart", LONG, || async {
+        count_docs(&mongo, doc! {}).await >= 500
+    })
+    .await;
+    stop(&mut server);
+    let down_at = Instant::now();
+    let mut server = start_redis(port, dir.path());
+    wait_until("the test's Redis is back", LONG, || async { connect().await.is_ok() }).await;
+    let up_at = Instant::now();
+    wait_until("all 5,000 users applied", LONG, || all_at(&mongo, &expected)).await;
+    let redis = connect().await.unwrap();
+    wait_until("every flag cleared", LONG, || async { pending_flags(&redis).await == 0 }).await;
+    eprintln!(
+        "redis restart: down {:?}, all 5,000 users applied {:?} after it returned",
+        up_at - down_at,
+        up_at.elapsed()
+    );
+    engine.shutdown(Duration::from_secs(20)).await;
+    stop(&mut server);
+    let _ = mongo.collection().drop().await;
+}
