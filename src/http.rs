@@ -180,7 +180,8 @@ fn require_admin(engine: &Engine, req: &HttpRequest) -> Result<(), ApiError> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DlqQuery {
-    limit: Option<usize>,
+    /// Parsed here rather than by serde, so the error names the parameter.
+    limit: Option<String>,
 }
 
 async fn dlq_list(
@@ -189,7 +190,12 @@ async fn dlq_list(
     query: web::Query<DlqQuery>,
 ) -> Result<HttpResponse, ApiError> {
     require_admin(&engine, &req)?;
-    let limit = query.limit.unwrap_or(engine.config().dlq.list_limit);
+    let limit = match &query.limit {
+        None => engine.config().dlq.list_limit,
+        Some(l) => l
+            .parse::<usize>()
+            .map_err(|_| ApiError::bad_request(format!("limit: `{l}` is not a whole number")))?,
+    };
     if !(1..=10_000).contains(&limit) {
         return Err(ApiError::bad_request("limit: must be between 1 and 10000"));
     }

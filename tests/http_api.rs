@@ -123,3 +123,93 @@ async fn the_api_marks_users_validates_input_and_reports() {
 
     finish(engine, &ns).await;
 }
+
+#[actix_web::test]
+async fn dead_letters_are_listed_and_redriven_with_the_admin_token() {
+    let ns = unique("httpdlq");
+    let mut config = test_config(&ns);
+    config.http.admin_token = datasync::config::Secret::new("s3cret");
+    let engine = start_with(config).await;
+    let app =
+        test::init_service(App::new().configure(datasync::http::configure(engine.clone()))).await;
+    let r = redis(&ns).await;
+    // A user whose profile key does not exist: a permanent load failure.
+    engine.mark_dirty(&["ghost".to_string()]).await.unwrap();
+    wait_until("the dead letter of ghost", Duration::from_secs(60), || async {
+        engine.dlq_list(10).await.unwrap().open == 1
+    })
+    .await;
+
+    let get = |auth: Option<&str>, uri: &str| {
+        let mut req = test::TestRequest::get().uri(uri);
+        if let Some(a) = auth {
+            req = req.insert_header(("Authorization", a.to_string()));
+        }
+        req.to_request()
+    };
+    let resp = test::call_service(&app, get(None, "/v1/dlq")).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let resp = test::call_service(&app, get(Some("Bearer nope"), "/v1/dlq")).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = test::read_body_json(resp).await;
+    assert!(body["error"].as_str().unwrap().contains("bearer token"));
+    let resp = test::call_service(&app, get(Some("Bearer s3cret"), "/v1/dlq?limit=0")).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let resp = test::call_service(&app, get(Some("Bearer s3cret"), "/v1/dlq?limit=x")).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body: Value = test::read_body_json(resp).await;
+    assert!(body["error"].as_str().unwrap().contains("limit"), "{body}");
+
+    let list: Value =
+        test::call_and_read_body_json(&app, get(Some("Bearer s3cret"), "/v1/dlq")).await;
+    assert_eq!(list["open"], 1);
+    let entry = &list["entries"][0];
+    assert_eq!(entry["user_id"], "ghost");
+    assert_eq!(entry["stage"], "load");
+    assert!(entry["error"].as_str().unwrap().contains("does not exist"), "{entry}");
+
+    let post = |body: Value| {
+        test::TestRequest::post()
+            .uri("/v1/dlq/redrive")
+            .insert_header(("Authorization", "Bearer s3cret"))
+            .set_json(body)
+            .to_request()
+    };
+    for bad in [json!({}), json!({ "all": true, "user_ids": ["a"] }), json!({ "users": ["a"] })] {
+        let resp = test::call_service(&app, post(bad.clone())).await;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{bad}");
+    }
+    // The upstream writes the profile; the redrive re-flags the user.
+    engine.write_and_mark(&[profile("ghost", 1)]).await.unwrap();
+    let resp: Value = test::call_and_read_body_json(&app, post(json!({ "all": true }))).await;
+    assert!(resp["redriven"].as_u64().unwrap() <= 1, "{resp}");
+    let mongo = mongo(&ns).await;
+    wait_until("ghost synced", Duration::from_secs(60), || async {
+        count_docs(&mongo, doc! { "userId": "ghost" }).await == 1
+    })
+    .await;
+    wait_until("the entry closed", Duration::from_secs(60), || async {
+        engine.dlq_list(10).await.unwrap().open == 0
+    })
+    .await;
+    assert_eq!(pending_flags(&r).await, 0);
+
+    // Readiness: everything up.
+    let ready: Value =
+        test::call_and_read_body_json(&app, get(None, "/health/ready")).await;
+    assert_eq!(ready["status"], "ready");
+    finish(engine, &ns).await;
+}
+
+#[actix_web::test]
+async fn admin_endpoints_are_off_without_a_token() {
+    let ns = unique("httpnoadmin");
+    let engine = start(&ns).await;
+    let app =
+        test::init_service(App::new().configure(datasync::http::configure(engine.clone()))).await;
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/v1/dlq").to_request()).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let body: Value = test::read_body_json(resp).await;
+    assert!(body["error"].as_str().unwrap().contains("http.admin_token"));
+    finish(engine, &ns).await;
+}

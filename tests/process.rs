@@ -73,50 +73,67 @@ fn spawn(config: &std::path::Path, log: &std::path::Path) -> Child {
         .unwrap()
 }
 
+async fn write_generation(
+    r: &datasync::clients::redis::RedisStore,
+    users: &[String],
+    generation: i64,
+    latest: &mut HashMap<String, (i64, i64)>,
+) {
+    for chunk in users.chunks(1000) {
+        let writes: Vec<(String, String)> = chunk
+            .iter()
+            .map(|u| (u.clone(), serde_json::json!({ "gen": generation }).to_string()))
+            .collect();
+        r.write_profiles(&writes).await.unwrap();
+        for (u, v) in r.mark(chunk).await.unwrap() {
+            latest.insert(u, (v, generation));
+        }
+    }
+}
+
+/// SIGKILL while the publish stage is running (flags being cleared), then
+/// while the applier is writing (documents appearing); users change while the
+/// service is down. After each restart nothing is lost and nothing regresses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_mid_batch_then_restart_loses_nothing_and_regresses_nothing() {
+async fn sigkill_during_each_stage_then_restart_loses_nothing_and_regresses_nothing() {
     let ns = unique("crash");
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("datasync.toml");
     let log = dir.path().join("datasync.log");
-    std::fs::write(&config, config_toml(&ns)).unwrap();
+    // Small pages, one at a time, so the publish stage lasts long enough to be hit.
+    let text = config_toml(&ns).replace("page_size = 500", "page_size = 100\nmax_in_flight_pages = 1");
+    std::fs::write(&config, text).unwrap();
     let r = redis(&ns).await;
     let mongo = mongo(&ns).await;
-
-    let mut child = spawn(&config, &log);
-    let mut latest: HashMap<String, (i64, i64)> = HashMap::new();
     let users: Vec<String> = (0..6000).map(|i| format!("c{i}")).collect();
-    for chunk in users.chunks(1000) {
-        let writes: Vec<(String, String)> = chunk
-            .iter()
-            .map(|u| (u.clone(), serde_json::json!({ "gen": 1 }).to_string()))
-            .collect();
-        r.write_profiles(&writes).await.unwrap();
-        for (u, v) in r.mark(chunk).await.unwrap() {
-            latest.insert(u, (v, 1));
-        }
-    }
-    wait_until(
-        "some documents applied",
-        Duration::from_secs(90),
-        || async { count_docs(&mongo, doc! {}).await >= 300 },
-    )
+    let mut latest: HashMap<String, (i64, i64)> = HashMap::new();
+
+    // Stage 1: publishing.
+    write_generation(&r, &users, 1, &mut latest).await;
+    let mut child = spawn(&config, &log);
+    wait_until("the publish stage under way", Duration::from_secs(90), || async {
+        pending_flags(&r).await < 6000
+    })
     .await;
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let at_kill = count_docs(&mongo, doc! {}).await;
-    assert!(at_kill < 6000, "the kill must land mid-run");
-
-    // While it is down, a third of the users change again.
+    let pending_at_kill = pending_flags(&r).await;
+    eprintln!("killed while publishing: {pending_at_kill} of 6000 flags pending");
     let again: Vec<String> = users.iter().step_by(3).cloned().collect();
-    let writes: Vec<(String, String)> = again
-        .iter()
-        .map(|u| (u.clone(), serde_json::json!({ "gen": 2 }).to_string()))
-        .collect();
-    r.write_profiles(&writes).await.unwrap();
-    for (u, v) in r.mark(&again).await.unwrap() {
-        latest.insert(u, (v, 2));
-    }
+    write_generation(&r, &again, 2, &mut latest).await;
+
+    // Stage 2: applying.
+    let mut child = spawn(&config, &log);
+    wait_until("the applier under way", Duration::from_secs(90), || async {
+        count_docs(&mongo, doc! {}).await >= 300
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let at_kill = count_docs(&mongo, doc! {}).await;
+    eprintln!("killed while applying: {at_kill} of 6000 documents written");
+    let third: Vec<String> = users.iter().skip(1).step_by(3).cloned().collect();
+    write_generation(&r, &third, 3, &mut latest).await;
 
     let mut child = spawn(&config, &log);
     wait_until(
@@ -126,6 +143,8 @@ async fn sigkill_mid_batch_then_restart_loses_nothing_and_regresses_nothing() {
             count_docs(&mongo, doc! {}).await == 6000
                 && count_docs(&mongo, doc! { "dynamicProfile.gen": 2i64 }).await
                     == again.len() as u64
+                && count_docs(&mongo, doc! { "dynamicProfile.gen": 3i64 }).await
+                    == third.len() as u64
         },
     )
     .await;
@@ -136,7 +155,7 @@ async fn sigkill_mid_batch_then_restart_loses_nothing_and_regresses_nothing() {
         assert_eq!(
             d.get_i64("dynamicVersion").unwrap(),
             v,
-            "{u} (killed at {at_kill} docs)"
+            "{u} (killed at {pending_at_kill} pending, then at {at_kill} docs)"
         );
         assert_eq!(
             d.get_document("dynamicProfile")
@@ -175,4 +194,38 @@ async fn sigkill_mid_batch_then_restart_loses_nothing_and_regresses_nothing() {
     assert!(status.success(), "exit {status:?}; log:\n{text}");
     assert!(text.contains("engine stopped"), "{text}");
     cleanup(&ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dlq_command_lists_and_redrives() {
+    let ns = unique("dlqcli");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("datasync.toml");
+    std::fs::write(&config, config_toml(&ns)).unwrap();
+    let engine = start(&ns).await;
+    // No profile in Redis: a permanent load failure, dead-lettered.
+    engine.mark_dirty(&["nobody-home".to_string()]).await.unwrap();
+    wait_until("one open dead letter", Duration::from_secs(60), || async {
+        engine.dlq_list(10).await.unwrap().open == 1
+    })
+    .await;
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let list = run(&["dlq", "list"]);
+    assert_eq!(list["open"], 1, "{list}");
+    assert_eq!(list["entries"][0]["user_id"], "nobody-home");
+    let done = run(&["dlq", "redrive", "nobody-home", "someone-else"]);
+    assert_eq!(done["redriven"][0][0], "nobody-home", "{done}");
+    assert_eq!(done["not_open"][0], "someone-else");
+    let out = Command::new(BIN).args(["dlq", "redrive"]).output().unwrap();
+    assert!(!out.status.success(), "redrive needs ids or --all");
+    finish(engine, &ns).await;
 }
