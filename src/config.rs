@@ -67,6 +67,7 @@ pub struct Config {
     pub applier: ApplierConfig,
     pub cache: CacheConfig,
     pub http: HttpConfig,
+    pub lease: LeaseConfig,
     pub retry: crate::retry::RetryConfig,
     pub dlq: DlqConfig,
     pub shutdown: ShutdownConfig,
@@ -78,8 +79,11 @@ pub struct Config {
 pub enum ShardMode {
     /// This instance scans every shard.
     All,
-    /// The seed's static split: shards where `shard % total == index`.
+    /// The seed's static split: shards where `shard % total == index`, each
+    /// still guarded by its lease.
     Fixed,
+    /// Leases on every shard, shared evenly among the live instances.
+    Lease,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -205,6 +209,16 @@ pub struct HttpConfig {
     pub max_users_per_request: usize,
     /// Bearer token for admin endpoints; empty disables them.
     pub admin_token: Secret,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct LeaseConfig {
+    /// How long a shard lease (and an instance's heartbeat) lives without
+    /// renewal. Renewed every third of it; a page starts only while more than
+    /// half of it is left; a dead instance's shards are taken over within it
+    /// plus one renewal interval.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -414,6 +428,10 @@ impl Config {
             "dlq.forward_interval: must be more than zero",
         );
         need(self.dlq.list_limit >= 1, "dlq.list_limit: must be at least 1");
+        need(
+            self.lease.ttl >= Duration::from_millis(300),
+            "lease.ttl: must be at least 300ms",
+        );
         self.retry.validate(&mut p);
         p
     }

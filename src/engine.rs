@@ -21,7 +21,8 @@ use crate::{
         mongo::{MongoError, MongoStore},
         redis::{RedisError, RedisStore},
     },
-    config::{Config, ShardMode},
+    config::Config,
+    lease::{LeaseKeeper, Ownership, ShardInfo, ShardsReport, parse_lease},
     faults::Faults,
     health::Health,
     telemetry::{Stats, StatsSnapshot},
@@ -92,6 +93,9 @@ struct Inner {
     health: Arc<Health>,
     faults: Arc<Faults>,
     cancel: CancellationToken,
+    ownership: Arc<Ownership>,
+    members: Arc<Mutex<Vec<String>>>,
+    leases_done: Mutex<Option<oneshot::Receiver<()>>>,
     pipeline: Arc<Pipeline>,
     scanner: actix::Addr<ShardScanner>,
     publisher: actix::Addr<KafkaPublisher>,
@@ -104,21 +108,14 @@ struct Inner {
 /// Publishing stays paused while this guard lives (see [`Engine::hold_publishing`]).
 pub struct PublishHold(#[allow(dead_code)] OwnedRwLockWriteGuard<()>);
 
-/// Shards this instance scans.
-pub fn owned_shards(config: &Config) -> Vec<u32> {
-    let all = 0..config.sync.shards;
-    match config.instance.mode {
-        ShardMode::All => all.collect(),
-        ShardMode::Fixed => all
-            .filter(|s| s % config.instance.total == config.instance.index)
-            .collect(),
-    }
-}
 
 struct Started {
     redis: RedisStore,
     mongo: MongoStore,
     cache: AppliedCache,
+    ownership: Arc<Ownership>,
+    members: Arc<Mutex<Vec<String>>>,
+    leases_done: oneshot::Receiver<()>,
     pipeline: Arc<Pipeline>,
     scanner: actix::Addr<ShardScanner>,
     publisher: actix::Addr<KafkaPublisher>,
@@ -172,7 +169,7 @@ impl Engine {
             }
             Err(_) => return Err(EngineError::Aborted),
         };
-        tracing::info!(instance = %instance_id, shards = started.pipeline.shards.len(), "engine started");
+        tracing::info!(instance = %instance_id, mode = ?config.instance.mode, "engine started");
         Ok(Engine {
             inner: Arc::new(Inner {
                 config,
@@ -184,6 +181,9 @@ impl Engine {
                 health: shared.health,
                 faults: shared.faults,
                 cancel: shared.cancel,
+                ownership: started.ownership,
+                members: started.members,
+                leases_done: Mutex::new(Some(started.leases_done)),
                 pipeline: started.pipeline,
                 scanner: started.scanner,
                 publisher: started.publisher,
@@ -226,7 +226,7 @@ impl Engine {
         Ok(self
             .inner
             .redis
-            .count_flags(self.inner.pipeline.shards.iter().copied())
+            .count_flags(self.inner.pipeline.ownership.candidates().iter().copied())
             .await?)
     }
 
@@ -337,6 +337,31 @@ impl Engine {
         Ok(r)
     }
 
+    /// Shard ownership across the cluster, read from Redis.
+    pub async fn shards(&self) -> Result<ShardsReport, EngineError> {
+        let leases = self.inner.redis.leases().await?;
+        let shards = leases
+            .into_iter()
+            .enumerate()
+            .map(|(i, (value, pttl))| {
+                let parsed = value.as_deref().and_then(parse_lease);
+                ShardInfo {
+                    shard: i as u32,
+                    owner: parsed.as_ref().map(|p| p.0.clone()),
+                    epoch: parsed.map(|p| p.1),
+                    expires_in_ms: (pttl >= 0).then_some(pttl),
+                }
+            })
+            .collect();
+        Ok(ShardsReport {
+            instance: self.inner.instance_id.clone(),
+            mode: format!("{:?}", self.inner.config.instance.mode).to_lowercase(),
+            members: self.inner.members.lock().expect("not poisoned").clone(),
+            held: self.inner.ownership.held(),
+            shards,
+        })
+    }
+
     /// Fault switches for tests and drills (see [`crate::faults`]).
     #[doc(hidden)]
     pub fn faults(&self) -> &Faults {
@@ -356,6 +381,11 @@ impl Engine {
             let done = inner.applier_done.lock().expect("not poisoned").take();
             if let Some(done) = done {
                 let _ = done.await;
+            }
+            // Hand the leases back so other instances take over at once.
+            let leases = inner.leases_done.lock().expect("not poisoned").take();
+            if let Some(leases) = leases {
+                let _ = leases.await;
             }
         };
         if tokio::time::timeout(timeout, graceful).await.is_err() {
@@ -415,6 +445,24 @@ async fn start_actors(
     );
     let mb = config.mailbox.clone();
 
+    let ownership = Arc::new(Ownership::new(&config));
+    let members = Arc::new(Mutex::new(Vec::new()));
+    let keeper = LeaseKeeper {
+        redis: redis.clone(),
+        ownership: ownership.clone(),
+        instance_id: shared.instance_id.clone(),
+        token: LeaseKeeper::token_for(&shared.instance_id),
+        ttl: config.lease.ttl,
+        cancel: shared.cancel.clone(),
+        faults: shared.faults.clone(),
+        members: members.clone(),
+    };
+    let (leases_tx, leases_done) = oneshot::channel();
+    actix::spawn(async move {
+        keeper.run().await;
+        let _ = leases_tx.send(());
+    });
+
     let loader = {
         let (redis, shared) = (redis.clone(), shared.clone());
         Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
@@ -460,7 +508,7 @@ async fn start_actors(
         dynamic_topic: config.kafka.dynamic_topic.clone(),
         shared: shared.clone(),
         sync: config.sync.clone(),
-        shards: owned_shards(&config),
+        ownership: ownership.clone(),
         cycle_lock: tokio::sync::Mutex::new(()),
     });
     let scanner = {
@@ -509,6 +557,9 @@ async fn start_actors(
         redis,
         mongo,
         cache,
+        ownership,
+        members,
+        leases_done,
         pipeline,
         scanner,
         publisher,

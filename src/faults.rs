@@ -2,7 +2,7 @@
 //! actor panic, to prove that supervision restarts it and that the batch it held
 //! is retried, not lost. Inert unless armed through [`crate::Engine::faults`].
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 /// The actors a fault can be injected into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,6 +16,7 @@ pub enum Stage {
 #[derive(Debug, Default)]
 pub struct Faults {
     panics: [AtomicU32; 4],
+    leases_paused: AtomicBool,
 }
 
 impl Faults {
@@ -26,6 +27,16 @@ impl Faults {
     /// The next `n` calls handled by `stage` panic.
     pub fn panic_next(&self, stage: Stage, n: u32) {
         self.slot(stage).store(n, Ordering::SeqCst);
+    }
+
+    /// Stops (or resumes) heartbeats and lease renewals, as a stalled process
+    /// would: the leases run out while the rest of the engine goes on.
+    pub fn pause_leases(&self, paused: bool) {
+        self.leases_paused.store(paused, Ordering::SeqCst);
+    }
+
+    pub fn leases_paused(&self) -> bool {
+        self.leases_paused.load(Ordering::SeqCst)
     }
 
     /// Panics if a fault is armed for `stage` (and disarms one).

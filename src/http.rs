@@ -269,6 +269,10 @@ async fn stats(engine: Data<Engine>) -> HttpResponse {
     }))
 }
 
+async fn shards(engine: Data<Engine>) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(engine.shards().await?))
+}
+
 async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError {
         status: StatusCode::NOT_FOUND,
@@ -285,6 +289,7 @@ pub fn configure(engine: Engine) -> impl FnOnce(&mut web::ServiceConfig) {
             .route("/v1/sync/dirty", web::post().to(mark_dirty))
             .app_data(web::QueryConfig::default().error_handler(query_error))
             .route("/v1/stats", web::get().to(stats))
+            .route("/v1/shards", web::get().to(shards))
             .route("/v1/dlq", web::get().to(dlq_list))
             .route("/v1/dlq/redrive", web::post().to(dlq_redrive))
             .route("/health/live", web::get().to(live))

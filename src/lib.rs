@@ -32,6 +32,7 @@ pub mod engine;
 pub mod faults;
 pub mod health;
 pub mod http;
+pub mod lease;
 pub mod proto;
 pub mod retry;
 pub mod shard;

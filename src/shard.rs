@@ -61,6 +61,22 @@ impl Keys {
         format!("{}:dlq-outbox", self.prefix)
     }
 
+    /// A shard's lease: `"<owner token>|<epoch>"`, with a TTL.
+    pub fn lease(&self, shard: u32) -> String {
+        format!("{}:lease:{{{shard}}}", self.prefix)
+    }
+
+    /// A shard's fencing epoch counter, raised by every acquisition.
+    pub fn epoch(&self, shard: u32) -> String {
+        format!("{}:epoch:{{{shard}}}", self.prefix)
+    }
+
+    /// Sorted set of live instances: member = instance id, score = heartbeat
+    /// expiry (Unix ms).
+    pub fn members(&self) -> String {
+        format!("{}:members", self.prefix)
+    }
+
     /// The profile the upstream wrote.
     pub fn profile(&self, user_id: &str) -> String {
         self.profile_template.replace("{id}", user_id)

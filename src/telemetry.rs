@@ -37,6 +37,10 @@ pub mod names {
     pub const SHARD_LAST_SCAN: &str = "datasync_shard_last_scan_timestamp_seconds";
     pub const CYCLES: &str = "datasync_scan_cycles_total";
     pub const BACKEND_UP: &str = crate::health::BACKEND_UP;
+    pub const SHARDS_OWNED: &str = "datasync_shards_owned";
+    pub const MEMBERS: &str = "datasync_members";
+    pub const LEASE_CHANGES: &str = "datasync_lease_changes_total";
+    pub const FENCED_PAGES: &str = "datasync_fenced_pages_total";
 }
 
 /// The actors, as named in metrics and logs.
@@ -100,6 +104,12 @@ fn register_zeroes() {
     for backend in ["kafka", "mongodb"] {
         counter!(names::SCANS_PAUSED, "backend" => backend).increment(0);
     }
+    for event in ["acquired", "released", "lost"] {
+        counter!(names::LEASE_CHANGES, "event" => event).increment(0);
+    }
+    counter!(names::FENCED_PAGES).increment(0);
+    gauge!(names::SHARDS_OWNED).set(0.0);
+    gauge!(names::MEMBERS).set(0.0);
     gauge!(names::DLQ_OPEN).set(0.0);
     gauge!(names::DLQ_OUTBOX).set(0.0);
     gauge!(names::OLDEST_FLAG_AGE).set(0.0);
@@ -180,6 +190,7 @@ pub struct Stats {
     pub dlq_parked: AtomicU64,
     pub actor_restarts: AtomicU64,
     pub scans_paused: AtomicU64,
+    pub fenced_pages: AtomicU64,
     /// Flag → applied latency of this engine's applied changes.
     pub latency: Latency,
 }
@@ -258,6 +269,8 @@ pub struct StatsSnapshot {
     pub actor_restarts: u64,
     /// Cycles or pages skipped because Kafka or MongoDB was down.
     pub scans_paused: u64,
+    /// Pages whose flags were not cleared because the shard's lease was lost.
+    pub fenced_pages: u64,
 }
 
 impl std::ops::AddAssign for StatsSnapshot {
@@ -280,6 +293,7 @@ impl std::ops::AddAssign for StatsSnapshot {
         self.dlq_parked += o.dlq_parked;
         self.actor_restarts += o.actor_restarts;
         self.scans_paused += o.scans_paused;
+        self.fenced_pages += o.fenced_pages;
     }
 }
 
@@ -303,6 +317,7 @@ impl Stats {
             dlq_parked: self.dlq_parked.load(Relaxed),
             actor_restarts: self.actor_restarts.load(Relaxed),
             scans_paused: self.scans_paused.load(Relaxed),
+            fenced_pages: self.fenced_pages.load(Relaxed),
         }
     }
 
@@ -402,6 +417,12 @@ impl Stats {
     pub fn scan_paused(&self, backend: &'static str) {
         self.scans_paused.fetch_add(1, Relaxed);
         counter!(names::SCANS_PAUSED, "backend" => backend).increment(1);
+    }
+
+    pub fn fenced(&self, shard: u32) {
+        self.fenced_pages.fetch_add(1, Relaxed);
+        counter!(names::FENCED_PAGES).increment(1);
+        tracing::warn!(shard, "lease lost mid-page: flags left for the new owner");
     }
 
     pub fn cycle_done(&self, oldest_flag_age_secs: f64) {

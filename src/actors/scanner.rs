@@ -83,7 +83,8 @@ pub struct Pipeline {
     pub dynamic_topic: String,
     pub shared: Shared,
     pub sync: SyncConfig,
-    pub shards: Vec<u32>,
+    /// Which shards this instance may scan (leases, fixed split or all).
+    pub ownership: Arc<crate::lease::Ownership>,
     /// Held for the length of a cycle; shutdown takes it to wait for in-flight work.
     pub cycle_lock: tokio::sync::Mutex<()>,
 }
@@ -200,7 +201,7 @@ pub async fn run_cycle(p: Arc<Pipeline>) -> CycleReport {
             }
         }
     }
-    let per_shard: Vec<CycleReport> = futures::stream::iter(p.shards.iter().copied())
+    let per_shard: Vec<CycleReport> = futures::stream::iter(p.ownership.scannable())
         .map(|shard| scan_shard(&p, shard))
         .buffer_unordered(p.sync.max_in_flight_pages)
         .collect()
@@ -259,12 +260,17 @@ async fn scan_shard(p: &Pipeline, shard: u32) -> CycleReport {
     let mut report = CycleReport::default();
     let mut cursor = None;
     let shared = &p.shared;
+    let _busy = p.ownership.enter(shard);
     while !shared.cancel.is_cancelled() {
         if let Some(b) = paused(p) {
             report.paused += 1;
             shared.stats.scan_paused(b.name());
             return report;
         }
+        // Start a page only while the lease has time left.
+        let Some(ticket) = p.ownership.ticket(shard) else {
+            return report;
+        };
         let flags = match shared
             .retry
             .run("read flags", &shared.cancel, || {
@@ -289,8 +295,12 @@ async fn scan_shard(p: &Pipeline, shard: u32) -> CycleReport {
             .into_iter()
             .map(|(user_id, version)| Flag { user_id, version })
             .collect();
-        match process_page(p, shard, flags).await {
+        match process_page(p, &ticket, flags).await {
             Ok(r) => report.add(&r),
+            Err(StageError::Redis(RedisError::Fenced { .. })) => {
+                shared.stats.fenced(shard);
+                return report;
+            }
             Err(e) => {
                 report.page_errors += 1;
                 tracing::warn!(shard, error = %e, "page failed; its flags stay for the next cycle");
@@ -319,9 +329,10 @@ fn load_reason(e: &ProfileError) -> &'static str {
 /// Users that fail for good go to the dead-letter queue; their flags stay.
 pub async fn process_page(
     p: &Pipeline,
-    shard: u32,
+    ticket: &crate::lease::Ticket,
     flags: Vec<Flag>,
 ) -> Result<CycleReport, StageError> {
+    let shard = ticket.shard;
     let stats = &p.shared.stats;
     let mut report = CycleReport {
         scanned: flags.len() as u64,
@@ -370,7 +381,7 @@ pub async fn process_page(
                     version: flag.version,
                     profile,
                     base_version: base,
-                    lease_epoch: 0,
+                    lease_epoch: ticket.epoch,
                 });
                 flags.push(flag);
             }
@@ -411,7 +422,7 @@ pub async fn process_page(
     let cleared = shared
         .retry
         .run("clear flags", &shared.cancel, || {
-            p.redis.clear_flags(shard, &to_clear)
+            p.redis.clear_flags(shard, &to_clear, ticket.fence.as_deref())
         })
         .await?;
     report.cleared = cleared;

@@ -38,6 +38,9 @@ impl Section {
 pub enum RedisError {
     #[error("redis: {0}")]
     Command(#[from] fred::error::Error),
+    /// The shard's lease is no longer the caller's: another instance owns it.
+    #[error("shard {shard}: lease lost; the new owner handles its flags")]
+    Fenced { shard: u32 },
     #[error("redis returned an unexpected reply to {what}: {reply}")]
     Reply { what: &'static str, reply: String },
 }
@@ -49,7 +52,7 @@ impl crate::retry::Retryable for RedisError {
             RedisError::Command(e) => {
                 !matches!(e.kind(), ErrorKind::InvalidArgument | ErrorKind::Parse)
             }
-            RedisError::Reply { .. } => false,
+            RedisError::Reply { .. } | RedisError::Fenced { .. } => false,
         }
     }
 }
@@ -93,13 +96,16 @@ return out
 
 /// Compare-and-delete: removes a flag only if its score is still the version that
 /// was published, and closes the user's dead letter if it had one (it synced).
-/// KEYS: dirty zset, dead-letter hash. ARGV: user, version, user, version, ...
+/// Fenced: when ARGV[1] is not empty it must equal the shard's lease value, or
+/// nothing is touched and -1 is returned.
+/// KEYS: dirty zset, dead-letter hash, lease. ARGV: fence, user, version, ...
 static CLEAR: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
         r#"
+if ARGV[1] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
 local n = 0
 local dlq = redis.call('EXISTS', KEYS[2]) == 1
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   local s = redis.call('ZSCORE', KEYS[1], ARGV[i])
   if s and tonumber(s) == tonumber(ARGV[i + 1]) then
     redis.call('ZREM', KEYS[1], ARGV[i])
@@ -108,6 +114,47 @@ for i = 1, #ARGV, 2 do
   if dlq then redis.call('HDEL', KEYS[2], ARGV[i]) end
 end
 return n
+"#,
+    )
+});
+
+/// Takes a free lease: raises the shard's epoch and stores `token|epoch` with a
+/// TTL. KEYS: lease, epoch. ARGV: token, ttl ms. Returns the epoch, 0 if taken.
+static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local e = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. e, 'PX', ARGV[2])
+return e
+"#,
+    )
+});
+
+/// Extends a lease only if the caller still holds it. KEYS: lease. ARGV: value,
+/// ttl ms. Returns 1 if renewed.
+static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"#,
+    )
+});
+
+/// Compare-and-delete of a lease: only the holder releases it. KEYS: lease.
+/// ARGV: value. Returns 1 if released.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
 "#,
     )
 });
@@ -319,26 +366,113 @@ impl RedisStore {
     }
 
     /// Compare-and-delete of a shard's flags. Returns how many were removed.
+    /// With a `fence` (the lease value the caller holds), nothing is removed
+    /// unless the caller still holds the shard's lease.
     pub async fn clear_flags(
         &self,
         shard: u32,
         flags: &[(String, i64)],
+        fence: Option<&str>,
     ) -> Result<u64, RedisError> {
         if flags.is_empty() {
             return Ok(0);
         }
-        let mut args = Vec::with_capacity(flags.len() * 2);
+        let mut args = Vec::with_capacity(flags.len() * 2 + 1);
+        args.push(fence.unwrap_or_default().to_string());
         for (u, v) in flags {
             args.push(u.clone());
             args.push(v.to_string());
         }
-        Ok(CLEAR
+        let n: i64 = CLEAR
             .evalsha_with_reload(
                 self.client(),
-                vec![self.keys.dirty(shard), self.keys.dlq(shard)],
+                vec![
+                    self.keys.dirty(shard),
+                    self.keys.dlq(shard),
+                    self.keys.lease(shard),
+                ],
                 args,
             )
-            .await?)
+            .await?;
+        if n < 0 {
+            return Err(RedisError::Fenced { shard });
+        }
+        Ok(n as u64)
+    }
+
+    /// Tries to take a free lease; the new epoch, or `None` if it is held.
+    pub async fn lease_acquire(
+        &self,
+        shard: u32,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Option<i64>, RedisError> {
+        let e: i64 = ACQUIRE
+            .evalsha_with_reload(
+                self.client(),
+                vec![self.keys.lease(shard), self.keys.epoch(shard)],
+                vec![token.to_string(), ttl.as_millis().to_string()],
+            )
+            .await?;
+        Ok((e > 0).then_some(e))
+    }
+
+    /// Extends a lease held as `value`; false if it is no longer held so.
+    pub async fn lease_renew(&self, shard: u32, value: &str, ttl: Duration) -> Result<bool, RedisError> {
+        let n: i64 = RENEW
+            .evalsha_with_reload(
+                self.client(),
+                vec![self.keys.lease(shard)],
+                vec![value.to_string(), ttl.as_millis().to_string()],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Releases a lease held as `value`.
+    pub async fn lease_release(&self, shard: u32, value: &str) -> Result<bool, RedisError> {
+        let n: i64 = RELEASE
+            .evalsha_with_reload(self.client(), vec![self.keys.lease(shard)], vec![value.to_string()])
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Every shard's lease value and remaining TTL (ms), in one pipeline.
+    pub async fn leases(&self) -> Result<Vec<(Option<String>, i64)>, RedisError> {
+        let pipe = self.client().pipeline();
+        for shard in 0..self.shards {
+            let _: () = pipe.get(self.keys.lease(shard)).await?;
+            let _: () = pipe.pttl(self.keys.lease(shard)).await?;
+        }
+        let replies: Vec<RValue> = pipe.all().await?;
+        Ok(replies
+            .chunks(2)
+            .map(|p| (p[0].as_string(), p[1].as_i64().unwrap_or(-2)))
+            .collect())
+    }
+
+    /// Records this instance's heartbeat, drops expired members, and returns
+    /// the live members, sorted.
+    pub async fn heartbeat(&self, instance: &str, ttl: Duration) -> Result<Vec<String>, RedisError> {
+        let now = crate::actors::publisher::now_ms();
+        let key = self.keys.members();
+        let pipe = self.client().pipeline();
+        let _: () = pipe
+            .zadd(&key, None, None, false, false, ((now + ttl.as_millis() as i64) as f64, instance))
+            .await?;
+        let _: () = pipe
+            .zremrangebyscore(&key, f64::NEG_INFINITY, now as f64)
+            .await?;
+        let _: () = pipe.zrange(&key, 0, -1, None, false, None, false).await?;
+        let (_, _, mut members): (i64, i64, Vec<String>) = pipe.all().await?;
+        members.sort();
+        Ok(members)
+    }
+
+    /// Removes this instance from the members (graceful stop).
+    pub async fn leave(&self, instance: &str) -> Result<(), RedisError> {
+        let _: i64 = self.client().zrem(self.keys.members(), instance).await?;
+        Ok(())
     }
 
     /// The stored dead-letter entries (JSON) of `users`, `None` where none is open.

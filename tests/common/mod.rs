@@ -38,6 +38,8 @@ pub fn config_toml(ns: &str) -> String {
         r#"
 [instance]
 id = "{ns}"
+[lease]
+ttl = "3s"
 [redis]
 url = "{redis}"
 key_prefix = "{ns}"

@@ -1,0 +1,357 @@
+//! Shard leases: which virtual shards this instance may scan.
+//!
+//! Each shard has a lease in Redis (`<prefix>:lease:{shard}` = `token|epoch`,
+//! with a TTL) and a fencing epoch counter raised by every acquisition. The
+//! [`LeaseKeeper`] heartbeats this instance into `<prefix>:members`, works out
+//! its share of the shards from the live members (shard `s` belongs to the member
+//! of rank `s % members`), renews what it holds every third of the TTL, releases
+//! what it should no longer hold once no page of that shard is in flight, and
+//! acquires its free targets. A dead instance's leases expire, and the survivors
+//! take its shards over within the TTL plus one renewal interval.
+//!
+//! The scanner only starts a page while the lease has more than half its TTL
+//! left, carries the epoch in every event, and clears flags with a script that
+//! checks the lease is still its own (fencing): an instance that stalled past its
+//! lease cannot clear a flag the new owner is responsible for, and MongoDB's
+//! version rule stops anything it publishes late from regressing a document.
+//!
+//! Modes (`instance.mode`): `lease` (the default; any number of instances),
+//! `fixed` (the seed's static split, `shard % total == index`, each shard still
+//! guarded by its lease like the seed's `sync_lock_<id>`), and `all` (every shard,
+//! no leases: one instance only).
+
+use crate::{
+    clients::redis::RedisStore,
+    config::{Config, ShardMode},
+    telemetry::names,
+};
+use dashmap::DashMap;
+use metrics::{counter, gauge};
+use serde::Serialize;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+use tokio_util::sync::CancellationToken;
+
+/// A lease this instance holds.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub epoch: i64,
+    /// The value stored in Redis: `token|epoch`.
+    pub value: String,
+    /// When it runs out, by this process's clock (measured from before the
+    /// call that set it, so it errs early).
+    pub expires: Instant,
+}
+
+/// Permission to work on one shard now.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    pub shard: u32,
+    pub epoch: i64,
+    /// The lease value flag clears are fenced with (`None` without leases).
+    pub fence: Option<String>,
+}
+
+/// What this instance owns, shared by the keeper and the scanner.
+pub struct Ownership {
+    mode: ShardMode,
+    shards: u32,
+    fixed: Vec<u32>,
+    held: DashMap<u32, Lease>,
+    busy: Box<[AtomicU32]>,
+    margin: Duration,
+}
+
+/// Marks a shard busy while a scan of it is under way.
+pub struct Busy<'a>(&'a AtomicU32);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Ownership {
+    pub fn new(config: &Config) -> Self {
+        let shards = config.sync.shards;
+        let fixed = match config.instance.mode {
+            ShardMode::Fixed => (0..shards)
+                .filter(|s| s % config.instance.total == config.instance.index)
+                .collect(),
+            _ => (0..shards).collect(),
+        };
+        Self {
+            mode: config.instance.mode,
+            shards,
+            fixed,
+            held: DashMap::new(),
+            busy: (0..shards).map(|_| AtomicU32::new(0)).collect(),
+            margin: config.lease.ttl / 2,
+        }
+    }
+
+    pub fn uses_leases(&self) -> bool {
+        self.mode != ShardMode::All
+    }
+
+    /// Shards this instance may ever scan: all of them, or its fixed split.
+    pub fn candidates(&self) -> &[u32] {
+        &self.fixed
+    }
+
+    /// Shards to scan this cycle, sorted.
+    pub fn scannable(&self) -> Vec<u32> {
+        if !self.uses_leases() {
+            return self.fixed.clone();
+        }
+        let mut v: Vec<u32> = self
+            .held
+            .iter()
+            .filter(|e| e.expires.saturating_duration_since(Instant::now()) > self.margin)
+            .map(|e| *e.key())
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Shards whose lease this instance holds (whatever time is left), sorted.
+    pub fn held(&self) -> Vec<(u32, i64)> {
+        let mut v: Vec<(u32, i64)> = self.held.iter().map(|e| (*e.key(), e.epoch)).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Permission to start a page of `shard`: only while the lease has more
+    /// than half its TTL left.
+    pub fn ticket(&self, shard: u32) -> Option<Ticket> {
+        if !self.uses_leases() {
+            return Some(Ticket {
+                shard,
+                epoch: 0,
+                fence: None,
+            });
+        }
+        let l = self.held.get(&shard)?;
+        (l.expires.saturating_duration_since(Instant::now()) > self.margin).then(|| Ticket {
+            shard,
+            epoch: l.epoch,
+            fence: Some(l.value.clone()),
+        })
+    }
+
+    pub fn enter(&self, shard: u32) -> Busy<'_> {
+        let b = &self.busy[shard as usize];
+        b.fetch_add(1, Ordering::SeqCst);
+        Busy(b)
+    }
+
+    fn is_busy(&self, shard: u32) -> bool {
+        self.busy[shard as usize].load(Ordering::SeqCst) > 0
+    }
+
+    /// The shards this instance should hold, given the live members.
+    pub fn targets(&self, me: &str, members: &[String]) -> Vec<u32> {
+        match self.mode {
+            ShardMode::All | ShardMode::Fixed => self.fixed.clone(),
+            ShardMode::Lease => {
+                let n = members.len().max(1) as u32;
+                let rank = members.iter().position(|m| m == me).unwrap_or(0) as u32;
+                (0..self.shards).filter(|s| s % n == rank).collect()
+            }
+        }
+    }
+}
+
+/// Keeps this instance's leases: heartbeat, renew, release, acquire.
+pub struct LeaseKeeper {
+    pub redis: RedisStore,
+    pub ownership: Arc<Ownership>,
+    pub instance_id: String,
+    pub token: String,
+    pub ttl: Duration,
+    pub cancel: CancellationToken,
+    pub faults: Arc<crate::faults::Faults>,
+    pub members: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl LeaseKeeper {
+    /// A process-unique lease token for this instance.
+    pub fn token_for(instance_id: &str) -> String {
+        format!(
+            "{instance_id}#{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        )
+    }
+
+    /// Runs until the engine stops, then releases every lease and leaves.
+    pub async fn run(self) {
+        if !self.ownership.uses_leases() {
+            return;
+        }
+        let every = self.ttl / 3;
+        loop {
+            if !self.faults.leases_paused() {
+                if let Err(e) = self.tick().await {
+                    tracing::warn!(error = %e, "lease round failed; retried next round");
+                }
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+        self.release_all().await;
+    }
+
+    async fn tick(&self) -> Result<(), crate::clients::redis::RedisError> {
+        let members = self.redis.heartbeat(&self.instance_id, self.ttl).await?;
+        gauge!(names::MEMBERS).set(members.len() as f64);
+        let targets = self.ownership.targets(&self.instance_id, &members);
+        *self.members.lock().expect("not poisoned") = members;
+
+        // Renew what is held; whatever cannot be renewed is lost.
+        let held: Vec<(u32, Lease)> = self
+            .ownership
+            .held
+            .iter()
+            .map(|e| (*e.key(), e.value().clone()))
+            .collect();
+        for (shard, lease) in held {
+            let started = Instant::now();
+            match self.redis.lease_renew(shard, &lease.value, self.ttl).await {
+                Ok(true) => {
+                    if let Some(mut l) = self.ownership.held.get_mut(&shard) {
+                        l.expires = started + self.ttl;
+                    }
+                }
+                Ok(false) => {
+                    self.ownership.held.remove(&shard);
+                    counter!(names::LEASE_CHANGES, "event" => "lost").increment(1);
+                    tracing::warn!(shard, epoch = lease.epoch, "lease lost to another instance");
+                }
+                Err(e) => tracing::warn!(shard, error = %e, "cannot renew lease"),
+            }
+        }
+
+        // Release surplus shards once no page of theirs is in flight.
+        for (shard, lease) in self
+            .ownership
+            .held
+            .iter()
+            .filter(|e| !targets.contains(e.key()))
+            .map(|e| (*e.key(), e.value().clone()))
+            .collect::<Vec<_>>()
+        {
+            if self.ownership.is_busy(shard) {
+                continue; // next round; the scanner starts no new page meanwhile
+            }
+            self.ownership.held.remove(&shard);
+            if self.ownership.is_busy(shard) {
+                // A page started in between: keep the lease for now.
+                self.ownership.held.insert(shard, lease);
+                continue;
+            }
+            if let Ok(true) = self.redis.lease_release(shard, &lease.value).await {
+                counter!(names::LEASE_CHANGES, "event" => "released").increment(1);
+                tracing::info!(shard, epoch = lease.epoch, "lease released for rebalancing");
+            }
+        }
+
+        // Acquire free targets.
+        for &shard in &targets {
+            if self.ownership.held.contains_key(&shard) {
+                continue;
+            }
+            let started = Instant::now();
+            if let Some(epoch) = self.redis.lease_acquire(shard, &self.token, self.ttl).await? {
+                counter!(names::LEASE_CHANGES, "event" => "acquired").increment(1);
+                tracing::info!(shard, epoch, "lease acquired");
+                self.ownership.held.insert(
+                    shard,
+                    Lease {
+                        epoch,
+                        value: format!("{}|{epoch}", self.token),
+                        expires: started + self.ttl,
+                    },
+                );
+            }
+        }
+        gauge!(names::SHARDS_OWNED).set(self.ownership.held.len() as f64);
+        Ok(())
+    }
+
+    /// Hands every lease back and leaves the members (a graceful stop).
+    async fn release_all(&self) {
+        let held: Vec<(u32, Lease)> = self
+            .ownership
+            .held
+            .iter()
+            .map(|e| (*e.key(), e.value().clone()))
+            .collect();
+        self.ownership.held.clear();
+        for (shard, lease) in held {
+            let _ = self.redis.lease_release(shard, &lease.value).await;
+        }
+        let _ = self.redis.leave(&self.instance_id).await;
+        gauge!(names::SHARDS_OWNED).set(0.0);
+        tracing::info!("leases released");
+    }
+}
+
+/// One shard's lease as `GET /v1/shards` shows it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct ShardInfo {
+    pub shard: u32,
+    /// The owning instance, `None` when the shard is free.
+    pub owner: Option<String>,
+    pub epoch: Option<i64>,
+    pub expires_in_ms: Option<i64>,
+}
+
+/// The cluster's shard ownership, read from Redis.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ShardsReport {
+    pub instance: String,
+    pub mode: String,
+    pub members: Vec<String>,
+    /// Shards this instance holds, with their epochs.
+    pub held: Vec<(u32, i64)>,
+    pub shards: Vec<ShardInfo>,
+}
+
+/// Parses a lease value `instance#nonce|epoch`.
+pub fn parse_lease(value: &str) -> Option<(String, i64)> {
+    let (token, epoch) = value.rsplit_once('|')?;
+    let owner = token.rsplit_once('#').map_or(token, |(o, _)| o);
+    Some((owner.to_string(), epoch.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_values_parse() {
+        assert_eq!(parse_lease("node-a#1a2b3c4d|17"), Some(("node-a".into(), 17)));
+        assert_eq!(parse_lease("we#ird#abc|2"), Some(("we#ird".into(), 2)));
+        assert_eq!(parse_lease("garbage"), None);
+    }
+
+    #[test]
+    fn targets_split_evenly_by_rank() {
+        let mut c = Config::default_config();
+        c.instance.mode = ShardMode::Lease;
+        let o = Ownership::new(&c);
+        let members: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let sizes: Vec<usize> = members.iter().map(|m| o.targets(m, &members).len()).collect();
+        assert_eq!(sizes, vec![22, 21, 21]);
+        let mut all: Vec<u32> = members.iter().flat_map(|m| o.targets(m, &members)).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..64).collect::<Vec<_>>());
+    }
+}
