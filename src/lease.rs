@@ -2,12 +2,15 @@
 //!
 //! Each shard has a lease in Redis (`<prefix>:lease:{shard}` = `token|epoch`,
 //! with a TTL) and a fencing epoch counter raised by every acquisition. The
-//! [`LeaseKeeper`] heartbeats this instance into `<prefix>:members`, works out
-//! its share of the shards from the live members (shard `s` belongs to the member
-//! of rank `s % members`), renews what it holds every third of the TTL, releases
-//! what it should no longer hold once no page of that shard is in flight, and
-//! acquires its free targets. A dead instance's leases expire, and the survivors
-//! take its shards over within the TTL plus one renewal interval.
+//! [`LeaseKeeper`] heartbeats this instance into `<prefix>:members` and works out
+//! its quota from the live members: `shards / members`, plus one for the first
+//! `shards % members` members by rank, so the quotas add up to every shard and
+//! differ by at most one. Every third of the TTL it renews what it holds,
+//! releases what is above its quota once no page of those shards is in flight,
+//! and takes free shards up to its quota. Holdings are sticky: a member change
+//! moves only the shards it must. A dead instance's leases expire and the
+//! survivors take its shards at their next round: within the TTL plus one
+//! renewal interval.
 //!
 //! The scanner only starts a page while the lease has more than half its TTL
 //! left, carries the epoch in every event, and clears flags with a script that
@@ -46,6 +49,8 @@ pub struct Lease {
     /// When it runs out, by this process's clock (measured from before the
     /// call that set it, so it errs early).
     pub expires: Instant,
+    /// Above this instance's quota: no new page starts; released once idle.
+    pub draining: bool,
 }
 
 /// Permission to work on one shard now.
@@ -112,7 +117,9 @@ impl Ownership {
         let mut v: Vec<u32> = self
             .held
             .iter()
-            .filter(|e| e.expires.saturating_duration_since(Instant::now()) > self.margin)
+            .filter(|e| {
+                !e.draining && e.expires.saturating_duration_since(Instant::now()) > self.margin
+            })
             .map(|e| *e.key())
             .collect();
         v.sort_unstable();
@@ -120,9 +127,22 @@ impl Ownership {
     }
 
     /// Shards whose lease this instance holds (whatever time is left), sorted.
-    pub fn held(&self) -> Vec<(u32, i64)> {
-        let mut v: Vec<(u32, i64)> = self.held.iter().map(|e| (*e.key(), e.epoch)).collect();
-        v.sort_unstable();
+    pub fn held(&self) -> Vec<HeldShard> {
+        let now = Instant::now();
+        let mut v: Vec<HeldShard> = self
+            .held
+            .iter()
+            .map(|e| {
+                let left = e.expires.saturating_duration_since(now);
+                HeldShard {
+                    shard: *e.key(),
+                    epoch: e.epoch,
+                    left_ms: left.as_millis() as u64,
+                    scannable: left > self.margin,
+                }
+            })
+            .collect();
+        v.sort_unstable_by_key(|h| h.shard);
         v
     }
 
@@ -137,7 +157,7 @@ impl Ownership {
             });
         }
         let l = self.held.get(&shard)?;
-        (l.expires.saturating_duration_since(Instant::now()) > self.margin).then(|| Ticket {
+        (!l.draining && l.expires.saturating_duration_since(Instant::now()) > self.margin).then(|| Ticket {
             shard,
             epoch: l.epoch,
             fence: Some(l.value.clone()),
@@ -154,16 +174,12 @@ impl Ownership {
         self.busy[shard as usize].load(Ordering::SeqCst) > 0
     }
 
-    /// The shards this instance should hold, given the live members.
-    pub fn targets(&self, me: &str, members: &[String]) -> Vec<u32> {
-        match self.mode {
-            ShardMode::All | ShardMode::Fixed => self.fixed.clone(),
-            ShardMode::Lease => {
-                let n = members.len().max(1) as u32;
-                let rank = members.iter().position(|m| m == me).unwrap_or(0) as u32;
-                (0..self.shards).filter(|s| s % n == rank).collect()
-            }
-        }
+    /// How many shards this instance should hold in `lease` mode, given the
+    /// live members (sorted).
+    pub fn quota(&self, me: &str, members: &[String]) -> usize {
+        let n = members.len().max(1) as u32;
+        let rank = members.iter().position(|m| m == me).unwrap_or(0) as u32;
+        (self.shards / n + u32::from(rank < self.shards % n)) as usize
     }
 }
 
@@ -211,9 +227,7 @@ impl LeaseKeeper {
     async fn tick(&self) -> Result<(), crate::clients::redis::RedisError> {
         let members = self.redis.heartbeat(&self.instance_id, self.ttl).await?;
         gauge!(names::MEMBERS).set(members.len() as f64);
-        let targets = self.ownership.targets(&self.instance_id, &members);
-        *self.members.lock().expect("not poisoned") = members;
-
+        let quota = self.ownership.quota(&self.instance_id, &members);
         // Renew what is held; whatever cannot be renewed is lost.
         let held: Vec<(u32, Lease)> = self
             .ownership
@@ -238,19 +252,33 @@ impl LeaseKeeper {
             }
         }
 
-        // Release surplus shards once no page of theirs is in flight.
-        for (shard, lease) in self
-            .ownership
-            .held
-            .iter()
-            .filter(|e| !targets.contains(e.key()))
-            .map(|e| (*e.key(), e.value().clone()))
-            .collect::<Vec<_>>()
-        {
+        // What to give back, and what to take.
+        let mut held: Vec<u32> = self.ownership.held.iter().map(|e| *e.key()).collect();
+        held.sort_unstable();
+        let (surplus, wanted): (Vec<u32>, Vec<u32>) = match self.ownership.mode {
+            ShardMode::Lease => {
+                let surplus = held.iter().rev().take(held.len().saturating_sub(quota)).copied().collect();
+                (surplus, Vec::new())
+            }
+            _ => {
+                let fixed = &self.ownership.fixed;
+                let surplus = held.iter().filter(|s| !fixed.contains(s)).copied().collect();
+                let wanted = fixed.iter().filter(|s| !held.contains(s)).copied().collect();
+                (surplus, wanted)
+            }
+        };
+
+        // Surplus shards start no new page; they are released once idle.
+        for mut l in self.ownership.held.iter_mut() {
+            l.draining = surplus.contains(l.key());
+        }
+        for shard in surplus {
             if self.ownership.is_busy(shard) {
                 continue; // next round; the scanner starts no new page meanwhile
             }
-            self.ownership.held.remove(&shard);
+            let Some((_, lease)) = self.ownership.held.remove(&shard) else {
+                continue;
+            };
             if self.ownership.is_busy(shard) {
                 // A page started in between: keep the lease for now.
                 self.ownership.held.insert(shard, lease);
@@ -262,23 +290,46 @@ impl LeaseKeeper {
             }
         }
 
-        // Acquire free targets.
-        for &shard in &targets {
-            if self.ownership.held.contains_key(&shard) {
-                continue;
+        // Take free shards: the fixed ones still missing, or up to the quota.
+        let missing = match self.ownership.mode {
+            ShardMode::Lease => quota.saturating_sub(self.ownership.held.len()),
+            _ => wanted.len(),
+        };
+        if missing > 0 {
+            let leases = self.redis.leases().await?;
+            let free: Vec<u32> = match self.ownership.mode {
+                ShardMode::Lease => {
+                    // Start at an offset of our own so instances do not all race
+                    // for the same free shards.
+                    let n = self.ownership.shards;
+                    let offset = crc32fast::hash(self.token.as_bytes()) % n;
+                    (0..n).map(|i| (i + offset) % n).collect()
+                }
+                _ => wanted,
             }
-            let started = Instant::now();
-            if let Some(epoch) = self.redis.lease_acquire(shard, &self.token, self.ttl).await? {
-                counter!(names::LEASE_CHANGES, "event" => "acquired").increment(1);
-                tracing::info!(shard, epoch, "lease acquired");
-                self.ownership.held.insert(
-                    shard,
-                    Lease {
-                        epoch,
-                        value: format!("{}|{epoch}", self.token),
-                        expires: started + self.ttl,
-                    },
-                );
+            .into_iter()
+            .filter(|&s| leases[s as usize].0.is_none() && !self.ownership.held.contains_key(&s))
+            .collect();
+            let mut taken = 0;
+            for shard in free {
+                if taken == missing {
+                    break;
+                }
+                let started = Instant::now();
+                if let Some(epoch) = self.redis.lease_acquire(shard, &self.token, self.ttl).await? {
+                    taken += 1;
+                    counter!(names::LEASE_CHANGES, "event" => "acquired").increment(1);
+                    tracing::info!(shard, epoch, "lease acquired");
+                    self.ownership.held.insert(
+                        shard,
+                        Lease {
+                            epoch,
+                            value: format!("{}|{epoch}", self.token),
+                            expires: started + self.ttl,
+                            draining: false,
+                        },
+                    );
+                }
             }
         }
         gauge!(names::SHARDS_OWNED).set(self.ownership.held.len() as f64);
@@ -313,6 +364,17 @@ pub struct ShardInfo {
     pub expires_in_ms: Option<i64>,
 }
 
+/// A lease as this instance sees it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct HeldShard {
+    pub shard: u32,
+    pub epoch: i64,
+    /// Time left by this process's clock.
+    pub left_ms: u64,
+    /// Whether a new page may start (more than half the TTL left).
+    pub scannable: bool,
+}
+
 /// The cluster's shard ownership, read from Redis.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ShardsReport {
@@ -320,7 +382,7 @@ pub struct ShardsReport {
     pub mode: String,
     pub members: Vec<String>,
     /// Shards this instance holds, with their epochs.
-    pub held: Vec<(u32, i64)>,
+    pub held: Vec<HeldShard>,
     pub shards: Vec<ShardInfo>,
 }
 
@@ -343,15 +405,13 @@ mod tests {
     }
 
     #[test]
-    fn targets_split_evenly_by_rank() {
-        let mut c = Config::default_config();
-        c.instance.mode = ShardMode::Lease;
-        let o = Ownership::new(&c);
-        let members: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
-        let sizes: Vec<usize> = members.iter().map(|m| o.targets(m, &members).len()).collect();
-        assert_eq!(sizes, vec![22, 21, 21]);
-        let mut all: Vec<u32> = members.iter().flat_map(|m| o.targets(m, &members)).collect();
-        all.sort_unstable();
-        assert_eq!(all, (0..64).collect::<Vec<_>>());
+    fn quotas_add_up_and_differ_by_one_at_most() {
+        let o = Ownership::new(&Config::default_config());
+        for n in 1..=10 {
+            let members: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+            let q: Vec<usize> = members.iter().map(|m| o.quota(m, &members)).collect();
+            assert_eq!(q.iter().sum::<usize>(), 64, "{n} members");
+            assert!(q.iter().max().unwrap() - q.iter().min().unwrap() <= 1, "{q:?}");
+        }
     }
 }
