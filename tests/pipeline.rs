@@ -15,16 +15,70 @@ const LONG: Duration = Duration::from_secs(120);
 async fn round_trip_of_ten_thousand_users() {
     let ns = unique("roundtrip");
     let engine = start(&ns).await;
+    round_trip(&engine, &ns, 10_000).await;
+    let r = redis(&ns).await;
+    wait_until("every flag cleared", LONG, || async {
+        pending_flags(&r).await == 0
+    })
+    .await;
+    finish(engine, &ns).await;
+}
+
+/// The same round trip with Redis Cluster routing against the local
+/// three-master cluster (`scripts/stack.sh cluster`): every script touches
+/// one slot, thanks to the `{shard}` hash tags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_on_a_redis_cluster() {
+    let ns = unique("cluster");
+    let url = std::env::var("DATASYNC_TEST_REDIS_CLUSTER_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:7001".into());
+    let mut config = test_config(&ns);
+    config.redis.url = datasync::config::Secret::new(url.clone());
+    config.redis.cluster = true;
+    let engine = start_with(config.clone()).await;
+    let r = datasync::clients::redis::RedisStore::connect(&config.redis, config.sync.shards)
+        .await
+        .unwrap();
+    round_trip(&engine, &ns, 3_000).await;
+    wait_until("every flag cleared", LONG, || async {
+        pending_flags(&r).await == 0
+    })
+    .await;
+    let report = engine.shards().await.unwrap();
+    assert_eq!(report.held.len(), 8, "every shard leased on the cluster");
+    engine.shutdown(Duration::from_secs(20)).await;
+    let _ = mongo(&ns).await.collection().drop().await;
+    // Each master holds some of the keys: clean them node by node.
+    for port in 7001..=7003 {
+        let c = fred::prelude::Builder::from_config(
+            fred::prelude::Config::from_url(&format!("redis://127.0.0.1:{port}")).unwrap(),
+        )
+        .build()
+        .unwrap();
+        if fred::prelude::ClientLike::init(&c).await.is_ok() {
+            let keys: Vec<String> = fred::prelude::KeysInterface::scan_page(&c, "0", format!("*{ns}*"), Some(100_000), None)
+                .await
+                .map(|(_, k): (String, Vec<String>)| k)
+                .unwrap_or_default();
+            for k in keys {
+                let _: Result<i64, _> = fred::prelude::KeysInterface::del(&c, k).await;
+            }
+        }
+    }
+}
+
+async fn round_trip(engine: &datasync::Engine, ns: &str, n: usize) {
+    let engine = engine.clone();
     let mut expected = HashMap::new();
-    for chunk in (0..10_000).collect::<Vec<_>>().chunks(1000) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
         let users: Vec<_> = chunk.iter().map(|i| profile(&format!("u{i}"), 1)).collect();
         for m in engine.write_and_mark(&users).await.unwrap() {
             expected.insert(m.user_id, m.version);
         }
     }
-    let mongo = mongo(&ns).await;
-    wait_until("10,000 documents in MongoDB", LONG, || async {
-        count_docs(&mongo, doc! {}).await == 10_000
+    let mongo = mongo(ns).await;
+    wait_until("every document in MongoDB", LONG, || async {
+        count_docs(&mongo, doc! {}).await == n as u64
     })
     .await;
 
@@ -47,15 +101,9 @@ async fn round_trip_of_ten_thousand_users() {
         assert_eq!(d.get_i64("dataVersion").unwrap(), 1);
         seen += 1;
     }
-    assert_eq!(seen, 10_000);
-    let r = redis(&ns).await;
-    wait_until("every flag cleared", LONG, || async {
-        pending_flags(&r).await == 0
-    })
-    .await;
+    assert_eq!(seen, n);
     let s = engine.stats();
-    assert_eq!(s.events_applied, 10_000, "{s:?}");
-    finish(engine, &ns).await;
+    assert_eq!(s.events_applied, n as u64, "{s:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
