@@ -288,3 +288,50 @@ async fn processes_share_shards_take_over_a_killed_one_and_rebalance_on_join() {
     }
     cleanup(&ns).await;
 }
+
+/// The seed's fixed split still works, and each shard stays guarded by its
+/// lease: a second instance started with the same index waits instead of
+/// scanning the same shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_mode_splits_shards_and_guards_each_with_its_lease() {
+    let ns = unique("fixed");
+    let fixed = |id: &str, index: u32| {
+        Config::from_layers(
+            &[
+                ("test".into(), config_toml(&ns)),
+                (
+                    "fixed".into(),
+                    format!(
+                        "[instance]\nid = \"{id}\"\nmode = \"fixed\"\nindex = {index}\ntotal = 2\n"
+                    ),
+                ),
+            ],
+            std::iter::empty(),
+        )
+        .unwrap()
+    };
+    let a = start_with(fixed(&format!("{ns}-a"), 0)).await;
+    let b = start_with(fixed(&format!("{ns}-b"), 1)).await;
+    wait_until("each holds its half", LONG, || async {
+        held(&a).await == 4 && held(&b).await == 4
+    })
+    .await;
+    let shards: Vec<u32> = a.shards().await.unwrap().held.iter().map(|h| h.shard).collect();
+    assert_eq!(shards, vec![0, 2, 4, 6]);
+    // A duplicate of index 0 gets nothing while `a` lives...
+    let dup = start_with(fixed(&format!("{ns}-dup"), 0)).await;
+    let users: Vec<_> = (0..500).map(|i| profile(&format!("f{i}"), 1)).collect();
+    a.write_and_mark(&users).await.unwrap();
+    let mongo = mongo(&ns).await;
+    wait_until("all 500 synced by a and b", LONG, || async {
+        count_docs(&mongo, doc! {}).await == 500
+    })
+    .await;
+    assert_eq!(held(&dup).await, 0);
+    assert_eq!(dup.stats().flags_scanned, 0, "the duplicate scanned nothing");
+    // ...and takes over when it stops.
+    a.shutdown(Duration::from_secs(20)).await;
+    wait_until("the duplicate takes index 0", LONG, || async { held(&dup).await == 4 }).await;
+    dup.shutdown(Duration::from_secs(20)).await;
+    finish(b, &ns).await;
+}
