@@ -186,6 +186,9 @@ pub struct ApplierConfig {
     /// Time after a window's first event that closes it.
     #[serde(with = "humantime_serde")]
     pub window_max_wait: Duration,
+    /// The same for the static (immediate) topic, whose windows are small.
+    #[serde(with = "humantime_serde")]
+    pub static_window_wait: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -195,6 +198,14 @@ pub struct CacheConfig {
     /// Time to live of an L1 entry.
     #[serde(with = "humantime_serde")]
     pub l1_ttl: Duration,
+    /// Entries of the L1 cache of composed profiles (`GET /v1/profiles/{id}`).
+    pub profile_l1_capacity: u64,
+    /// How long another process's write may take to show in this process's L1.
+    #[serde(with = "humantime_serde")]
+    pub profile_l1_ttl: Duration,
+    /// Time to live of a composed profile in the Redis L2.
+    #[serde(with = "humantime_serde")]
+    pub profile_l2_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -8,7 +8,7 @@
 use crate::{
     actors::{
         Shared,
-        applier::{ConsumerLoop, MongoApplier},
+        applier::{ConsumerLoop, MongoApplier, PriorityGate, Role},
         dlq::{self, DlqActor, DlqListing, RedriveTarget, Redriven},
         loader::ProfileLoader,
         publisher::{Flush, KafkaPublisher},
@@ -23,6 +23,8 @@ use crate::{
     },
     config::Config,
     lease::{LeaseKeeper, Ownership, ShardInfo, ShardsReport, parse_lease},
+    profiles::{ComposedProfile, ProfileCacheStats, ProfileReader},
+    strategy::{ImmediateSync, Receipt, SyncStrategy},
     faults::Faults,
     health::Health,
     telemetry::{Stats, StatsSnapshot},
@@ -52,6 +54,11 @@ pub enum EngineError {
     Invalid(String),
     #[error(transparent)]
     Stage(#[from] crate::actors::StageError),
+    #[error(transparent)]
+    ProfileRead(#[from] crate::profiles::ProfileReadError),
+    /// An immediate change was accepted (and is kept) but Kafka did not take it.
+    #[error("{reason}; the change (version {version}) is kept and will be published when Kafka answers")]
+    NotPublished { version: i64, reason: String },
 }
 
 /// A user to write and flag.
@@ -93,6 +100,7 @@ struct Inner {
     health: Arc<Health>,
     faults: Arc<Faults>,
     cancel: CancellationToken,
+    profiles: Arc<ProfileReader>,
     ownership: Arc<Ownership>,
     members: Arc<Mutex<Vec<String>>>,
     leases_done: Mutex<Option<oneshot::Receiver<()>>>,
@@ -100,7 +108,7 @@ struct Inner {
     scanner: actix::Addr<ShardScanner>,
     publisher: actix::Addr<KafkaPublisher>,
     hold: Arc<RwLock<()>>,
-    applier_done: Mutex<Option<oneshot::Receiver<()>>>,
+    applier_done: Mutex<Vec<oneshot::Receiver<()>>>,
     system: actix::System,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -110,6 +118,7 @@ pub struct PublishHold(#[allow(dead_code)] OwnedRwLockWriteGuard<()>);
 
 
 struct Started {
+    profiles: Arc<ProfileReader>,
     redis: RedisStore,
     mongo: MongoStore,
     cache: AppliedCache,
@@ -119,7 +128,7 @@ struct Started {
     pipeline: Arc<Pipeline>,
     scanner: actix::Addr<ShardScanner>,
     publisher: actix::Addr<KafkaPublisher>,
-    applier_done: Option<oneshot::Receiver<()>>,
+    applier_done: Vec<oneshot::Receiver<()>>,
     system: actix::System,
 }
 
@@ -181,6 +190,7 @@ impl Engine {
                 health: shared.health,
                 faults: shared.faults,
                 cancel: shared.cancel,
+                profiles: started.profiles,
                 ownership: started.ownership,
                 members: started.members,
                 leases_done: Mutex::new(Some(started.leases_done)),
@@ -216,9 +226,20 @@ impl Engine {
         self.inner.stats.snapshot()
     }
 
-    /// This engine's flag → applied latencies (milliseconds).
+    /// This engine's flag → applied latencies of dynamic changes (milliseconds).
     pub fn latency_histogram(&self) -> hdrhistogram::Histogram<u64> {
         self.inner.stats.latency.histogram()
+    }
+
+    /// This engine's immediate changes: request → broker ack, and request →
+    /// applied in MongoDB (milliseconds).
+    pub fn immediate_latency_histograms(
+        &self,
+    ) -> (hdrhistogram::Histogram<u64>, hdrhistogram::Histogram<u64>) {
+        (
+            self.inner.stats.latency_ack.histogram(),
+            self.inner.stats.latency_static.histogram(),
+        )
     }
 
     /// Flags still pending in the shards this engine owns.
@@ -243,6 +264,10 @@ impl Engine {
     /// Flags users whose ids were already validated.
     async fn mark_valid(&self, user_ids: &[String]) -> Result<Vec<Marked>, EngineError> {
         let marked = self.inner.redis.mark(user_ids).await?;
+        // The mark script dropped the shared L2 entries; drop ours too.
+        for u in user_ids {
+            self.inner.profiles.invalidate_local(u).await;
+        }
         self.inner.stats.flags_marked(marked.len() as u64);
         Ok(marked
             .into_iter()
@@ -254,19 +279,56 @@ impl Engine {
     /// every entry is valid; if flagging fails the call fails, so the caller
     /// retries (the profiles written are simply written again).
     pub async fn write_and_mark(&self, users: &[ProfileWrite]) -> Result<Vec<Marked>, EngineError> {
-        validate_user_ids(users.iter().map(|u| u.user_id.as_str()))?;
-        let mut writes = Vec::with_capacity(users.len());
-        for (i, u) in users.iter().enumerate() {
-            if !u.profile.is_object() {
-                return Err(EngineError::Invalid(format!(
-                    "users[{i}].profile: must be a JSON object"
-                )));
-            }
-            writes.push((u.user_id.clone(), u.profile.to_string()));
-        }
+        validate_writes(users)?;
+        let writes: Vec<(String, String)> = users
+            .iter()
+            .map(|u| (u.user_id.clone(), u.profile.to_string()))
+            .collect();
         self.inner.redis.write_profiles(&writes).await?;
         let ids: Vec<String> = users.iter().map(|u| u.user_id.clone()).collect();
         self.mark_valid(&ids).await
+    }
+
+    /// Syncs changes with the given strategy (see [`crate::strategy`]).
+    pub async fn sync(
+        &self,
+        strategy: &dyn SyncStrategy,
+        users: &[ProfileWrite],
+    ) -> Result<Vec<Receipt>, EngineError> {
+        strategy.submit(self, users).await
+    }
+
+    /// Syncs a critical static change at once: answers after the broker's ack
+    /// with the version, partition and offset.
+    pub async fn sync_immediate(&self, user_id: &str, profile: serde_json::Value) -> Result<Receipt, EngineError> {
+        let users = [ProfileWrite {
+            user_id: user_id.to_string(),
+            profile,
+        }];
+        let mut r = self.sync(&ImmediateSync, &users).await?;
+        Ok(r.remove(0))
+    }
+
+    /// The freshest composed profile of a user (see [`crate::profiles`]).
+    pub async fn profile(&self, user_id: &str) -> Result<Option<Arc<ComposedProfile>>, EngineError> {
+        validate_user_ids(std::iter::once(user_id))?;
+        Ok(self.inner.profiles.get(user_id).await?)
+    }
+
+    pub fn profile_cache_stats(&self) -> ProfileCacheStats {
+        self.inner.profiles.stats()
+    }
+
+    /// What the sync strategies need of the engine.
+    pub(crate) fn parts(&self) -> Parts<'_> {
+        Parts {
+            redis: &self.inner.redis,
+            publisher: &self.inner.publisher,
+            dlq: &self.inner.pipeline.dlq,
+            static_topic: &self.inner.config.kafka.static_topic,
+            profiles: &self.inner.profiles,
+            stats: &self.inner.stats,
+        }
     }
 
     /// Runs one scan cycle now and reports what it did.
@@ -378,10 +440,8 @@ impl Engine {
             // Waits for the cycle in progress, if any.
             drop(inner.pipeline.cycle_lock.lock().await);
             let _ = inner.publisher.send(Flush(timeout)).await;
-            let done = inner.applier_done.lock().expect("not poisoned").take();
-            if let Some(done) = done {
-                let _ = done.await;
-            }
+            let done = std::mem::take(&mut *inner.applier_done.lock().expect("not poisoned"));
+            futures::future::join_all(done).await;
             // Hand the leases back so other instances take over at once.
             let leases = inner.leases_done.lock().expect("not poisoned").take();
             if let Some(leases) = leases {
@@ -398,6 +458,29 @@ impl Engine {
         }
         tracing::info!("engine stopped");
     }
+}
+
+/// Checks ids and that every profile is a JSON object, naming the first problem.
+pub(crate) fn validate_writes(users: &[ProfileWrite]) -> Result<(), EngineError> {
+    validate_user_ids(users.iter().map(|u| u.user_id.as_str()))?;
+    for (i, u) in users.iter().enumerate() {
+        if !u.profile.is_object() {
+            return Err(EngineError::Invalid(format!(
+                "users[{i}].profile: must be a JSON object"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Borrowed pieces of a running engine, for [`crate::strategy`].
+pub(crate) struct Parts<'a> {
+    pub redis: &'a RedisStore,
+    pub publisher: &'a actix::Addr<KafkaPublisher>,
+    pub dlq: &'a actix::Addr<DlqActor>,
+    pub static_topic: &'a String,
+    pub profiles: &'a ProfileReader,
+    pub stats: &'a Stats,
 }
 
 fn validate_user_ids<'a>(ids: impl Iterator<Item = &'a str>) -> Result<(), EngineError> {
@@ -444,6 +527,7 @@ async fn start_actors(
         mongo.clone(),
     );
     let mb = config.mailbox.clone();
+    let profiles = Arc::new(ProfileReader::new(&config.cache, redis.clone(), mongo.clone()));
 
     let ownership = Arc::new(Ownership::new(&config));
     let members = Arc::new(Mutex::new(Vec::new()));
@@ -506,6 +590,7 @@ async fn start_actors(
         producer,
         mongo: mongo.clone(),
         dynamic_topic: config.kafka.dynamic_topic.clone(),
+        static_grace: config.kafka.message_timeout,
         shared: shared.clone(),
         sync: config.sync.clone(),
         ownership: ownership.clone(),
@@ -519,41 +604,53 @@ async fn start_actors(
         })
     };
 
-    let applier_done = if config.applier.enabled {
-        let consumer = kafka::consumer(&config.kafka, &shared.instance_id)?;
-        rdkafka::consumer::Consumer::subscribe(
-            &consumer,
-            &[
-                config.kafka.static_topic.as_str(),
-                config.kafka.dynamic_topic.as_str(),
-            ],
-        )?;
-        let applier = {
-            let (mongo, shared) = (mongo.clone(), shared.clone());
-            Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
-                ctx.set_mailbox_capacity(mb.applier);
-                MongoApplier::new(mongo, shared)
-            })
-        };
-        let (done_tx, done_rx) = oneshot::channel();
-        let consumer_loop = ConsumerLoop {
-            consumer,
-            applier,
-            dlq,
-            cache: cache.clone(),
-            config: config.applier.clone(),
-            shared,
-        };
-        actix::spawn(async move {
-            consumer_loop.run().await;
-            let _ = done_tx.send(());
-        });
-        Some(done_rx)
-    } else {
-        None
-    };
+    // Two consumer loops, each with its own MongoApplier: static changes (their
+    // own consumer group, small windows) go first; the dynamic loop waits while
+    // a static window is being written.
+    let mut applier_done = Vec::new();
+    if config.applier.enabled {
+        let gate = Arc::new(PriorityGate::default());
+        let static_group = format!("{}-static", config.kafka.consumer_group);
+        for (role, topic, group) in [
+            (Role::Static, &config.kafka.static_topic, &static_group),
+            (Role::Dynamic, &config.kafka.dynamic_topic, &config.kafka.consumer_group),
+        ] {
+            let consumer = kafka::consumer(&config.kafka, group, &shared.instance_id)?;
+            rdkafka::consumer::Consumer::subscribe(&consumer, &[topic.as_str()])?;
+            let applier = {
+                let (mongo, shared) = (mongo.clone(), shared.clone());
+                Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
+                    ctx.set_mailbox_capacity(mb.applier);
+                    MongoApplier::new(mongo, shared)
+                })
+            };
+            let mut window = config.applier.clone();
+            if role == Role::Static {
+                window.window_max_events = window.window_max_events.min(500);
+                window.window_max_wait = config.applier.static_window_wait;
+            }
+            let (done_tx, done_rx) = oneshot::channel();
+            let consumer_loop = ConsumerLoop {
+                consumer,
+                applier,
+                dlq: dlq.clone(),
+                cache: cache.clone(),
+                profiles: profiles.clone(),
+                config: window,
+                shared: shared.clone(),
+                role,
+                gate: gate.clone(),
+            };
+            actix::spawn(async move {
+                consumer_loop.run().await;
+                let _ = done_tx.send(());
+            });
+            applier_done.push(done_rx);
+        }
+    }
 
     Ok(Started {
+        profiles,
         redis,
         mongo,
         cache,

@@ -45,6 +45,10 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::Invalid(m) => Self::bad_request(m),
+            e @ EngineError::NotPublished { .. } => Self {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: e.to_string(),
+            },
             other => Self {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 message: other.to_string(),
@@ -128,6 +132,58 @@ async fn mark_dirty(
         }
     };
     Ok(HttpResponse::Ok().json(json!({ "marked": marked.len(), "versions": marked })))
+}
+
+/// `POST /v1/sync/immediate` body: one user's complete static profile.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImmediateRequest {
+    user_id: String,
+    profile: serde_json::Value,
+}
+
+async fn sync_immediate(
+    engine: Data<Engine>,
+    body: Json<ImmediateRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let ImmediateRequest { user_id, profile } = body.into_inner();
+    if !profile.is_object() {
+        return Err(ApiError::bad_request("profile: must be a JSON object"));
+    }
+    match engine.sync_immediate(&user_id, profile).await {
+        Ok(receipt) => Ok(HttpResponse::Ok().json(receipt)),
+        Err(EngineError::Invalid(m)) => Err(ApiError::bad_request(m.replace("user_ids[0]", "user_id"))),
+        Err(e @ EngineError::NotPublished { version, .. }) => Ok(HttpResponse::ServiceUnavailable()
+            .json(json!({ "error": e.to_string(), "version": version, "accepted": true }))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn profile(engine: Data<Engine>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let user_id = path.into_inner();
+    match engine.profile(&user_id).await {
+        Ok(Some(p)) => Ok(HttpResponse::Ok().json(&*p)),
+        Ok(None) => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("user `{user_id}`: no profile in MongoDB or Redis"),
+        }),
+        Err(EngineError::Invalid(m)) => Err(ApiError::bad_request(m.replace("user_ids[0]", "user_id"))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn cache_stats(engine: Data<Engine>) -> HttpResponse {
+    let a = engine.cache_stats();
+    let lookups = a.l1_hits + a.l2_hits + a.mongo_lookups;
+    HttpResponse::Ok().json(json!({
+        "applied_versions": {
+            "l1_hits": a.l1_hits,
+            "l2_hits": a.l2_hits,
+            "mongo_lookups": a.mongo_lookups,
+            "hit_rate": if lookups == 0 { 0.0 } else { (a.l1_hits + a.l2_hits) as f64 / lookups as f64 },
+        },
+        "profiles": engine.profile_cache_stats(),
+    }))
 }
 
 async fn live() -> HttpResponse {
@@ -260,10 +316,16 @@ async fn metrics() -> HttpResponse {
 }
 
 async fn stats(engine: Data<Engine>) -> HttpResponse {
+    let (ack, applied) = engine.immediate_latency_histograms();
+    let immediate = json!({
+        "to_broker_ack": crate::telemetry::Latency::summarize(&ack),
+        "to_applied": crate::telemetry::Latency::summarize(&applied),
+    });
     HttpResponse::Ok().json(json!({
         "engine": engine.stats(),
         "cache": engine.cache_stats(),
         "latency": crate::telemetry::Latency::summarize(&engine.latency_histogram()),
+        "immediate": immediate,
         "process": crate::telemetry::process_usage(),
         "outages": engine.outages(),
     }))
@@ -287,6 +349,9 @@ pub fn configure(engine: Engine) -> impl FnOnce(&mut web::ServiceConfig) {
         cfg.app_data(Data::new(engine))
             .app_data(JsonConfig::default().limit(limit).error_handler(json_error))
             .route("/v1/sync/dirty", web::post().to(mark_dirty))
+            .route("/v1/sync/immediate", web::post().to(sync_immediate))
+            .route("/v1/profiles/{user_id}", web::get().to(profile))
+            .route("/v1/cache/stats", web::get().to(cache_stats))
             .app_data(web::QueryConfig::default().error_handler(query_error))
             .route("/v1/stats", web::get().to(stats))
             .route("/v1/shards", web::get().to(shards))

@@ -33,9 +33,11 @@ pub mod faults;
 pub mod health;
 pub mod http;
 pub mod lease;
+pub mod profiles;
 pub mod proto;
 pub mod retry;
 pub mod shard;
+pub mod strategy;
 pub mod telemetry;
 
 pub use config::Config;

@@ -77,6 +77,17 @@ impl Keys {
         format!("{}:members", self.prefix)
     }
 
+    /// Hash of a shard's accepted immediate (static) changes not yet confirmed
+    /// by the broker: user id → `"<version>|<profile JSON>"`.
+    pub fn static_pending(&self, shard: u32) -> String {
+        format!("{}:static:{{{shard}}}", self.prefix)
+    }
+
+    /// The cached composed profile of a user (L2 of `GET /v1/profiles/{id}`).
+    pub fn profile_cache(&self, shard: u32, user_id: &str) -> String {
+        format!("{}:pcache:{{{shard}}}:{user_id}", self.prefix)
+    }
+
     /// The profile the upstream wrote.
     pub fn profile(&self, user_id: &str) -> String {
         self.profile_template.replace("{id}", user_id)

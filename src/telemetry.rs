@@ -27,6 +27,10 @@ pub mod names {
     pub const POISON_EVENTS: &str = "datasync_poison_events_total";
     pub const FLAGS_MARKED: &str = "datasync_flags_marked_total";
     pub const FLAG_TO_APPLIED: &str = "datasync_flag_to_applied_seconds";
+    /// Seed 000's `profile.sync.success{type}` and its failure twin.
+    pub const SYNC_SUCCESS: &str = "datasync_profile_sync_success_total";
+    pub const SYNC_FAILURE: &str = "datasync_profile_sync_failure_total";
+    pub const IMMEDIATE_ACK: &str = "datasync_immediate_ack_seconds";
     pub const DLQ_RECORDS: &str = "datasync_dlq_records_total";
     pub const DLQ_PARKED: &str = "datasync_dlq_parked_total";
     pub const DLQ_OPEN: &str = "datasync_dlq_open_entries";
@@ -54,7 +58,7 @@ pub const ACTORS: [&str; 6] = [
 ];
 
 /// The stages a dead letter can come from.
-pub const DLQ_STAGES: [&str; 4] = ["load", "publish", "decode", "apply"];
+pub const DLQ_STAGES: [&str; 5] = ["load", "publish", "decode", "apply", "immediate"];
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -68,6 +72,11 @@ pub fn prometheus() -> &'static PrometheusHandle {
                     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
                     300.0,
                 ],
+            )
+            .expect("bucket list is not empty")
+            .set_buckets_for_metric(
+                Matcher::Full(names::IMMEDIATE_ACK.to_string()),
+                &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0],
             )
             .expect("bucket list is not empty");
         let recorder = builder.build_recorder();
@@ -118,6 +127,8 @@ fn register_zeroes() {
         counter!(names::PUBLISH_FAILURES, "type" => t).increment(0);
         counter!(names::EVENTS_APPLIED, "section" => t).increment(0);
         counter!(names::STALE_SKIPPED, "section" => t).increment(0);
+        counter!(names::SYNC_SUCCESS, "type" => t).increment(0);
+        counter!(names::SYNC_FAILURE, "type" => t).increment(0);
     }
     for reason in ["missing", "bad_json", "not_an_object", "wrong_type"] {
         counter!(names::LOAD_FAILURES, "reason" => reason).increment(0);
@@ -191,8 +202,13 @@ pub struct Stats {
     pub actor_restarts: AtomicU64,
     pub scans_paused: AtomicU64,
     pub fenced_pages: AtomicU64,
-    /// Flag → applied latency of this engine's applied changes.
+    /// Flag → applied latency of this engine's applied dynamic changes.
     pub latency: Latency,
+    /// Request → applied latency of this engine's applied static changes.
+    pub latency_static: Latency,
+    pub static_applied: AtomicU64,
+    /// Request → broker ack latency of immediate changes.
+    pub latency_ack: Latency,
 }
 
 /// A latency histogram in milliseconds (1 ms to 1 h, 3 significant digits).
@@ -366,7 +382,11 @@ impl Stats {
 
     pub fn applied(&self, section: &'static str, n: u64) {
         self.events_applied.fetch_add(n, Relaxed);
+        if section == "static" {
+            self.static_applied.fetch_add(n, Relaxed);
+        }
         counter!(names::EVENTS_APPLIED, "section" => section).increment(n);
+        counter!(names::SYNC_SUCCESS, "type" => section).increment(n);
     }
 
     pub fn stale(&self, section: &'static str, n: u64) {
@@ -391,9 +411,10 @@ impl Stats {
         tracing::info!("publishing is paused; batch waiting");
     }
 
-    pub fn dlq_recorded(&self, stage: &'static str, n: u64) {
+    pub fn dlq_recorded(&self, stage: &'static str, sync_type: &'static str, n: u64) {
         self.dlq_records.fetch_add(n, Relaxed);
         counter!(names::DLQ_RECORDS, "stage" => stage).increment(n);
+        counter!(names::SYNC_FAILURE, "type" => sync_type).increment(n);
     }
 
     pub fn dlq_parked(&self, n: u64) {
@@ -419,6 +440,11 @@ impl Stats {
         counter!(names::SCANS_PAUSED, "backend" => backend).increment(1);
     }
 
+    pub fn immediate_acked(&self, seconds: f64) {
+        histogram!(names::IMMEDIATE_ACK).record(seconds);
+        self.latency_ack.record_ms((seconds * 1000.0) as u64);
+    }
+
     pub fn fenced(&self, shard: u32) {
         self.fenced_pages.fetch_add(1, Relaxed);
         counter!(names::FENCED_PAGES).increment(1);
@@ -434,8 +460,14 @@ impl Stats {
         gauge!(names::SHARD_LAST_SCAN, "shard" => shard.to_string()).set(unix_secs);
     }
 
-    pub fn flag_to_applied(&self, seconds: f64) {
-        histogram!(names::FLAG_TO_APPLIED).record(seconds);
-        self.latency.record_ms((seconds * 1000.0) as u64);
+    /// Latency of one applied change, from its version (flag or immediate
+    /// request) to MongoDB.
+    pub fn flag_to_applied(&self, sync_type: &'static str, seconds: f64) {
+        histogram!(names::FLAG_TO_APPLIED, "type" => sync_type).record(seconds);
+        if sync_type == "static" {
+            self.latency_static.record_ms((seconds * 1000.0) as u64);
+        } else {
+            self.latency.record_ms((seconds * 1000.0) as u64);
+        }
     }
 }

@@ -164,14 +164,62 @@ impl Handler<ApplyWindow> for MongoApplier {
     }
 }
 
+/// Which topic a consumer loop serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Static,
+    Dynamic,
+}
+
+/// Static windows in flight; the dynamic loop waits for none before it
+/// submits a window, so a ban is not queued behind a dynamic backlog.
+#[derive(Debug, Default)]
+pub struct PriorityGate {
+    in_flight: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Longest a dynamic window waits for static work, so a flood of static
+/// changes cannot starve the dynamic path.
+const MAX_PRIORITY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl PriorityGate {
+    fn enter(&self) {
+        self.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn leave(&self) {
+        if self.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    async fn wait_idle(&self) {
+        let deadline = tokio::time::Instant::now() + MAX_PRIORITY_WAIT;
+        loop {
+            let notified = self.idle.notified();
+            if self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
+        }
+    }
+}
+
 /// The consumer side of the applier: reads windows and feeds the actor.
 pub struct ConsumerLoop {
     pub consumer: StreamConsumer,
     pub applier: Addr<MongoApplier>,
     pub dlq: Addr<DlqActor>,
     pub cache: AppliedCache,
+    pub profiles: Arc<crate::profiles::ProfileReader>,
     pub config: ApplierConfig,
     pub shared: Shared,
+    pub role: Role,
+    pub gate: Arc<PriorityGate>,
 }
 
 /// A window whose write is under way in the MongoApplier.
@@ -219,6 +267,9 @@ impl ConsumerLoop {
                     }
                 }
             };
+            if self.role == Role::Dynamic {
+                self.gate.wait_idle().await;
+            }
             let next = self.submit(window);
             if let Some(mut f) = in_flight.take() {
                 let r = (&mut f.request).await;
@@ -292,6 +343,9 @@ impl ConsumerLoop {
             self.shared.stats.stale(section_label(*section), *n);
         }
         let changes = Arc::new(collapsed.changes);
+        if self.role == Role::Static {
+            self.gate.enter();
+        }
         let request = Box::pin(self.applier.send(ApplyWindow(changes.clone())));
         InFlight {
             window,
@@ -319,6 +373,10 @@ impl ConsumerLoop {
             user_id,
             version,
             stage,
+            sync_type: match self.role {
+                Role::Static => "static",
+                Role::Dynamic => "dynamic",
+            },
             original_event: r.payload.clone(),
             error,
             retry_count: 0,
@@ -356,6 +414,14 @@ impl ConsumerLoop {
     /// before the window was written (its offsets stay uncommitted, so the next
     /// start applies it).
     async fn finish(&self, f: InFlight, first: WriteResult) -> bool {
+        let done = self.write_outcomes(f, first).await;
+        if self.role == Role::Static {
+            self.gate.leave();
+        }
+        done
+    }
+
+    async fn write_outcomes(&self, f: InFlight, first: WriteResult) -> bool {
         let InFlight {
             window,
             changes,
@@ -403,7 +469,10 @@ impl ConsumerLoop {
             match o {
                 Outcome::Applied => {
                     *counts.entry((c.section, true)).or_default() += 1;
-                    stats.flag_to_applied((now_ms - c.marked_at_ms).max(0) as f64 / 1000.0);
+                    stats.flag_to_applied(
+                        section_label(c.section),
+                        (now_ms - c.marked_at_ms).max(0) as f64 / 1000.0,
+                    );
                     known.push((c.user_id.as_str(), c.section, c.version));
                 }
                 Outcome::Stale => {
@@ -429,6 +498,16 @@ impl ConsumerLoop {
         }
         if let Err(e) = self.cache.record_applied(&known).await {
             tracing::warn!(error = %e, "cannot update the applied-version cache");
+        }
+        let applied: Vec<&str> = changes
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| **o == Outcome::Applied)
+            .map(|(c, _)| c.user_id.as_str())
+            .collect();
+        if let Err(e) = self.profiles.invalidate(&applied).await {
+            // The L2 entries still expire after cache.profile_l2_ttl.
+            tracing::warn!(error = %e, "cannot invalidate cached profiles");
         }
         self.commit(&window);
         true

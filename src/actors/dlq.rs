@@ -32,8 +32,10 @@ pub struct DeadLetter {
     pub user_id: String,
     /// The change's version (0 when unknown).
     pub version: i64,
-    /// Where it failed: `load`, `publish`, `decode` or `apply`.
+    /// Where it failed: `load`, `publish`, `decode`, `apply` or `immediate`.
     pub stage: &'static str,
+    /// `static` or `dynamic` (the section the change was for).
+    pub sync_type: &'static str,
     /// The encoded event, or the raw bytes that failed to decode.
     pub original_event: Vec<u8>,
     pub error: String,
@@ -276,12 +278,13 @@ async fn record(
         .retry
         .run("open dead letters", &shared.cancel, || redis.dlq_put(&entries))
         .await?;
-    let mut by_stage: std::collections::BTreeMap<&'static str, u64> = Default::default();
+    let mut by_stage: std::collections::BTreeMap<(&'static str, &'static str), u64> =
+        Default::default();
     for l in &fresh {
-        *by_stage.entry(l.stage).or_default() += 1;
+        *by_stage.entry((l.stage, l.sync_type)).or_default() += 1;
     }
-    for (stage, n) in by_stage {
-        shared.stats.dlq_recorded(stage, n);
+    for ((stage, sync_type), n) in by_stage {
+        shared.stats.dlq_recorded(stage, sync_type, n);
     }
     out.recorded = fresh.len() as u64;
     tracing::warn!(

@@ -26,7 +26,7 @@ use prost::Message as _;
 use rdkafka::producer::FutureProducer;
 use std::{
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 /// Most legacy pages drained in one cycle, so a flood cannot starve the scan.
@@ -48,11 +48,14 @@ pub struct CycleReport {
     pub paused: u64,
     /// The oldest flag version seen (µs), 0 if none.
     pub oldest_version: i64,
+    /// Pending immediate changes published again.
+    pub static_redriven: u64,
 }
 
 impl CycleReport {
     fn add(&mut self, o: &CycleReport) {
         self.dead_lettered += o.dead_lettered;
+        self.static_redriven += o.static_redriven;
         self.paused += o.paused;
         if o.oldest_version > 0
             && (self.oldest_version == 0 || o.oldest_version < self.oldest_version)
@@ -81,6 +84,9 @@ pub struct Pipeline {
     /// For probing a MongoDB marked down.
     pub mongo: MongoStore,
     pub dynamic_topic: String,
+    /// Pending immediate changes older than this are republished by the scan
+    /// (their request failed, or its process died before the broker's ack).
+    pub static_grace: Duration,
     pub shared: Shared,
     pub sync: SyncConfig,
     /// Which shards this instance may scan (leases, fixed split or all).
@@ -271,6 +277,12 @@ async fn scan_shard(p: &Pipeline, shard: u32) -> CycleReport {
         let Some(ticket) = p.ownership.ticket(shard) else {
             return report;
         };
+        if cursor.is_none() {
+            match redrive_static(p, &ticket).await {
+                Ok(n) => report.static_redriven += n,
+                Err(e) => tracing::warn!(shard, error = %e, "cannot republish pending immediate changes"),
+            }
+        }
         let flags = match shared
             .retry
             .run("read flags", &shared.cancel, || {
@@ -430,6 +442,57 @@ pub async fn process_page(
     Ok(report)
 }
 
+/// Publishes the shard's accepted immediate changes that the broker never
+/// confirmed (Kafka was down, or the accepting process died), once they are
+/// older than the grace period; confirmed ones leave the pending set.
+async fn redrive_static(p: &Pipeline, ticket: &crate::lease::Ticket) -> Result<u64, StageError> {
+    let shared = &p.shared;
+    let pending = shared
+        .retry
+        .run("read pending immediate changes", &shared.cancel, || {
+            p.redis.static_pending(ticket.shard)
+        })
+        .await?;
+    let cutoff = now_us() - p.static_grace.as_micros() as i64;
+    let items: Vec<Outgoing> = pending
+        .into_iter()
+        .filter(|(_, v, _)| *v < cutoff)
+        .filter_map(|(user_id, version, json)| {
+            let value: serde_json::Value = serde_json::from_str(&json).ok()?;
+            let mongodb::bson::Bson::Document(profile) = crate::proto::json_to_bson(&value) else {
+                return None;
+            };
+            Some(Outgoing {
+                user_id,
+                version,
+                profile,
+                base_version: 0,
+                lease_epoch: ticket.epoch,
+            })
+        })
+        .collect();
+    if items.is_empty() {
+        return Ok(0);
+    }
+    let keys: Vec<(String, i64)> = items.iter().map(|i| (i.user_id.clone(), i.version)).collect();
+    let publish = Publish {
+        sync_type: SyncType::StaticImmediate,
+        items,
+    };
+    let results = ask(KafkaPublisher::NAME, &p.publisher, publish).await?;
+    let done: Vec<(&str, i64)> = keys
+        .iter()
+        .zip(&results)
+        .filter(|(_, r)| r.is_ok())
+        .map(|((u, v), _)| (u.as_str(), *v))
+        .collect();
+    p.redis.static_done(&done).await?;
+    if !done.is_empty() {
+        tracing::info!(shard = ticket.shard, published = done.len(), "pending immediate changes published");
+    }
+    Ok(done.len() as u64)
+}
+
 /// The event a flag would have produced, without data: what a dead letter of
 /// an unloadable profile carries.
 fn bare_event(p: &Pipeline, flag: &Flag) -> Vec<u8> {
@@ -456,6 +519,7 @@ fn load_dead_letter(p: &Pipeline, flag: Flag, e: &ProfileError) -> DeadLetter {
         user_id: flag.user_id,
         version: flag.version,
         stage: "load",
+        sync_type: "dynamic",
         retry_count: 0,
         topic: p.dynamic_topic.clone(),
         partition: None,
@@ -478,6 +542,7 @@ fn publish_dead_letter(p: &Pipeline, flag: Flag, f: PublishFailure) -> DeadLette
         user_id: flag.user_id,
         version: flag.version,
         stage: "publish",
+        sync_type: "dynamic",
         retry_count: f.retries,
         topic: p.dynamic_topic.clone(),
         partition: None,

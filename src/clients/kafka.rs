@@ -36,10 +36,10 @@ pub fn producer(c: &KafkaConfig, client_id: &str) -> Result<FutureProducer, Kafk
 }
 
 /// The applier's consumer: manual commits only, from the earliest offset.
-pub fn consumer(c: &KafkaConfig, client_id: &str) -> Result<StreamConsumer, KafkaError> {
+pub fn consumer(c: &KafkaConfig, group: &str, client_id: &str) -> Result<StreamConsumer, KafkaError> {
     base(c)
         .set("client.id", client_id)
-        .set("group.id", &c.consumer_group)
+        .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")

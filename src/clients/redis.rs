@@ -73,7 +73,9 @@ pub enum ProfileError {
 
 /// Allocates one version per user from the shard's hybrid logical clock and flags
 /// each user with it. `v = max(now_µs, last + 1)`, strictly increasing per shard.
-/// KEYS: dirty zset, clock. ARGV: user ids. Returns the versions in order.
+/// The users' cached composed profiles are dropped in the same step.
+/// KEYS: dirty zset, clock, then one profile-cache key per user. ARGV: user ids.
+/// Returns the versions in order.
 static MARK: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
         r#"
@@ -86,10 +88,67 @@ local out = {}
 for i = 1, #ARGV do
   if i > 1 then v = v + 1 end
   redis.call('ZADD', KEYS[1], string.format('%.0f', v), ARGV[i])
+  redis.call('DEL', KEYS[2 + i])
   out[i] = v
 end
 redis.call('SET', KEYS[2], string.format('%.0f', v))
 return out
+"#,
+    )
+});
+
+/// Accepts an immediate (static) change: allocates its version from the shard
+/// clock, keeps it as pending until the broker confirms it, and drops the cached
+/// profile. KEYS: clock, static-pending hash, profile-cache key. ARGV: user,
+/// profile JSON. Returns the version.
+static STAGE_STATIC: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+local v = last + 1
+if now > v then v = now end
+local vs = string.format('%.0f', v)
+redis.call('SET', KEYS[1], vs)
+redis.call('HSET', KEYS[2], ARGV[1], vs .. '|' .. ARGV[2])
+redis.call('DEL', KEYS[3])
+return v
+"#,
+    )
+});
+
+/// Drops pending immediate changes the broker confirmed, if still at the
+/// published version. KEYS: static-pending hash. ARGV: user, version, ...
+static STATIC_DONE: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+local n = 0
+for i = 1, #ARGV, 2 do
+  local cur = redis.call('HGET', KEYS[1], ARGV[i])
+  local prefix = ARGV[i + 1] .. '|'
+  if cur and string.sub(cur, 1, #prefix) == prefix then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"#,
+    )
+});
+
+/// Fills a profile-cache entry only if the fill's placeholder is still there:
+/// any invalidation in between (a mark, an immediate change, an applied write)
+/// deleted it, and the possibly stale value is dropped. KEYS: cache key.
+/// ARGV: placeholder, value, ttl ms.
+static CACHE_FILL: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
 "#,
     )
 });
@@ -187,6 +246,9 @@ return m
     )
 });
 
+/// Values of profile-cache keys that mark a fill in progress start with this.
+pub const CACHE_PLACEHOLDER: &str = "\u{1}fill:";
+
 /// The Redis side of datasync.
 #[derive(Clone)]
 pub struct RedisStore {
@@ -239,7 +301,10 @@ impl RedisStore {
         let by_shard = self.by_shard(users.iter().map(String::as_str));
         let calls = by_shard.iter().map(|(&shard, idx)| {
             let args: Vec<&str> = idx.iter().map(|&i| users[i].as_str()).collect();
-            let keys = vec![self.keys.dirty(shard), self.keys.clock(shard)];
+            let mut keys = Vec::with_capacity(idx.len() + 2);
+            keys.push(self.keys.dirty(shard));
+            keys.push(self.keys.clock(shard));
+            keys.extend(args.iter().map(|u| self.keys.profile_cache(shard, u)));
             async move {
                 let v: Vec<i64> = MARK.evalsha_with_reload(self.client(), keys, args).await?;
                 Ok::<_, RedisError>(v)
@@ -398,6 +463,120 @@ impl RedisStore {
             return Err(RedisError::Fenced { shard });
         }
         Ok(n as u64)
+    }
+
+    /// Accepts an immediate change of `user`'s static profile (JSON object);
+    /// returns its version.
+    pub async fn stage_static(&self, user: &str, profile_json: &str) -> Result<i64, RedisError> {
+        let shard = shard_of(user, self.shards);
+        Ok(STAGE_STATIC
+            .evalsha_with_reload(
+                self.client(),
+                vec![
+                    self.keys.clock(shard),
+                    self.keys.static_pending(shard),
+                    self.keys.profile_cache(shard, user),
+                ],
+                vec![user, profile_json],
+            )
+            .await?)
+    }
+
+    /// Pending immediate changes of one shard: `(user, version, profile JSON)`.
+    pub async fn static_pending(&self, shard: u32) -> Result<Vec<(String, i64, String)>, RedisError> {
+        let map: BTreeMap<String, String> =
+            self.client().hgetall(self.keys.static_pending(shard)).await?;
+        Ok(map
+            .into_iter()
+            .filter_map(|(u, v)| {
+                let (version, json) = v.split_once('|')?;
+                Some((u, version.parse().ok()?, json.to_string()))
+            })
+            .collect())
+    }
+
+    /// The pending immediate change of one user, if any: `(version, JSON)`.
+    pub async fn static_pending_of(&self, user: &str) -> Result<Option<(i64, String)>, RedisError> {
+        let shard = shard_of(user, self.shards);
+        let v: Option<String> = self.client().hget(self.keys.static_pending(shard), user).await?;
+        Ok(v.and_then(|v| {
+            let (version, json) = v.split_once('|')?;
+            Some((version.parse().ok()?, json.to_string()))
+        }))
+    }
+
+    /// Drops pending immediate changes the broker confirmed: `(user, version)`.
+    pub async fn static_done(&self, entries: &[(&str, i64)]) -> Result<(), RedisError> {
+        for (shard, idx) in self.by_shard(entries.iter().map(|e| e.0)) {
+            let mut args = Vec::with_capacity(idx.len() * 2);
+            for &i in &idx {
+                args.push(entries[i].0.to_string());
+                args.push(entries[i].1.to_string());
+            }
+            let _: i64 = STATIC_DONE
+                .evalsha_with_reload(self.client(), vec![self.keys.static_pending(shard)], args)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The flag version of a user, if it is flagged.
+    pub async fn flag_of(&self, user: &str) -> Result<Option<i64>, RedisError> {
+        let shard = shard_of(user, self.shards);
+        let v: Option<f64> = self.client().zscore(self.keys.dirty(shard), user).await?;
+        Ok(v.map(|v| v as i64))
+    }
+
+    /// The cached composed profile of `user`, or a fill placeholder: `Ok(Some)`
+    /// is a hit; `Ok(None)` means the caller placed `placeholder` and should
+    /// fill with [`cache_fill`](Self::cache_fill).
+    pub async fn cache_get_or_lease(
+        &self,
+        user: &str,
+        placeholder: &str,
+    ) -> Result<Option<String>, RedisError> {
+        let key = self.keys.profile_cache(shard_of(user, self.shards), user);
+        let pipe = self.client().pipeline();
+        let _: () = pipe
+            .set(&key, placeholder, Some(Expiration::PX(5_000)), Some(SetOptions::NX), false)
+            .await?;
+        let _: () = pipe.get(&key).await?;
+        let (_, current): (RValue, Option<String>) = pipe.all().await?;
+        Ok(current.filter(|c| c != placeholder && !c.starts_with(CACHE_PLACEHOLDER)))
+    }
+
+    /// Stores a composed profile if no invalidation happened since the lease.
+    pub async fn cache_fill(
+        &self,
+        user: &str,
+        placeholder: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<bool, RedisError> {
+        let key = self.keys.profile_cache(shard_of(user, self.shards), user);
+        let n: i64 = CACHE_FILL
+            .evalsha_with_reload(
+                self.client(),
+                vec![key],
+                vec![placeholder.to_string(), value.to_string(), ttl.as_millis().to_string()],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Drops cached composed profiles (after MongoDB changed).
+    pub async fn cache_invalidate(&self, users: &[&str]) -> Result<(), RedisError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let pipe = self.client().pipeline();
+        for u in users {
+            let _: () = pipe
+                .del(self.keys.profile_cache(shard_of(u, self.shards), u))
+                .await?;
+        }
+        let _: Vec<RValue> = pipe.all().await?;
+        Ok(())
     }
 
     /// Tries to take a free lease; the new epoch, or `None` if it is held.
