@@ -636,6 +636,7 @@ async fn start_actors(
                 dlq: dlq.clone(),
                 cache: cache.clone(),
                 profiles: profiles.clone(),
+                redis: redis.clone(),
                 config: window,
                 shared: shared.clone(),
                 role,

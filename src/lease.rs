@@ -336,8 +336,16 @@ impl LeaseKeeper {
         Ok(())
     }
 
-    /// Hands every lease back and leaves the members (a graceful stop).
+    /// Hands every lease back and leaves the members (a graceful stop), after
+    /// the pages in flight finish (or half the TTL passes), so their flag clears
+    /// are not fenced.
     async fn release_all(&self) {
+        let deadline = Instant::now() + self.ttl / 2;
+        while (0..self.ownership.shards).any(|s| self.ownership.is_busy(s))
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let held: Vec<(u32, Lease)> = self
             .ownership
             .held

@@ -174,7 +174,7 @@ impl SyncStrategy for ImmediateSync {
             if !done.is_empty() {
                 parts.stats.immediate_acked(started.elapsed().as_secs_f64());
             }
-            parts.redis.static_done(&done).await?;
+            parts.redis.static_acked(&done).await?;
             if let Some((version, first)) = dead.first().cloned() {
                 let reason = first.error.clone();
                 let letters = dead.into_iter().map(|(_, l)| l).collect();

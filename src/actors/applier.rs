@@ -216,6 +216,7 @@ pub struct ConsumerLoop {
     pub dlq: Addr<DlqActor>,
     pub cache: AppliedCache,
     pub profiles: Arc<crate::profiles::ProfileReader>,
+    pub redis: crate::clients::redis::RedisStore,
     pub config: ApplierConfig,
     pub shared: Shared,
     pub role: Role,
@@ -505,6 +506,14 @@ impl ConsumerLoop {
             .filter(|(_, o)| **o == Outcome::Applied)
             .map(|(c, _)| c.user_id.as_str())
             .collect();
+        if self.role == Role::Static {
+            // Settled in MongoDB (applied, superseded or dead-lettered): profile
+            // reads no longer need the pending copy.
+            let settled: Vec<(&str, i64)> = changes.iter().map(|c| (c.user_id.as_str(), c.version)).collect();
+            if let Err(e) = self.redis.static_settled(&settled).await {
+                tracing::warn!(error = %e, "cannot drop settled immediate changes");
+            }
+        }
         if let Err(e) = self.profiles.invalidate(&applied).await {
             // The L2 entries still expire after cache.profile_l2_ttl.
             tracing::warn!(error = %e, "cannot invalidate cached profiles");

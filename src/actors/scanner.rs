@@ -486,7 +486,7 @@ async fn redrive_static(p: &Pipeline, ticket: &crate::lease::Ticket) -> Result<u
         .filter(|(_, r)| r.is_ok())
         .map(|((u, v), _)| (u.as_str(), *v))
         .collect();
-    p.redis.static_done(&done).await?;
+    p.redis.static_acked(&done).await?;
     if !done.is_empty() {
         tracing::info!(shard = ticket.shard, published = done.len(), "pending immediate changes published");
     }

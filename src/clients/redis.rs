@@ -111,25 +111,49 @@ local v = last + 1
 if now > v then v = now end
 local vs = string.format('%.0f', v)
 redis.call('SET', KEYS[1], vs)
-redis.call('HSET', KEYS[2], ARGV[1], vs .. '|' .. ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], vs .. '|p|' .. ARGV[2])
 redis.call('DEL', KEYS[3])
 return v
 "#,
     )
 });
 
-/// Drops pending immediate changes the broker confirmed, if still at the
-/// published version. KEYS: static-pending hash. ARGV: user, version, ...
-static STATIC_DONE: LazyLock<Script> = LazyLock::new(|| {
+/// Marks pending immediate changes as acknowledged by the broker (state `p` →
+/// `a`), if still at the published version: the scanner no longer republishes
+/// them, and profile reads keep overlaying them until they are applied.
+/// KEYS: static-pending hash. ARGV: user, version, ...
+static STATIC_ACKED: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
         r#"
 local n = 0
 for i = 1, #ARGV, 2 do
   local cur = redis.call('HGET', KEYS[1], ARGV[i])
-  local prefix = ARGV[i + 1] .. '|'
+  local prefix = ARGV[i + 1] .. '|p|'
   if cur and string.sub(cur, 1, #prefix) == prefix then
-    redis.call('HDEL', KEYS[1], ARGV[i])
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1] .. '|a|' .. string.sub(cur, #prefix + 1))
     n = n + 1
+  end
+end
+return n
+"#,
+    )
+});
+
+/// Drops pending immediate changes once MongoDB has settled them (applied,
+/// or superseded, or rejected into the DLQ): entries at or below the settled
+/// version. KEYS: static-pending hash. ARGV: user, version, ...
+static STATIC_SETTLED: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+local n = 0
+for i = 1, #ARGV, 2 do
+  local cur = redis.call('HGET', KEYS[1], ARGV[i])
+  if cur then
+    local v = tonumber(string.match(cur, '^(%d+)|'))
+    if v and v <= tonumber(ARGV[i + 1]) then
+      redis.call('HDEL', KEYS[1], ARGV[i])
+      n = n + 1
+    end
   end
 end
 return n
@@ -482,38 +506,49 @@ impl RedisStore {
             .await?)
     }
 
-    /// Pending immediate changes of one shard: `(user, version, profile JSON)`.
+    /// Immediate changes of one shard the broker has not acknowledged:
+    /// `(user, version, profile JSON)`.
     pub async fn static_pending(&self, shard: u32) -> Result<Vec<(String, i64, String)>, RedisError> {
         let map: BTreeMap<String, String> =
             self.client().hgetall(self.keys.static_pending(shard)).await?;
         Ok(map
             .into_iter()
             .filter_map(|(u, v)| {
-                let (version, json) = v.split_once('|')?;
-                Some((u, version.parse().ok()?, json.to_string()))
+                let (version, acked, json) = parse_pending(&v)?;
+                (!acked).then_some((u, version, json.to_string()))
             })
             .collect())
     }
 
-    /// The pending immediate change of one user, if any: `(version, JSON)`.
+    /// The accepted immediate change of one user not yet settled in MongoDB,
+    /// acknowledged or not: `(version, JSON)`.
     pub async fn static_pending_of(&self, user: &str) -> Result<Option<(i64, String)>, RedisError> {
         let shard = shard_of(user, self.shards);
         let v: Option<String> = self.client().hget(self.keys.static_pending(shard), user).await?;
         Ok(v.and_then(|v| {
-            let (version, json) = v.split_once('|')?;
-            Some((version.parse().ok()?, json.to_string()))
+            let (version, _, json) = parse_pending(&v)?;
+            Some((version, json.to_string()))
         }))
     }
 
-    /// Drops pending immediate changes the broker confirmed: `(user, version)`.
-    pub async fn static_done(&self, entries: &[(&str, i64)]) -> Result<(), RedisError> {
+    /// Marks immediate changes acknowledged by the broker: `(user, version)`.
+    pub async fn static_acked(&self, entries: &[(&str, i64)]) -> Result<(), RedisError> {
+        self.static_script(&STATIC_ACKED, entries).await
+    }
+
+    /// Drops immediate changes MongoDB has settled: `(user, version)`.
+    pub async fn static_settled(&self, entries: &[(&str, i64)]) -> Result<(), RedisError> {
+        self.static_script(&STATIC_SETTLED, entries).await
+    }
+
+    async fn static_script(&self, script: &Script, entries: &[(&str, i64)]) -> Result<(), RedisError> {
         for (shard, idx) in self.by_shard(entries.iter().map(|e| e.0)) {
             let mut args = Vec::with_capacity(idx.len() * 2);
             for &i in &idx {
                 args.push(entries[i].0.to_string());
                 args.push(entries[i].1.to_string());
             }
-            let _: i64 = STATIC_DONE
+            let _: i64 = script
                 .evalsha_with_reload(self.client(), vec![self.keys.static_pending(shard)], args)
                 .await?;
         }
@@ -844,6 +879,13 @@ impl RedisStore {
         let _: String = self.client().ping(None).await?;
         Ok(())
     }
+}
+
+/// `"<version>|<p or a>|<JSON>"` → (version, acknowledged, JSON).
+fn parse_pending(v: &str) -> Option<(i64, bool, &str)> {
+    let (version, rest) = v.split_once('|')?;
+    let (state, json) = rest.split_once('|')?;
+    Some((version.parse().ok()?, state == "a", json))
 }
 
 fn applied_field(user: &str, section: Section) -> String {
