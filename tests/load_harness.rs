@@ -11,7 +11,7 @@ fn a_tiny_scenario_runs_and_writes_every_report() {
     let scenario = dir.path().join("tiny.toml");
     std::fs::write(
         &scenario,
-        "name = \"tiny\"\nseed = 1\nusers = 300\nrounds = 2\nlegacy_share = 0.2\n\
+        "name = \"tiny\"\nseed = 1\nusers = 300\nrounds = 2\nlegacy_share = 0.2\nimmediate_rate = 20\nrate = 200\n\
          publish_only_users = 500\nbaseline_users = 30\nceiling_ops = 500\ntimeout_secs = 300\n\
          [engine.sync]\npage_size = 100\n",
     )
@@ -61,6 +61,10 @@ fn a_tiny_scenario_runs_and_writes_every_report() {
     assert_eq!(json["run"]["changes"], 600);
     assert_eq!(json["run"]["documents"], 300);
     assert!(json["run"]["latency"]["count"].as_u64().unwrap() > 0);
+    let immediate = &json["run"]["immediate"];
+    assert!(immediate["requests"].as_u64().unwrap() > 0, "{immediate}");
+    assert_eq!(immediate["failed"], 0);
+    assert!(immediate["to_ack"]["count"].as_u64().unwrap() > 0);
 }
 
 #[test]
@@ -69,7 +73,7 @@ fn an_invalid_scenario_is_refused_with_the_reason() {
     let scenario = dir.path().join("bad.toml");
     std::fs::write(
         &scenario,
-        "name = \"bad\"\nseed = 1\nusers = 0\nstatic_share = 0.5\nmode = \"external\"\n",
+        "name = \"bad\"\nseed = 1\nusers = 0\nlegacy_share = 1.5\nmode = \"external\"\n",
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_datasync-load"))
@@ -79,7 +83,7 @@ fn an_invalid_scenario_is_refused_with_the_reason() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("users: must be at least 1"), "{err}");
-    assert!(err.contains("static_share"), "{err}");
+    assert!(err.contains("legacy_share: must be between 0 and 1"), "{err}");
     assert!(
         err.contains("external.apis: external mode needs at least one API URL"),
         "{err}"

@@ -29,7 +29,7 @@ use fred::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 use mongodb::bson::doc;
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::SliceRandom};
-use report::{PublishOnly, Report, Run, Sample};
+use report::{ImmediateRun, PublishOnly, Report, Run, Sample};
 use scenario::Scenario;
 use std::{
     path::PathBuf,
@@ -222,6 +222,52 @@ impl Target {
             }
         }
         Ok(())
+    }
+
+    /// Sends one immediate change; the time to the answer (broker ack).
+    async fn immediate(&self, n: usize, user_id: String, profile: serde_json::Value) -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        match self {
+            Target::Embedded(engines) => {
+                engines[n % engines.len()].sync_immediate(&user_id, profile).await?;
+            }
+            Target::External { http, apis } => {
+                let api = &apis[n % apis.len()];
+                http.post(format!("{api}/v1/sync/immediate"))
+                    .json(&serde_json::json!({ "user_id": user_id, "profile": profile }))
+                    .send()
+                    .await?
+                    .error_for_status()?;
+            }
+        }
+        Ok(t.elapsed())
+    }
+
+    /// Request → applied latency of immediate changes.
+    async fn immediate_applied(&self) -> anyhow::Result<LatencySummary> {
+        match self {
+            Target::Embedded(engines) => {
+                let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000, 3)?;
+                for e in engines {
+                    h.add(e.immediate_latency_histograms().1)?;
+                }
+                Ok(Latency::summarize(&h))
+            }
+            Target::External { http, apis } => {
+                let mut s = LatencySummary::default();
+                for api in apis {
+                    let v = service_stats(http, api).await?;
+                    let l: LatencySummary =
+                        serde_json::from_value(v["immediate"]["to_applied"].clone())?;
+                    s.count += l.count;
+                    s.p50_ms = s.p50_ms.max(l.p50_ms);
+                    s.p95_ms = s.p95_ms.max(l.p95_ms);
+                    s.p99_ms = s.p99_ms.max(l.p99_ms);
+                    s.max_ms = s.max_ms.max(l.max_ms);
+                }
+                Ok(s)
+            }
+        }
     }
 
     async fn observe(&self) -> anyhow::Result<Observed> {
@@ -419,6 +465,31 @@ async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Result<
         driver_done.store(true, std::sync::atomic::Ordering::SeqCst);
         r
     };
+    // Immediate changes of the same users' static section, at their own rate,
+    // while the dynamic changes are being sent.
+    let immediates = async {
+        let mut ack = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000, 3)?;
+        let (mut requests, mut failed) = (0u64, 0u64);
+        if sc.immediate_rate == 0 {
+            return anyhow::Ok(None);
+        }
+        let every = Duration::from_secs_f64(1.0 / sc.immediate_rate as f64);
+        let t0 = Instant::now();
+        while !driver_done.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep_until((t0 + every * requests as u32).into()).await;
+            let n = requests as usize;
+            let profile = serde_json::json!({ "vip": n % 2 == 0, "level": n as i64 });
+            match target.immediate(n, user_id(n % sc.users), profile).await {
+                Ok(d) => ack.saturating_record((d.as_micros() as u64).div_ceil(1000).max(1)),
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(error = %e, "immediate change failed");
+                }
+            }
+            requests += 1;
+        }
+        Ok(Some((requests, failed, Latency::summarize(&ack))))
+    };
 
     let watcher = async {
         let mut samples = Vec::new();
@@ -461,8 +532,17 @@ async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Result<
             }
         }
     };
-    let (driven, watched) = tokio::join!(driver, watcher);
+    let (driven, watched, immediate) = tokio::join!(driver, watcher, immediates);
     let (samples, timeout) = watched?;
+    let immediate = match immediate? {
+        Some((requests, failed, to_ack)) => Some(ImmediateRun {
+            requests,
+            failed,
+            to_ack,
+            to_applied: target.immediate_applied().await?,
+        }),
+        None => None,
+    };
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let mut failures: Vec<String> = timeout.into_iter().collect();
@@ -531,6 +611,7 @@ async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Result<
         documents,
         verified: documents == sc.users as u64 && last_round == sc.users as u64,
         samples,
+        immediate,
     })
 }
 

@@ -49,6 +49,20 @@ pub struct Run {
     pub documents: u64,
     pub verified: bool,
     pub samples: Vec<Sample>,
+    /// Immediate changes sent alongside the run (`immediate_rate`).
+    pub immediate: Option<ImmediateRun>,
+}
+
+/// The immediate path measured during the run.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ImmediateRun {
+    pub requests: u64,
+    pub failed: u64,
+    /// Request → answer (after the broker's ack), measured by the harness.
+    pub to_ack: LatencySummary,
+    /// Request → applied in MongoDB (the engines' histograms; external mode:
+    /// the worst service's quantiles).
+    pub to_applied: LatencySummary,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -148,6 +162,13 @@ impl Report {
             "latency       flag→applied p50 {} ms | p95 {} ms | p99 {} ms | max {} ms ({} samples)",
             r.latency.p50_ms, r.latency.p95_ms, r.latency.p99_ms, r.latency.max_ms, r.latency.count
         );
+        if let Some(i) = &r.immediate {
+            let _ = writeln!(
+                s,
+                "immediate     {} requests ({} failed) | to broker ack p50 {} ms, p99 {} ms, max {} ms | to applied p50 {} ms, p99 {} ms",
+                i.requests, i.failed, i.to_ack.p50_ms, i.to_ack.p99_ms, i.to_ack.max_ms, i.to_applied.p50_ms, i.to_applied.p99_ms
+            );
+        }
         let _ = writeln!(
             s,
             "process       peak RSS {:.0} MB | mean CPU {:.0}%",

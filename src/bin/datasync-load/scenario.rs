@@ -29,9 +29,10 @@ pub struct Scenario {
     /// Share of changes flagged through the seed's legacy `SADD` set.
     #[serde(default)]
     pub legacy_share: f64,
-    /// Share of static (immediate) changes.
+    /// Immediate (static) changes per second sent alongside the dynamic run,
+    /// through the immediate path; 0 sends none.
     #[serde(default)]
-    pub static_share: f64,
+    pub immediate_rate: u64,
     /// Engine instances (embedded: in this process, shards split with the fixed mode).
     #[serde(default = "one")]
     pub instances: u32,
@@ -115,10 +116,6 @@ impl Scenario {
         }
         if !(0.0..=1.0).contains(&self.legacy_share) {
             problems.push("legacy_share: must be between 0 and 1");
-        }
-        if self.static_share != 0.0 {
-            problems
-                .push("static_share: static (immediate) changes are not implemented yet; use 0");
         }
         if self.instances == 0 {
             problems.push("instances: must be at least 1");
