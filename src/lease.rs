@@ -170,6 +170,14 @@ impl Ownership {
         Busy(b)
     }
 
+    /// A copy of the leases held, with their shards.
+    fn leases(&self) -> Vec<(u32, Lease)> {
+        self.held
+            .iter()
+            .map(|e| (*e.key(), e.value().clone()))
+            .collect()
+    }
+
     fn is_busy(&self, shard: u32) -> bool {
         self.busy[shard as usize].load(Ordering::SeqCst) > 0
     }
@@ -229,12 +237,7 @@ impl LeaseKeeper {
         gauge!(names::MEMBERS).set(members.len() as f64);
         let quota = self.ownership.quota(&self.instance_id, &members);
         // Renew what is held; whatever cannot be renewed is lost.
-        let held: Vec<(u32, Lease)> = self
-            .ownership
-            .held
-            .iter()
-            .map(|e| (*e.key(), e.value().clone()))
-            .collect();
+        let held = self.ownership.leases();
         for (shard, lease) in held {
             let started = Instant::now();
             match self.redis.lease_renew(shard, &lease.value, self.ttl).await {
@@ -346,12 +349,7 @@ impl LeaseKeeper {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let held: Vec<(u32, Lease)> = self
-            .ownership
-            .held
-            .iter()
-            .map(|e| (*e.key(), e.value().clone()))
-            .collect();
+        let held = self.ownership.leases();
         self.ownership.held.clear();
         for (shard, lease) in held {
             let _ = self.redis.lease_release(shard, &lease.value).await;

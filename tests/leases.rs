@@ -10,12 +10,11 @@ use futures::TryStreamExt;
 use mongodb::bson::doc;
 use std::{
     collections::{BTreeMap, HashMap},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
 const LONG: Duration = Duration::from_secs(180);
-const BIN: &str = env!("CARGO_BIN_EXE_datasync");
 
 fn engine_config(ns: &str, instance: &str, ttl: &str) -> Config {
     Config::from_layers(
@@ -89,31 +88,15 @@ async fn a_zombie_that_publishes_after_losing_its_lease_cannot_regress_anything(
 }
 
 fn spawn(config: &std::path::Path, instance: &str, port: u16, log: &std::path::Path) -> Child {
-    Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(config)
-        .env("DATASYNC__INSTANCE__ID", instance)
-        .env("DATASYNC__HTTP__ENABLED", "true")
-        .env("DATASYNC__HTTP__BIND", format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .unwrap(),
-        )
-        .spawn()
-        .unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    spawn_service(
+        config,
+        log,
+        &[
+            ("DATASYNC__INSTANCE__ID", instance.to_string()),
+            ("DATASYNC__HTTP__ENABLED", "true".into()),
+            ("DATASYNC__HTTP__BIND", format!("127.0.0.1:{port}")),
+        ],
+    )
 }
 
 /// Owner and epoch of every shard, from Redis.

@@ -8,7 +8,7 @@ use futures::TryStreamExt;
 use mongodb::bson::doc;
 use std::{
     collections::HashMap,
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::Duration,
 };
 
@@ -57,20 +57,7 @@ fn config_check_lists_every_problem_and_fails() {
 }
 
 fn spawn(config: &std::path::Path, log: &std::path::Path) -> Child {
-    Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .unwrap(),
-        )
-        .spawn()
-        .unwrap()
+    spawn_service(config, log, &[])
 }
 
 async fn write_generation(
