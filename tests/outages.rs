@@ -297,3 +297,34 @@ async fn redis_restarted_mid_run_the_engine_reconnects_and_finishes() {
     stop(&mut server);
     let _ = mongo.collection().drop().await;
 }
+
+/// Produce requests fail with transient broker errors (injected into the mock
+/// cluster); the idempotent producer's retries and ours absorb them: every
+/// user syncs and nothing reaches the dead-letter queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_produce_errors_are_retried_without_loss() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let ns = unique("reqerrors");
+    let cluster = MockCluster::new(3).unwrap();
+    for t in ["static", "dynamic", "dlq"] {
+        cluster.create_topic(&format!("{ns}-{t}"), 2, 1).unwrap();
+    }
+    let config = with(
+        &ns,
+        &format!(
+            "{FAST_RETRIES}\n[kafka]\nbrokers = \"{}\"\ncreate_topics = false\nmessage_timeout = \"5s\"\n",
+            cluster.bootstrap_servers()
+        ),
+    );
+    let engine = start_with(config).await;
+    let mut errors = vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 20];
+    errors.extend([RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 10]);
+    cluster.request_errors(RDKafkaApiKey::Produce, &errors);
+    let expected = mark_all(&engine, 2000, 1).await;
+    let mongo = mongo(&ns).await;
+    wait_until("all 2,000 users at their version", LONG, || all_at(&mongo, &expected)).await;
+    let s = engine.stats();
+    assert_eq!(s.dlq_records, 0, "{s:?}");
+    assert_eq!(s.events_applied, 2000, "{s:?}");
+    finish(engine, &ns).await;
+}
