@@ -438,7 +438,10 @@ impl Config {
             !self.dlq.forward_interval.is_zero(),
             "dlq.forward_interval: must be more than zero",
         );
-        need(self.dlq.list_limit >= 1, "dlq.list_limit: must be at least 1");
+        need(
+            self.dlq.list_limit >= 1,
+            "dlq.list_limit: must be at least 1",
+        );
         need(
             self.lease.ttl >= Duration::from_millis(300),
             "lease.ttl: must be at least 300ms",

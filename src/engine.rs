@@ -22,11 +22,11 @@ use crate::{
         redis::{RedisError, RedisStore},
     },
     config::Config,
+    faults::Faults,
+    health::Health,
     lease::{LeaseKeeper, Ownership, ShardInfo, ShardsReport, parse_lease},
     profiles::{ComposedProfile, ProfileCacheStats, ProfileReader},
     strategy::{ImmediateSync, Receipt, SyncStrategy},
-    faults::Faults,
-    health::Health,
     telemetry::{Stats, StatsSnapshot},
 };
 use actix::{Arbiter, Supervisor};
@@ -57,7 +57,9 @@ pub enum EngineError {
     #[error(transparent)]
     ProfileRead(#[from] crate::profiles::ProfileReadError),
     /// An immediate change was accepted (and is kept) but Kafka did not take it.
-    #[error("{reason}; the change (version {version}) is kept and will be published when Kafka answers")]
+    #[error(
+        "{reason}; the change (version {version}) is kept and will be published when Kafka answers"
+    )]
     NotPublished { version: i64, reason: String },
 }
 
@@ -115,7 +117,6 @@ struct Inner {
 
 /// Publishing stays paused while this guard lives (see [`Engine::hold_publishing`]).
 pub struct PublishHold(#[allow(dead_code)] OwnedRwLockWriteGuard<()>);
-
 
 struct Started {
     profiles: Arc<ProfileReader>,
@@ -300,7 +301,11 @@ impl Engine {
 
     /// Syncs a critical static change at once: answers after the broker's ack
     /// with the version, partition and offset.
-    pub async fn sync_immediate(&self, user_id: &str, profile: serde_json::Value) -> Result<Receipt, EngineError> {
+    pub async fn sync_immediate(
+        &self,
+        user_id: &str,
+        profile: serde_json::Value,
+    ) -> Result<Receipt, EngineError> {
         let users = [ProfileWrite {
             user_id: user_id.to_string(),
             profile,
@@ -310,7 +315,10 @@ impl Engine {
     }
 
     /// The freshest composed profile of a user (see [`crate::profiles`]).
-    pub async fn profile(&self, user_id: &str) -> Result<Option<Arc<ComposedProfile>>, EngineError> {
+    pub async fn profile(
+        &self,
+        user_id: &str,
+    ) -> Result<Option<Arc<ComposedProfile>>, EngineError> {
         validate_user_ids(std::iter::once(user_id))?;
         Ok(self.inner.profiles.get(user_id).await?)
     }
@@ -527,7 +535,11 @@ async fn start_actors(
         mongo.clone(),
     );
     let mb = config.mailbox.clone();
-    let profiles = Arc::new(ProfileReader::new(&config.cache, redis.clone(), mongo.clone()));
+    let profiles = Arc::new(ProfileReader::new(
+        &config.cache,
+        redis.clone(),
+        mongo.clone(),
+    ));
 
     let ownership = Arc::new(Ownership::new(&config));
     let members = Arc::new(Mutex::new(Vec::new()));
@@ -613,7 +625,11 @@ async fn start_actors(
         let static_group = format!("{}-static", config.kafka.consumer_group);
         for (role, topic, group) in [
             (Role::Static, &config.kafka.static_topic, &static_group),
-            (Role::Dynamic, &config.kafka.dynamic_topic, &config.kafka.consumer_group),
+            (
+                Role::Dynamic,
+                &config.kafka.dynamic_topic,
+                &config.kafka.consumer_group,
+            ),
         ] {
             let consumer = kafka::consumer(&config.kafka, group, &shared.instance_id)?;
             rdkafka::consumer::Consumer::subscribe(&consumer, &[topic.as_str()])?;

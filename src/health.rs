@@ -79,13 +79,10 @@ impl Health {
         tracing::info!(backend = b.name(), outage = ?took, "backend recovered");
         gauge!(BACKEND_UP, "backend" => b.name()).set(1.0);
         histogram!(OUTAGE_SECONDS, "backend" => b.name()).record(took.as_secs_f64());
-        self.recovered
-            .lock()
-            .expect("not poisoned")
-            .push(Outage {
-                backend: b,
-                seconds: took.as_secs_f64(),
-            });
+        self.recovered.lock().expect("not poisoned").push(Outage {
+            backend: b,
+            seconds: took.as_secs_f64(),
+        });
         Some(took)
     }
 
@@ -133,7 +130,10 @@ mod tests {
         assert!(h.is_down(Backend::Kafka));
         let p = h.problems();
         assert_eq!(p.len(), 1);
-        assert!(p[0].starts_with("kafka down for") && p[0].ends_with("broker gone"), "{p:?}");
+        assert!(
+            p[0].starts_with("kafka down for") && p[0].ends_with("broker gone"),
+            "{p:?}"
+        );
         assert!(h.set_up(Backend::Kafka).is_some());
         assert!(!h.is_down(Backend::Kafka));
         assert_eq!(h.outages().len(), 1);

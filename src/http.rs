@@ -152,9 +152,13 @@ async fn sync_immediate(
     }
     match engine.sync_immediate(&user_id, profile).await {
         Ok(receipt) => Ok(HttpResponse::Ok().json(receipt)),
-        Err(EngineError::Invalid(m)) => Err(ApiError::bad_request(m.replace("user_ids[0]", "user_id"))),
-        Err(e @ EngineError::NotPublished { version, .. }) => Ok(HttpResponse::ServiceUnavailable()
-            .json(json!({ "error": e.to_string(), "version": version, "accepted": true }))),
+        Err(EngineError::Invalid(m)) => {
+            Err(ApiError::bad_request(m.replace("user_ids[0]", "user_id")))
+        }
+        Err(e @ EngineError::NotPublished { version, .. }) => {
+            Ok(HttpResponse::ServiceUnavailable()
+                .json(json!({ "error": e.to_string(), "version": version, "accepted": true })))
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -167,7 +171,9 @@ async fn profile(engine: Data<Engine>, path: web::Path<String>) -> Result<HttpRe
             status: StatusCode::NOT_FOUND,
             message: format!("user `{user_id}`: no profile in MongoDB or Redis"),
         }),
-        Err(EngineError::Invalid(m)) => Err(ApiError::bad_request(m.replace("user_ids[0]", "user_id"))),
+        Err(EngineError::Invalid(m)) => {
+            Err(ApiError::bad_request(m.replace("user_ids[0]", "user_id")))
+        }
         Err(e) => Err(e.into()),
     }
 }

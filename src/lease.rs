@@ -157,11 +157,13 @@ impl Ownership {
             });
         }
         let l = self.held.get(&shard)?;
-        (!l.draining && l.expires.saturating_duration_since(Instant::now()) > self.margin).then(|| Ticket {
-            shard,
-            epoch: l.epoch,
-            fence: Some(l.value.clone()),
-        })
+        (!l.draining && l.expires.saturating_duration_since(Instant::now()) > self.margin).then(
+            || Ticket {
+                shard,
+                epoch: l.epoch,
+                fence: Some(l.value.clone()),
+            },
+        )
     }
 
     pub fn enter(&self, shard: u32) -> Busy<'_> {
@@ -260,13 +262,26 @@ impl LeaseKeeper {
         held.sort_unstable();
         let (surplus, wanted): (Vec<u32>, Vec<u32>) = match self.ownership.mode {
             ShardMode::Lease => {
-                let surplus = held.iter().rev().take(held.len().saturating_sub(quota)).copied().collect();
+                let surplus = held
+                    .iter()
+                    .rev()
+                    .take(held.len().saturating_sub(quota))
+                    .copied()
+                    .collect();
                 (surplus, Vec::new())
             }
             _ => {
                 let fixed = &self.ownership.fixed;
-                let surplus = held.iter().filter(|s| !fixed.contains(s)).copied().collect();
-                let wanted = fixed.iter().filter(|s| !held.contains(s)).copied().collect();
+                let surplus = held
+                    .iter()
+                    .filter(|s| !fixed.contains(s))
+                    .copied()
+                    .collect();
+                let wanted = fixed
+                    .iter()
+                    .filter(|s| !held.contains(s))
+                    .copied()
+                    .collect();
                 (surplus, wanted)
             }
         };
@@ -319,7 +334,11 @@ impl LeaseKeeper {
                     break;
                 }
                 let started = Instant::now();
-                if let Some(epoch) = self.redis.lease_acquire(shard, &self.token, self.ttl).await? {
+                if let Some(epoch) = self
+                    .redis
+                    .lease_acquire(shard, &self.token, self.ttl)
+                    .await?
+                {
                     taken += 1;
                     counter!(names::LEASE_CHANGES, "event" => "acquired").increment(1);
                     tracing::info!(shard, epoch, "lease acquired");
@@ -405,7 +424,10 @@ mod tests {
 
     #[test]
     fn lease_values_parse() {
-        assert_eq!(parse_lease("node-a#1a2b3c4d|17"), Some(("node-a".into(), 17)));
+        assert_eq!(
+            parse_lease("node-a#1a2b3c4d|17"),
+            Some(("node-a".into(), 17))
+        );
         assert_eq!(parse_lease("we#ird#abc|2"), Some(("we#ird".into(), 2)));
         assert_eq!(parse_lease("garbage"), None);
     }
@@ -417,7 +439,10 @@ mod tests {
             let members: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
             let q: Vec<usize> = members.iter().map(|m| o.quota(m, &members)).collect();
             assert_eq!(q.iter().sum::<usize>(), 64, "{n} members");
-            assert!(q.iter().max().unwrap() - q.iter().min().unwrap() <= 1, "{q:?}");
+            assert!(
+                q.iter().max().unwrap() - q.iter().min().unwrap() <= 1,
+                "{q:?}"
+            );
         }
     }
 }

@@ -145,12 +145,16 @@ fn main() -> ExitCode {
             };
             let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
             let result = rt.block_on(async move {
-                let redis =
-                    datasync::clients::redis::RedisStore::connect(&config.redis, config.sync.shards)
-                        .await?;
+                let redis = datasync::clients::redis::RedisStore::connect(
+                    &config.redis,
+                    config.sync.shards,
+                )
+                .await?;
                 let out = match job {
                     Err(limit) => serde_json::to_string_pretty(&dlq::list(&redis, limit).await?)?,
-                    Ok(target) => serde_json::to_string_pretty(&dlq::redrive(&redis, target).await?)?,
+                    Ok(target) => {
+                        serde_json::to_string_pretty(&dlq::redrive(&redis, target).await?)?
+                    }
                 };
                 anyhow::Ok(out)
             });

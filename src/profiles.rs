@@ -108,10 +108,7 @@ impl ProfileReader {
             self.counts[0].fetch_add(1, Relaxed);
             return Ok(Some(p));
         }
-        let placeholder = format!(
-            "{CACHE_PLACEHOLDER}{}",
-            uuid::Uuid::new_v4().simple()
-        );
+        let placeholder = format!("{CACHE_PLACEHOLDER}{}", uuid::Uuid::new_v4().simple());
         if let Some(json) = self.redis.cache_get_or_lease(user, &placeholder).await?
             && let Ok(p) = serde_json::from_str::<ComposedProfile>(&json)
         {

@@ -178,7 +178,13 @@ impl SyncStrategy for ImmediateSync {
             if let Some((version, first)) = dead.first().cloned() {
                 let reason = first.error.clone();
                 let letters = dead.into_iter().map(|(_, l)| l).collect();
-                if let Err(e) = ask(crate::actors::dlq::DlqActor::NAME, &parts.dlq, Record(letters)).await {
+                if let Err(e) = ask(
+                    crate::actors::dlq::DlqActor::NAME,
+                    &parts.dlq,
+                    Record(letters),
+                )
+                .await
+                {
                     tracing::warn!(error = %e, "cannot record the dead letters of immediate changes");
                 }
                 return Err(EngineError::NotPublished { version, reason });

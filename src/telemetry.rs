@@ -76,7 +76,9 @@ pub fn prometheus() -> &'static PrometheusHandle {
             .expect("bucket list is not empty")
             .set_buckets_for_metric(
                 Matcher::Full(names::IMMEDIATE_ACK.to_string()),
-                &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0],
+                &[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+                ],
             )
             .expect("bucket list is not empty");
         let recorder = builder.build_recorder();

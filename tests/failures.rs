@@ -28,9 +28,10 @@ async fn one_poison_profile_among_a_thousand_goes_to_the_dlq_and_redrives() {
     engine.write_and_mark(&users).await.unwrap();
     // The upstream wrote garbage for one user, then flagged it (one version).
     let key = r.keys().profile("p500");
-    let _: () = fred::interfaces::KeysInterface::set(r.client(), &key, "{not json", None, None, false)
-        .await
-        .unwrap();
+    let _: () =
+        fred::interfaces::KeysInterface::set(r.client(), &key, "{not json", None, None, false)
+            .await
+            .unwrap();
     engine.mark_dirty(&["p500".to_string()]).await.unwrap();
 
     let mongo = mongo(&ns).await;
@@ -46,7 +47,10 @@ async fn one_poison_profile_among_a_thousand_goes_to_the_dlq_and_redrives() {
     let e = &listing.entries[0];
     assert_eq!(e.user_id, "p500");
     assert_eq!(e.stage, "load");
-    assert!(e.error.contains(&key) && e.error.contains("not valid JSON"), "{e:?}");
+    assert!(
+        e.error.contains(&key) && e.error.contains("not valid JSON"),
+        "{e:?}"
+    );
     assert_eq!(e.instance_id, ns);
     assert_eq!(e.topic, format!("{ns}-dynamic"));
     assert!(e.failed_at_ms > 0 && e.version > 0);
@@ -59,15 +63,24 @@ async fn one_poison_profile_among_a_thousand_goes_to_the_dlq_and_redrives() {
     assert_eq!(before, 1);
 
     // The record on the DLQ topic carries the full error context.
-    let records = read_topic(&kafka_brokers(), &format!("{ns}-dlq"), 2, "the dead letter of p500", LONG, |got| {
-        !got.is_empty()
-    })
+    let records = read_topic(
+        &kafka_brokers(),
+        &format!("{ns}-dlq"),
+        2,
+        "the dead letter of p500",
+        LONG,
+        |got| !got.is_empty(),
+    )
     .await;
     let m = DlqMessage::decode(records[0].as_slice()).unwrap();
     assert_eq!(m.user_id, "p500");
     let ctx = m.error_context.unwrap();
     assert!(ctx.error_message.contains("not valid JSON"));
-    assert!(ctx.stack_trace.contains("stage load"), "{}", ctx.stack_trace);
+    assert!(
+        ctx.stack_trace.contains("stage load"),
+        "{}",
+        ctx.stack_trace
+    );
     assert_eq!(ctx.retry_count, 0);
     assert_eq!(ctx.instance_id, ns);
     assert_eq!(ctx.kafka_topic, format!("{ns}-dynamic"));
@@ -92,7 +105,13 @@ async fn one_poison_profile_among_a_thousand_goes_to_the_dlq_and_redrives() {
     })
     .await;
     let d = mongo.find_user("p500").await.unwrap().unwrap();
-    assert_eq!(d.get_document("dynamicProfile").unwrap().get_i64("gen").unwrap(), 2);
+    assert_eq!(
+        d.get_document("dynamicProfile")
+            .unwrap()
+            .get_i64("gen")
+            .unwrap(),
+        2
+    );
     finish(engine, &ns).await;
 }
 
@@ -120,14 +139,23 @@ async fn an_undecodable_event_is_dead_lettered_and_consumption_continues() {
     })
     .await;
     assert_eq!(engine.stats().poison_events, 1);
-    let records = read_topic(&kafka_brokers(), &format!("{ns}-dlq"), 2, "the poison record", LONG, |got| {
-        !got.is_empty()
-    })
+    let records = read_topic(
+        &kafka_brokers(),
+        &format!("{ns}-dlq"),
+        2,
+        "the poison record",
+        LONG,
+        |got| !got.is_empty(),
+    )
     .await;
     let m = DlqMessage::decode(records[0].as_slice()).unwrap();
     assert_eq!(m.original_event, garbage);
     let ctx = m.error_context.unwrap();
-    assert!(ctx.stack_trace.contains("partition") && ctx.stack_trace.contains("offset 0"), "{}", ctx.stack_trace);
+    assert!(
+        ctx.stack_trace.contains("partition") && ctx.stack_trace.contains("offset 0"),
+        "{}",
+        ctx.stack_trace
+    );
     assert_eq!(ctx.kafka_topic, format!("{ns}-dynamic"));
     finish(engine, &ns).await;
 }
@@ -161,9 +189,11 @@ async fn panicking_actors_are_restarted_and_their_batches_are_not_lost() {
     let metrics = datasync::telemetry::prometheus().render();
     for actor in ["ProfileLoader", "KafkaPublisher", "MongoApplier"] {
         assert!(
-            metrics.lines().any(|l| l.starts_with("datasync_actor_restarts_total")
-                && l.contains(actor)
-                && !l.ends_with(" 0")),
+            metrics
+                .lines()
+                .any(|l| l.starts_with("datasync_actor_restarts_total")
+                    && l.contains(actor)
+                    && !l.ends_with(" 0")),
             "no restart counted for {actor}"
         );
     }
@@ -185,7 +215,10 @@ async fn shutdown_ends_within_its_limit_even_with_a_stuck_stage() {
     engine.shutdown(limit).await;
     let took = t.elapsed();
     // The limit plus the actor threads' own exit; far below the stuck batch.
-    assert!(took < limit + Duration::from_secs(8), "shutdown took {took:?}");
+    assert!(
+        took < limit + Duration::from_secs(8),
+        "shutdown took {took:?}"
+    );
     drop(hold);
     // Nothing was lost: the flag is still there for the next start.
     let r = redis(&ns).await;
@@ -204,7 +237,8 @@ async fn alert_rules_name_only_metrics_that_exist() {
         count_docs(&mongo, doc! {}).await == 1
     })
     .await;
-    let rules = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/alerts.yml")).unwrap();
+    let rules =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/alerts.yml")).unwrap();
     let exported: std::collections::HashSet<String> = datasync::telemetry::prometheus()
         .render()
         .lines()
@@ -225,7 +259,10 @@ async fn alert_rules_name_only_metrics_that_exist() {
     }
     assert!(named.len() >= 5, "{named:?}");
     for name in &named {
-        assert!(exported.contains(name), "alert rule uses `{name}`, which /metrics does not export");
+        assert!(
+            exported.contains(name),
+            "alert rule uses `{name}`, which /metrics does not export"
+        );
     }
     finish(engine, &ns).await;
 }

@@ -135,9 +135,11 @@ async fn dead_letters_are_listed_and_redriven_with_the_admin_token() {
     let r = redis(&ns).await;
     // A user whose profile key does not exist: a permanent load failure.
     engine.mark_dirty(&["ghost".to_string()]).await.unwrap();
-    wait_until("the dead letter of ghost", Duration::from_secs(60), || async {
-        engine.dlq_list(10).await.unwrap().open == 1
-    })
+    wait_until(
+        "the dead letter of ghost",
+        Duration::from_secs(60),
+        || async { engine.dlq_list(10).await.unwrap().open == 1 },
+    )
     .await;
 
     let get = |auth: Option<&str>, uri: &str| {
@@ -166,7 +168,10 @@ async fn dead_letters_are_listed_and_redriven_with_the_admin_token() {
     let entry = &list["entries"][0];
     assert_eq!(entry["user_id"], "ghost");
     assert_eq!(entry["stage"], "load");
-    assert!(entry["error"].as_str().unwrap().contains("does not exist"), "{entry}");
+    assert!(
+        entry["error"].as_str().unwrap().contains("does not exist"),
+        "{entry}"
+    );
 
     let post = |body: Value| {
         test::TestRequest::post()
@@ -175,7 +180,11 @@ async fn dead_letters_are_listed_and_redriven_with_the_admin_token() {
             .set_json(body)
             .to_request()
     };
-    for bad in [json!({}), json!({ "all": true, "user_ids": ["a"] }), json!({ "users": ["a"] })] {
+    for bad in [
+        json!({}),
+        json!({ "all": true, "user_ids": ["a"] }),
+        json!({ "users": ["a"] }),
+    ] {
         let resp = test::call_service(&app, post(bad.clone())).await;
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{bad}");
     }
@@ -195,8 +204,7 @@ async fn dead_letters_are_listed_and_redriven_with_the_admin_token() {
     assert_eq!(pending_flags(&r).await, 0);
 
     // Readiness: everything up.
-    let ready: Value =
-        test::call_and_read_body_json(&app, get(None, "/health/ready")).await;
+    let ready: Value = test::call_and_read_body_json(&app, get(None, "/health/ready")).await;
     assert_eq!(ready["status"], "ready");
     finish(engine, &ns).await;
 }

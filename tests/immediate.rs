@@ -52,9 +52,17 @@ async fn an_immediate_change_lands_before_a_200k_dynamic_backlog_finishes() {
         "ban applied after {} ms with {dynamic_done} of 200,000 dynamic changes applied",
         applied.max()
     );
-    assert!(dynamic_done < 200_000, "the ban waited for the whole backlog");
+    assert!(
+        dynamic_done < 200_000,
+        "the ban waited for the whole backlog"
+    );
     let d = mongo.find_user("banned-user").await.unwrap().unwrap();
-    assert!(d.get_document("staticProfile").unwrap().get_bool("banned").unwrap());
+    assert!(
+        d.get_document("staticProfile")
+            .unwrap()
+            .get_bool("banned")
+            .unwrap()
+    );
     // No need to drain the backlog: stop at once and drop the data.
     engine.shutdown(Duration::from_secs(2)).await;
     cleanup(&ns).await;
@@ -93,9 +101,18 @@ async fn static_and_dynamic_changes_raced_on_the_same_users_both_end_newest() {
     }
     let last_dynamic = dynamic.await.unwrap();
     let mongo = mongo(&ns).await;
-    wait_until("both sections at generation 3 for every user", LONG, || async {
-        count_docs(&mongo, doc! { "staticProfile.vip": 3i64, "dynamicProfile.gen": 3i64 }).await == 1000
-    })
+    wait_until(
+        "both sections at generation 3 for every user",
+        LONG,
+        || async {
+            count_docs(
+                &mongo,
+                doc! { "staticProfile.vip": 3i64, "dynamicProfile.gen": 3i64 },
+            )
+            .await
+                == 1000
+        },
+    )
     .await;
     let mut cursor = mongo.collection().find(doc! {}).await.unwrap();
     while let Some(d) = cursor.try_next().await.unwrap() {
@@ -131,7 +148,10 @@ async fn an_immediate_change_accepted_while_kafka_is_down_is_applied_after() {
     )
     .unwrap();
     let engine = start_with(config).await;
-    let before = engine.sync_immediate("warmup", json!({ "vip": false })).await.unwrap();
+    let before = engine
+        .sync_immediate("warmup", json!({ "vip": false }))
+        .await
+        .unwrap();
     assert!(before.version > 0);
 
     cluster.broker_down(1).unwrap();
@@ -145,7 +165,10 @@ async fn an_immediate_change_accepted_while_kafka_is_down_is_applied_after() {
     assert!(reason.contains("kafka delivery failed"), "{reason}");
     assert!(engine.stats().dlq_records >= 1);
     let r = redis(&ns).await;
-    assert_eq!(r.static_pending_of("vip-user").await.unwrap().map(|p| p.0), Some(*version));
+    assert_eq!(
+        r.static_pending_of("vip-user").await.unwrap().map(|p| p.0),
+        Some(*version)
+    );
     // Readers already see the accepted change.
     let p = engine.profile("vip-user").await.unwrap().unwrap();
     assert_eq!(p.static_profile["vip"], true);
@@ -153,9 +176,11 @@ async fn an_immediate_change_accepted_while_kafka_is_down_is_applied_after() {
 
     cluster.broker_up(1).unwrap();
     let mongo = mongo(&ns).await;
-    wait_until("the accepted change applied after Kafka returned", LONG, || async {
-        static_version(&mongo, "vip-user").await == *version
-    })
+    wait_until(
+        "the accepted change applied after Kafka returned",
+        LONG,
+        || async { static_version(&mongo, "vip-user").await == *version },
+    )
     .await;
     wait_until("nothing left pending", LONG, || async {
         r.static_pending_of("vip-user").await.unwrap().is_none()
@@ -190,9 +215,20 @@ async fn profile_reads_return_the_newest_data_and_the_cache_stats_move() {
     })
     .await;
     let stats: Value = test::call_and_read_body_json(&app, get("/v1/cache/stats".into())).await;
-    assert!(stats["profiles"]["misses"].as_u64().unwrap() >= 1, "{stats}");
-    assert!(stats["profiles"]["hit_rate"].as_f64().unwrap() > 0.0, "{stats}");
-    assert!(stats["applied_versions"]["mongo_lookups"].as_u64().is_some(), "{stats}");
+    assert!(
+        stats["profiles"]["misses"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    assert!(
+        stats["profiles"]["hit_rate"].as_f64().unwrap() > 0.0,
+        "{stats}"
+    );
+    assert!(
+        stats["applied_versions"]["mongo_lookups"]
+            .as_u64()
+            .is_some(),
+        "{stats}"
+    );
 
     // An immediate change is visible at once.
     let req = test::TestRequest::post()
@@ -212,7 +248,12 @@ async fn profile_reads_return_the_newest_data_and_the_cache_stats_move() {
     engine.write_and_mark(&[profile("p1", 2)]).await.unwrap();
     let pending: Value = test::call_and_read_body_json(&app, get("/v1/profiles/p1".into())).await;
     assert_eq!(pending["dynamic_profile"]["gen"], 2, "{pending}");
-    assert!(pending["pending"].as_array().unwrap().contains(&json!("dynamic")));
+    assert!(
+        pending["pending"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("dynamic"))
+    );
     drop(hold);
 
     let resp = test::call_service(&app, get("/v1/profiles/nobody".into())).await;
@@ -220,11 +261,20 @@ async fn profile_reads_return_the_newest_data_and_the_cache_stats_move() {
     let body: Value = test::read_body_json(resp).await;
     assert!(body["error"].as_str().unwrap().contains("nobody"));
     for (body, needle) in [
-        (json!({ "user_id": "p1", "profile": [1] }), "profile: must be a JSON object"),
-        (json!({ "user_id": "", "profile": {} }), "user_id: must not be empty"),
+        (
+            json!({ "user_id": "p1", "profile": [1] }),
+            "profile: must be a JSON object",
+        ),
+        (
+            json!({ "user_id": "", "profile": {} }),
+            "user_id: must not be empty",
+        ),
         (json!({ "user_id": "p1" }), "missing field `profile`"),
     ] {
-        let req = test::TestRequest::post().uri("/v1/sync/immediate").set_json(&body).to_request();
+        let req = test::TestRequest::post()
+            .uri("/v1/sync/immediate")
+            .set_json(&body)
+            .to_request();
         let resp = test::call_service(&app, req).await;
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{body}");
         let err: Value = test::read_body_json(resp).await;

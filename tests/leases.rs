@@ -38,7 +38,10 @@ async fn held(e: &Engine) -> usize {
 async fn a_zombie_that_publishes_after_losing_its_lease_cannot_regress_anything() {
     let ns = unique("zombie");
     let a = start_with(engine_config(&ns, &format!("{ns}-a"), "1500ms")).await;
-    wait_until("a holds every shard", LONG, || async { held(&a).await == 8 }).await;
+    wait_until("a holds every shard", LONG, || async {
+        held(&a).await == 8
+    })
+    .await;
     let hold = a.hold_publishing().await;
     let v1 = a.write_and_mark(&[profile("z", 1)]).await.unwrap()[0].version;
     wait_until("a's page of z waits at its publisher", LONG, || async {
@@ -46,16 +49,30 @@ async fn a_zombie_that_publishes_after_losing_its_lease_cannot_regress_anything(
     })
     .await;
     let shard = datasync::shard::shard_of("z", 8);
-    let a_epoch = a.shards().await.unwrap().held.iter().find(|h| h.shard == shard).unwrap().epoch;
+    let a_epoch = a
+        .shards()
+        .await
+        .unwrap()
+        .held
+        .iter()
+        .find(|h| h.shard == shard)
+        .unwrap()
+        .epoch;
 
     // `a` stalls: no heartbeat, no renewal. `b` takes over and syncs z twice.
     a.faults().pause_leases(true);
     let b = start_with(engine_config(&ns, &format!("{ns}-b"), "1500ms")).await;
-    wait_until("b holds every shard", LONG, || async { held(&b).await == 8 }).await;
+    wait_until("b holds every shard", LONG, || async {
+        held(&b).await == 8
+    })
+    .await;
     let report = b.shards().await.unwrap();
     let info = &report.shards[shard as usize];
     assert_eq!(info.owner.as_deref(), Some(format!("{ns}-b").as_str()));
-    assert!(info.epoch.unwrap() > a_epoch, "a new epoch for the new owner");
+    assert!(
+        info.epoch.unwrap() > a_epoch,
+        "a new epoch for the new owner"
+    );
     let mongo = mongo(&ns).await;
     wait_until("z at v1 through b", LONG, || async {
         matches!(mongo.find_user("z").await.unwrap(), Some(d) if d.get_i64("dynamicVersion").unwrap() == v1)
@@ -80,7 +97,13 @@ async fn a_zombie_that_publishes_after_losing_its_lease_cannot_regress_anything(
     .await;
     let d = mongo.find_user("z").await.unwrap().unwrap();
     assert_eq!(d.get_i64("dynamicVersion").unwrap(), v2);
-    assert_eq!(d.get_document("dynamicProfile").unwrap().get_i64("gen").unwrap(), 2);
+    assert_eq!(
+        d.get_document("dynamicProfile")
+            .unwrap()
+            .get_i64("gen")
+            .unwrap(),
+        2
+    );
     assert_eq!(d.get_i64("dataVersion").unwrap(), 2);
     a.faults().pause_leases(false);
     a.shutdown(Duration::from_secs(20)).await;
@@ -136,14 +159,19 @@ struct EpochLedger {
 impl EpochLedger {
     fn record(&mut self, o: &[Option<(String, i64)>]) {
         for (shard, entry) in o.iter().enumerate() {
-            let Some((owner, epoch)) = entry else { continue };
+            let Some((owner, epoch)) = entry else {
+                continue;
+            };
             let prev = self
                 .owner_of
                 .entry((shard, *epoch))
                 .or_insert_with(|| owner.clone());
             assert_eq!(prev, owner, "shard {shard} epoch {epoch} had two owners");
             let last = self.last.entry(shard).or_insert(*epoch);
-            assert!(*epoch >= *last, "shard {shard}: epoch went from {last} to {epoch}");
+            assert!(
+                *epoch >= *last,
+                "shard {shard}: epoch went from {last} to {epoch}"
+            );
             *last = *epoch;
         }
     }
@@ -155,8 +183,14 @@ async fn processes_share_shards_take_over_a_killed_one_and_rebalance_on_join() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("datasync.toml");
     let log = dir.path().join("datasync.log");
-    std::fs::write(&config, config_toml(&ns).replace("shards = 8", "shards = 64")).unwrap();
-    let r = RedisStore::connect(&engine_config(&ns, "t", "3s").redis, 64).await.unwrap();
+    std::fs::write(
+        &config,
+        config_toml(&ns).replace("shards = 8", "shards = 64"),
+    )
+    .unwrap();
+    let r = RedisStore::connect(&engine_config(&ns, "t", "3s").redis, 64)
+        .await
+        .unwrap();
     let mongo = mongo(&ns).await;
     let name = |i: usize| format!("{ns}-p{i}");
     let ports: Vec<u16> = (0..=4).map(|_| free_port()).collect();
@@ -210,7 +244,8 @@ async fn processes_share_shards_take_over_a_killed_one_and_rebalance_on_join() {
         let mut cursor = mongo.collection().find(doc! {}).await.unwrap();
         let mut ok = 0;
         while let Some(d) = cursor.try_next().await.unwrap() {
-            if latest.get(d.get_str("userId").unwrap()) == d.get_i64("dynamicVersion").ok().as_ref() {
+            if latest.get(d.get_str("userId").unwrap()) == d.get_i64("dynamicVersion").ok().as_ref()
+            {
                 ok += 1;
             }
         }
@@ -248,7 +283,10 @@ async fn processes_share_shards_take_over_a_killed_one_and_rebalance_on_join() {
             seen[h["shard"].as_u64().unwrap() as usize] += 1;
         }
     }
-    assert!(seen.iter().all(|&n| n == 1), "each shard held by exactly one process: {seen:?}");
+    assert!(
+        seen.iter().all(|&n| n == 1),
+        "each shard held by exactly one process: {seen:?}"
+    );
 
     // Changes after the rebalance still sync.
     let again: Vec<String> = users.iter().step_by(10).cloned().collect();
@@ -266,7 +304,9 @@ async fn processes_share_shards_take_over_a_killed_one_and_rebalance_on_join() {
         "takeover after SIGKILL: {takeover:?} (lease ttl 3s); rebalance after a join: {rebalance:?}"
     );
     for (_, mut p) in procs {
-        let _ = Command::new("kill").args(["-TERM", &p.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &p.id().to_string()])
+            .status();
         let _ = p.wait();
     }
     cleanup(&ns).await;
@@ -299,7 +339,14 @@ async fn fixed_mode_splits_shards_and_guards_each_with_its_lease() {
         held(&a).await == 4 && held(&b).await == 4
     })
     .await;
-    let shards: Vec<u32> = a.shards().await.unwrap().held.iter().map(|h| h.shard).collect();
+    let shards: Vec<u32> = a
+        .shards()
+        .await
+        .unwrap()
+        .held
+        .iter()
+        .map(|h| h.shard)
+        .collect();
     assert_eq!(shards, vec![0, 2, 4, 6]);
     // A duplicate of index 0 gets nothing while `a` lives...
     let dup = start_with(fixed(&format!("{ns}-dup"), 0)).await;
@@ -311,10 +358,17 @@ async fn fixed_mode_splits_shards_and_guards_each_with_its_lease() {
     })
     .await;
     assert_eq!(held(&dup).await, 0);
-    assert_eq!(dup.stats().flags_scanned, 0, "the duplicate scanned nothing");
+    assert_eq!(
+        dup.stats().flags_scanned,
+        0,
+        "the duplicate scanned nothing"
+    );
     // ...and takes over when it stops.
     a.shutdown(Duration::from_secs(20)).await;
-    wait_until("the duplicate takes index 0", LONG, || async { held(&dup).await == 4 }).await;
+    wait_until("the duplicate takes index 0", LONG, || async {
+        held(&dup).await == 4
+    })
+    .await;
     dup.shutdown(Duration::from_secs(20)).await;
     finish(b, &ns).await;
 }

@@ -83,7 +83,10 @@ fn an_invalid_scenario_is_refused_with_the_reason() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("users: must be at least 1"), "{err}");
-    assert!(err.contains("legacy_share: must be between 0 and 1"), "{err}");
+    assert!(
+        err.contains("legacy_share: must be between 0 and 1"),
+        "{err}"
+    );
     assert!(
         err.contains("external.apis: external mode needs at least one API URL"),
         "{err}"

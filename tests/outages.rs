@@ -45,6 +45,19 @@ jitter = 0.0
 forward_interval = "200ms"
 "#;
 
+/// Keeps the backend away until `OUTAGE` has passed since `down_at`, checking
+/// all along that the engine reports itself degraded because of it (it never
+/// claims to be ready while the backend is gone).
+async fn ride_out(engine: &datasync::Engine, down_at: Instant, backend: &str) {
+    let mut poll = tokio::time::interval(Duration::from_millis(200));
+    while down_at.elapsed() < OUTAGE {
+        poll.tick().await;
+        let r = engine.readiness().await;
+        assert_eq!(r.status, "degraded", "{r:?}");
+        assert!(r.reasons.iter().any(|x| x.contains(backend)), "{r:?}");
+    }
+}
+
 fn stop(child: &mut Child) {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -119,16 +132,21 @@ async fn kafka_down_30s_dead_letters_run_out_users_and_everything_syncs_after() 
     }
     let down_at = Instant::now();
     expected.extend(mark_range(&engine, 10_000..20_000, 1).await);
-    wait_until("users whose retries ran out are dead-lettered", LONG, || async {
-        engine.stats().dlq_records > 0
-    })
+    wait_until(
+        "users whose retries ran out are dead-lettered",
+        LONG,
+        || async { engine.stats().dlq_records > 0 },
+    )
     .await;
     let r = engine.readiness().await;
     assert_eq!(r.status, "degraded", "{r:?}");
-    assert!(r.reasons.iter().any(|x| x.starts_with("kafka down")), "{r:?}");
+    assert!(
+        r.reasons.iter().any(|x| x.starts_with("kafka down")),
+        "{r:?}"
+    );
     // The DLQ records could not reach Kafka: they are parked in Redis.
     assert!(engine.stats().dlq_parked > 0);
-    tokio::time::sleep(OUTAGE.saturating_sub(down_at.elapsed())).await;
+    ride_out(&engine, down_at, "kafka").await;
     for b in 1..=3 {
         cluster.broker_up(b).unwrap();
     }
@@ -140,7 +158,10 @@ async fn kafka_down_30s_dead_letters_run_out_users_and_everything_syncs_after() 
     .await;
     let recovered = up_at.elapsed();
     let redis = redis(&ns).await;
-    wait_until("every flag cleared", LONG, || async { pending_flags(&redis).await == 0 }).await;
+    wait_until("every flag cleared", LONG, || async {
+        pending_flags(&redis).await == 0
+    })
+    .await;
     wait_until("parked dead letters forwarded", LONG, || async {
         redis.outbox_len().await.unwrap() == 0
     })
@@ -152,9 +173,14 @@ async fn kafka_down_30s_dead_letters_run_out_users_and_everything_syncs_after() 
     .await;
 
     let recorded = engine.stats().dlq_records as usize;
-    let records = read_topic(&brokers, &format!("{ns}-dlq"), 2, "every dead letter", LONG, |got| {
-        got.len() >= recorded
-    })
+    let records = read_topic(
+        &brokers,
+        &format!("{ns}-dlq"),
+        2,
+        "every dead letter",
+        LONG,
+        |got| got.len() >= recorded,
+    )
     .await;
     let mut users = HashSet::new();
     for bytes in &records {
@@ -166,7 +192,11 @@ async fn kafka_down_30s_dead_letters_run_out_users_and_everything_syncs_after() 
         assert_eq!(ctx.kafka_topic, format!("{ns}-dynamic"));
         users.insert(m.user_id);
     }
-    assert_eq!(records.len(), recorded, "one record per user whose retries ran out");
+    assert_eq!(
+        records.len(),
+        recorded,
+        "one record per user whose retries ran out"
+    );
     assert_eq!(users.len(), recorded);
     eprintln!(
         "kafka outage: {OUTAGE:?} down, {recorded} users dead-lettered, all 20,000 applied {recovered:?} after the brokers returned; outages seen: {:?}",
@@ -176,12 +206,21 @@ async fn kafka_down_30s_dead_letters_run_out_users_and_everything_syncs_after() 
 }
 
 fn secantusd() -> String {
-    format!("{}/.stack/venv/bin/secantusd-py", env!("CARGO_MANIFEST_DIR"))
+    format!(
+        "{}/.stack/venv/bin/secantusd-py",
+        env!("CARGO_MANIFEST_DIR")
+    )
 }
 
 fn start_mongo(port: u16, dir: &std::path::Path) -> Child {
     Command::new(secantusd())
-        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--storage-path"])
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--storage-path",
+        ])
         .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -230,11 +269,14 @@ async fn mongodb_down_30s_pauses_the_applier_and_loses_nothing() {
         r.status == "degraded" && r.reasons.iter().any(|x| x.contains("mongodb"))
     })
     .await;
-    tokio::time::sleep(OUTAGE.saturating_sub(down_at.elapsed())).await;
+    ride_out(&engine, down_at, "mongodb").await;
     let mut server = start_mongo(port, dir.path());
     let up_at = Instant::now();
 
-    wait_until("all 5,000 users at generation 2", LONG, || all_at(&mongo, &expected)).await;
+    wait_until("all 5,000 users at generation 2", LONG, || {
+        all_at(&mongo, &expected)
+    })
+    .await;
     let recovered = up_at.elapsed();
     // No change applied twice in effect: dataVersion counts applied changes, at
     // most one per generation.
@@ -253,7 +295,16 @@ async fn mongodb_down_30s_pauses_the_applier_and_loses_nothing() {
 
 fn start_redis(port: u16, dir: &std::path::Path) -> Child {
     Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--appendonly", "yes", "--save", ""])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+        ])
         .arg("--dir")
         .arg(dir)
         .stdout(Stdio::null())
@@ -271,7 +322,10 @@ async fn redis_restarted_mid_run_the_engine_reconnects_and_finishes() {
     let mut server = start_redis(port, dir.path());
     let config = with(&ns, &format!("{FAST_RETRIES}\n[redis]\nurl = \"{url}\"\n"));
     let connect = || RedisStore::connect(&config.redis, config.sync.shards);
-    wait_until("the test's Redis answers", LONG, || async { connect().await.is_ok() }).await;
+    wait_until("the test's Redis answers", LONG, || async {
+        connect().await.is_ok()
+    })
+    .await;
     let engine = start_with(config.clone()).await;
     let mongo = mongo(&ns).await;
 
@@ -283,11 +337,20 @@ async fn redis_restarted_mid_run_the_engine_reconnects_and_finishes() {
     stop(&mut server);
     let down_at = Instant::now();
     let mut server = start_redis(port, dir.path());
-    wait_until("the test's Redis is back", LONG, || async { connect().await.is_ok() }).await;
+    wait_until("the test's Redis is back", LONG, || async {
+        connect().await.is_ok()
+    })
+    .await;
     let up_at = Instant::now();
-    wait_until("all 5,000 users applied", LONG, || all_at(&mongo, &expected)).await;
+    wait_until("all 5,000 users applied", LONG, || {
+        all_at(&mongo, &expected)
+    })
+    .await;
     let redis = connect().await.unwrap();
-    wait_until("every flag cleared", LONG, || async { pending_flags(&redis).await == 0 }).await;
+    wait_until("every flag cleared", LONG, || async {
+        pending_flags(&redis).await == 0
+    })
+    .await;
     eprintln!(
         "redis restart: down {:?}, all 5,000 users applied {:?} after it returned",
         up_at - down_at,
@@ -322,7 +385,10 @@ async fn injected_produce_errors_are_retried_without_loss() {
     cluster.request_errors(RDKafkaApiKey::Produce, &errors);
     let expected = mark_all(&engine, 2000, 1).await;
     let mongo = mongo(&ns).await;
-    wait_until("all 2,000 users at their version", LONG, || all_at(&mongo, &expected)).await;
+    wait_until("all 2,000 users at their version", LONG, || {
+        all_at(&mongo, &expected)
+    })
+    .await;
     let s = engine.stats();
     assert_eq!(s.dlq_records, 0, "{s:?}");
     assert_eq!(s.events_applied, 2000, "{s:?}");

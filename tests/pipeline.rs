@@ -56,10 +56,16 @@ async fn round_trip_on_a_redis_cluster() {
         .build()
         .unwrap();
         if fred::prelude::ClientLike::init(&c).await.is_ok() {
-            let keys: Vec<String> = fred::prelude::KeysInterface::scan_page(&c, "0", format!("*{ns}*"), Some(100_000), None)
-                .await
-                .map(|(_, k): (String, Vec<String>)| k)
-                .unwrap_or_default();
+            let keys: Vec<String> = fred::prelude::KeysInterface::scan_page(
+                &c,
+                "0",
+                format!("*{ns}*"),
+                Some(100_000),
+                None,
+            )
+            .await
+            .map(|(_, k): (String, Vec<String>)| k)
+            .unwrap_or_default();
             for k in keys {
                 let _: Result<i64, _> = fred::prelude::KeysInterface::del(&c, k).await;
             }

@@ -69,7 +69,12 @@ async fn write_generation(
     for chunk in users.chunks(1000) {
         let writes: Vec<(String, String)> = chunk
             .iter()
-            .map(|u| (u.clone(), serde_json::json!({ "gen": generation }).to_string()))
+            .map(|u| {
+                (
+                    u.clone(),
+                    serde_json::json!({ "gen": generation }).to_string(),
+                )
+            })
             .collect();
         r.write_profiles(&writes).await.unwrap();
         for (u, v) in r.mark(chunk).await.unwrap() {
@@ -88,7 +93,10 @@ async fn sigkill_during_each_stage_then_restart_loses_nothing_and_regresses_noth
     let config = dir.path().join("datasync.toml");
     let log = dir.path().join("datasync.log");
     // Small pages, one at a time, so the publish stage lasts long enough to be hit.
-    let text = config_toml(&ns).replace("page_size = 500", "page_size = 100\nmax_in_flight_pages = 1");
+    let text = config_toml(&ns).replace(
+        "page_size = 500",
+        "page_size = 100\nmax_in_flight_pages = 1",
+    );
     std::fs::write(&config, text).unwrap();
     let r = redis(&ns).await;
     let mongo = mongo(&ns).await;
@@ -98,9 +106,11 @@ async fn sigkill_during_each_stage_then_restart_loses_nothing_and_regresses_noth
     // Stage 1: publishing.
     write_generation(&r, &users, 1, &mut latest).await;
     let mut child = spawn(&config, &log);
-    wait_until("the publish stage under way", Duration::from_secs(90), || async {
-        pending_flags(&r).await < 6000
-    })
+    wait_until(
+        "the publish stage under way",
+        Duration::from_secs(90),
+        || async { pending_flags(&r).await < 6000 },
+    )
     .await;
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -191,7 +201,10 @@ async fn the_dlq_command_lists_and_redrives() {
     std::fs::write(&config, config_toml(&ns)).unwrap();
     let engine = start(&ns).await;
     // No profile in Redis: a permanent load failure, dead-lettered.
-    engine.mark_dirty(&["nobody-home".to_string()]).await.unwrap();
+    engine
+        .mark_dirty(&["nobody-home".to_string()])
+        .await
+        .unwrap();
     wait_until("one open dead letter", Duration::from_secs(60), || async {
         engine.dlq_list(10).await.unwrap().open == 1
     })
@@ -203,7 +216,11 @@ async fn the_dlq_command_lists_and_redrives() {
             .arg(&config)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
     let list = run(&["dlq", "list"]);

@@ -83,8 +83,11 @@ pub fn collapse(records: &[Record]) -> Collapsed {
         let profile = match proto::unpack_profile(&event.profile_data) {
             Ok(p) => p,
             Err(e) => {
-                out.poison
-                    .push((i, event.user_id.clone(), format!("user `{}`: {e}", event.user_id)));
+                out.poison.push((
+                    i,
+                    event.user_id.clone(),
+                    format!("user `{}`: {e}", event.user_id),
+                ));
                 continue;
             }
         };
@@ -185,11 +188,16 @@ const MAX_PRIORITY_WAIT: std::time::Duration = std::time::Duration::from_secs(1)
 
 impl PriorityGate {
     fn enter(&self) {
-        self.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn leave(&self) {
-        if self.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+        if self
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            == 1
+        {
             self.idle.notify_waiters();
         }
     }
@@ -335,10 +343,9 @@ impl ConsumerLoop {
         let collapsed = collapse(&window);
         for (i, _, err) in &collapsed.poison {
             let r = &window[*i];
-            self.shared.stats.poison(&format!(
-                "{}[{}]@{}: {err}",
-                r.topic, r.partition, r.offset
-            ));
+            self.shared
+                .stats
+                .poison(&format!("{}[{}]@{}: {err}", r.topic, r.partition, r.offset));
         }
         for (section, n) in &collapsed.superseded {
             self.shared.stats.stale(section_label(*section), *n);
@@ -483,7 +490,13 @@ impl ConsumerLoop {
                 Outcome::Rejected(e) => {
                     let err = format!("user `{}`: {e}", c.user_id);
                     stats.apply_failed(&err);
-                    dead.push(self.dead_letter(&window[i], c.user_id.clone(), c.version, "apply", err));
+                    dead.push(self.dead_letter(
+                        &window[i],
+                        c.user_id.clone(),
+                        c.version,
+                        "apply",
+                        err,
+                    ));
                 }
             }
         }
@@ -509,7 +522,10 @@ impl ConsumerLoop {
         if self.role == Role::Static {
             // Settled in MongoDB (applied, superseded or dead-lettered): profile
             // reads no longer need the pending copy.
-            let settled: Vec<(&str, i64)> = changes.iter().map(|c| (c.user_id.as_str(), c.version)).collect();
+            let settled: Vec<(&str, i64)> = changes
+                .iter()
+                .map(|c| (c.user_id.as_str(), c.version))
+                .collect();
             if let Err(e) = self.redis.static_settled(&settled).await {
                 tracing::warn!(error = %e, "cannot drop settled immediate changes");
             }

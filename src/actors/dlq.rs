@@ -276,7 +276,9 @@ async fn record(
         .collect();
     shared
         .retry
-        .run("open dead letters", &shared.cancel, || redis.dlq_put(&entries))
+        .run("open dead letters", &shared.cancel, || {
+            redis.dlq_put(&entries)
+        })
         .await?;
     let mut by_stage: std::collections::BTreeMap<(&'static str, &'static str), u64> =
         Default::default();
@@ -312,7 +314,12 @@ fn record_key(l: &DeadLetter) -> String {
 }
 
 /// Refreshes the DLQ gauges and forwards parked records once Kafka answers.
-async fn forward_parked(redis: &RedisStore, producer: &FutureProducer, topic: &str, shared: &Shared) {
+async fn forward_parked(
+    redis: &RedisStore,
+    producer: &FutureProducer,
+    topic: &str,
+    shared: &Shared,
+) {
     if let Ok(counts) = redis.dlq_counts().await {
         shared.stats.dlq_open(counts.iter().sum());
     }
@@ -354,7 +361,10 @@ async fn forward_parked(redis: &RedisStore, producer: &FutureProducer, topic: &s
         // The records stay parked and are forwarded again: at least once.
         tracing::warn!(error = %e, "cannot drop forwarded dead letters from the outbox");
     } else if !done.is_empty() {
-        tracing::info!(forwarded = done.len(), "parked dead letters forwarded to kafka");
+        tracing::info!(
+            forwarded = done.len(),
+            "parked dead letters forwarded to kafka"
+        );
     }
 }
 

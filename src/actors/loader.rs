@@ -47,7 +47,8 @@ impl Supervised for ProfileLoader {
 pub struct Load(pub Vec<Flag>);
 
 impl Handler<Load> for ProfileLoader {
-    type Result = ResponseActFuture<Self, Result<Vec<(Flag, Result<Document, ProfileError>)>, StageError>>;
+    type Result =
+        ResponseActFuture<Self, Result<Vec<(Flag, Result<Document, ProfileError>)>, StageError>>;
 
     fn handle(&mut self, Load(flags): Load, _: &mut Context<Self>) -> Self::Result {
         let redis = self.redis.clone();
@@ -57,7 +58,9 @@ impl Handler<Load> for ProfileLoader {
             let users: Vec<String> = flags.iter().map(|f| f.user_id.clone()).collect();
             let profiles = shared
                 .retry
-                .run("load profiles", &shared.cancel, || redis.load_profiles(&users))
+                .run("load profiles", &shared.cancel, || {
+                    redis.load_profiles(&users)
+                })
                 .await?;
             Ok(flags.into_iter().zip(profiles).collect())
         })

@@ -104,8 +104,8 @@ where
     T: 'static,
 {
     let fut = AssertUnwindSafe(work).catch_unwind();
-    Box::pin(
-        actix::fut::wrap_future::<_, A>(fut).map(move |r, _act, ctx: &mut Context<A>| match r {
+    Box::pin(actix::fut::wrap_future::<_, A>(fut).map(
+        move |r, _act, ctx: &mut Context<A>| match r {
             Ok(r) => r,
             Err(panic) => {
                 let message = panic
@@ -118,8 +118,8 @@ where
                 ctx.stop();
                 Err(StageError::Panicked { actor, message })
             }
-        }),
-    )
+        },
+    ))
 }
 
 /// Called from an actor's `started`: after a restart, holds the mailbox for a

@@ -41,7 +41,13 @@ pub enum PublishError {
 
 impl Retryable for PublishError {
     fn is_retryable(&self) -> bool {
-        matches!(self, PublishError::Delivery { retryable: true, .. })
+        matches!(
+            self,
+            PublishError::Delivery {
+                retryable: true,
+                ..
+            }
+        )
     }
 }
 
@@ -50,7 +56,12 @@ impl PublishError {
         use rdkafka::types::RDKafkaErrorCode as C;
         let permanent = matches!(
             e.rdkafka_error_code(),
-            Some(C::MessageSizeTooLarge | C::InvalidMessage | C::InvalidRecord | C::InvalidMessageSize)
+            Some(
+                C::MessageSizeTooLarge
+                    | C::InvalidMessage
+                    | C::InvalidRecord
+                    | C::InvalidMessageSize
+            )
         );
         PublishError::Delivery {
             reason: e.to_string(),
@@ -210,7 +221,9 @@ async fn publish_all(
             }
         }
     }
-    let mut pending: Vec<usize> = (0..msg.items.len()).filter(|&i| results[i].is_none()).collect();
+    let mut pending: Vec<usize> = (0..msg.items.len())
+        .filter(|&i| results[i].is_none())
+        .collect();
     let mut retries = 0;
     loop {
         let sends = pending.iter().map(|&i| {
@@ -244,7 +257,12 @@ async fn publish_all(
             break;
         }
         let wait = shared.retry.delay(retries);
-        tracing::warn!(failed = again.len(), retry = retries + 1, ?wait, "kafka delivery failed; retrying");
+        tracing::warn!(
+            failed = again.len(),
+            retry = retries + 1,
+            ?wait,
+            "kafka delivery failed; retrying"
+        );
         tokio::select! {
             _ = shared.cancel.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}

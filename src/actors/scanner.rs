@@ -138,7 +138,11 @@ async fn run_loop(p: Arc<Pipeline>) {
         let wait = if report.paused > 0 {
             // A backend is down: probe again soon rather than a full interval later.
             let soon = p.shared.retry.initial_delay;
-            if p.sync.interval.is_zero() { soon } else { soon.min(p.sync.interval) }
+            if p.sync.interval.is_zero() {
+                soon
+            } else {
+                soon.min(p.sync.interval)
+            }
         } else if p.sync.interval.is_zero() {
             if report.scanned == 0 && report.legacy_drained == 0 {
                 p.sync.idle_backoff
@@ -280,7 +284,9 @@ async fn scan_shard(p: &Pipeline, shard: u32) -> CycleReport {
         if cursor.is_none() {
             match redrive_static(p, &ticket).await {
                 Ok(n) => report.static_redriven += n,
-                Err(e) => tracing::warn!(shard, error = %e, "cannot republish pending immediate changes"),
+                Err(e) => {
+                    tracing::warn!(shard, error = %e, "cannot republish pending immediate changes")
+                }
             }
         }
         let flags = match shared
@@ -322,9 +328,7 @@ async fn scan_shard(p: &Pipeline, shard: u32) -> CycleReport {
             break;
         }
     }
-    shared
-        .stats
-        .shard_scanned(shard, now_us() as f64 / 1e6);
+    shared.stats.shard_scanned(shard, now_us() as f64 / 1e6);
     report
 }
 
@@ -434,7 +438,8 @@ pub async fn process_page(
     let cleared = shared
         .retry
         .run("clear flags", &shared.cancel, || {
-            p.redis.clear_flags(shard, &to_clear, ticket.fence.as_deref())
+            p.redis
+                .clear_flags(shard, &to_clear, ticket.fence.as_deref())
         })
         .await?;
     report.cleared = cleared;
@@ -474,7 +479,10 @@ async fn redrive_static(p: &Pipeline, ticket: &crate::lease::Ticket) -> Result<u
     if items.is_empty() {
         return Ok(0);
     }
-    let keys: Vec<(String, i64)> = items.iter().map(|i| (i.user_id.clone(), i.version)).collect();
+    let keys: Vec<(String, i64)> = items
+        .iter()
+        .map(|i| (i.user_id.clone(), i.version))
+        .collect();
     let publish = Publish {
         sync_type: SyncType::StaticImmediate,
         items,
@@ -488,7 +496,11 @@ async fn redrive_static(p: &Pipeline, ticket: &crate::lease::Ticket) -> Result<u
         .collect();
     p.redis.static_acked(&done).await?;
     if !done.is_empty() {
-        tracing::info!(shard = ticket.shard, published = done.len(), "pending immediate changes published");
+        tracing::info!(
+            shard = ticket.shard,
+            published = done.len(),
+            "pending immediate changes published"
+        );
     }
     Ok(done.len() as u64)
 }

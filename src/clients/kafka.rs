@@ -36,7 +36,11 @@ pub fn producer(c: &KafkaConfig, client_id: &str) -> Result<FutureProducer, Kafk
 }
 
 /// The applier's consumer: manual commits only, from the earliest offset.
-pub fn consumer(c: &KafkaConfig, group: &str, client_id: &str) -> Result<StreamConsumer, KafkaError> {
+pub fn consumer(
+    c: &KafkaConfig,
+    group: &str,
+    client_id: &str,
+) -> Result<StreamConsumer, KafkaError> {
     base(c)
         .set("client.id", client_id)
         .set("group.id", group)
@@ -123,7 +127,9 @@ pub async fn probe(producer: &FutureProducer, topic: &str) -> Result<(), KafkaEr
         if ok {
             Ok(())
         } else {
-            Err(KafkaError::MetadataFetch(RDKafkaErrorCode::LeaderNotAvailable))
+            Err(KafkaError::MetadataFetch(
+                RDKafkaErrorCode::LeaderNotAvailable,
+            ))
         }
     })
     .await

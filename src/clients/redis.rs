@@ -508,9 +508,14 @@ impl RedisStore {
 
     /// Immediate changes of one shard the broker has not acknowledged:
     /// `(user, version, profile JSON)`.
-    pub async fn static_pending(&self, shard: u32) -> Result<Vec<(String, i64, String)>, RedisError> {
-        let map: BTreeMap<String, String> =
-            self.client().hgetall(self.keys.static_pending(shard)).await?;
+    pub async fn static_pending(
+        &self,
+        shard: u32,
+    ) -> Result<Vec<(String, i64, String)>, RedisError> {
+        let map: BTreeMap<String, String> = self
+            .client()
+            .hgetall(self.keys.static_pending(shard))
+            .await?;
         Ok(map
             .into_iter()
             .filter_map(|(u, v)| {
@@ -524,7 +529,10 @@ impl RedisStore {
     /// acknowledged or not: `(version, JSON)`.
     pub async fn static_pending_of(&self, user: &str) -> Result<Option<(i64, String)>, RedisError> {
         let shard = shard_of(user, self.shards);
-        let v: Option<String> = self.client().hget(self.keys.static_pending(shard), user).await?;
+        let v: Option<String> = self
+            .client()
+            .hget(self.keys.static_pending(shard), user)
+            .await?;
         Ok(v.and_then(|v| {
             let (version, _, json) = parse_pending(&v)?;
             Some((version, json.to_string()))
@@ -541,7 +549,11 @@ impl RedisStore {
         self.static_script(&STATIC_SETTLED, entries).await
     }
 
-    async fn static_script(&self, script: &Script, entries: &[(&str, i64)]) -> Result<(), RedisError> {
+    async fn static_script(
+        &self,
+        script: &Script,
+        entries: &[(&str, i64)],
+    ) -> Result<(), RedisError> {
         for (shard, idx) in self.by_shard(entries.iter().map(|e| e.0)) {
             let mut args = Vec::with_capacity(idx.len() * 2);
             for &i in &idx {
@@ -573,7 +585,13 @@ impl RedisStore {
         let key = self.keys.profile_cache(shard_of(user, self.shards), user);
         let pipe = self.client().pipeline();
         let _: () = pipe
-            .set(&key, placeholder, Some(Expiration::PX(5_000)), Some(SetOptions::NX), false)
+            .set(
+                &key,
+                placeholder,
+                Some(Expiration::PX(5_000)),
+                Some(SetOptions::NX),
+                false,
+            )
             .await?;
         let _: () = pipe.get(&key).await?;
         let (_, current): (RValue, Option<String>) = pipe.all().await?;
@@ -593,7 +611,11 @@ impl RedisStore {
             .evalsha_with_reload(
                 self.client(),
                 vec![key],
-                vec![placeholder.to_string(), value.to_string(), ttl.as_millis().to_string()],
+                vec![
+                    placeholder.to_string(),
+                    value.to_string(),
+                    ttl.as_millis().to_string(),
+                ],
             )
             .await?;
         Ok(n == 1)
@@ -632,7 +654,12 @@ impl RedisStore {
     }
 
     /// Extends a lease held as `value`; false if it is no longer held so.
-    pub async fn lease_renew(&self, shard: u32, value: &str, ttl: Duration) -> Result<bool, RedisError> {
+    pub async fn lease_renew(
+        &self,
+        shard: u32,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<bool, RedisError> {
         let n: i64 = RENEW
             .evalsha_with_reload(
                 self.client(),
@@ -646,7 +673,11 @@ impl RedisStore {
     /// Releases a lease held as `value`.
     pub async fn lease_release(&self, shard: u32, value: &str) -> Result<bool, RedisError> {
         let n: i64 = RELEASE
-            .evalsha_with_reload(self.client(), vec![self.keys.lease(shard)], vec![value.to_string()])
+            .evalsha_with_reload(
+                self.client(),
+                vec![self.keys.lease(shard)],
+                vec![value.to_string()],
+            )
             .await?;
         Ok(n == 1)
     }
@@ -667,12 +698,23 @@ impl RedisStore {
 
     /// Records this instance's heartbeat, drops expired members, and returns
     /// the live members, sorted.
-    pub async fn heartbeat(&self, instance: &str, ttl: Duration) -> Result<Vec<String>, RedisError> {
+    pub async fn heartbeat(
+        &self,
+        instance: &str,
+        ttl: Duration,
+    ) -> Result<Vec<String>, RedisError> {
         let now = crate::actors::publisher::now_ms();
         let key = self.keys.members();
         let pipe = self.client().pipeline();
         let _: () = pipe
-            .zadd(&key, None, None, false, false, ((now + ttl.as_millis() as i64) as f64, instance))
+            .zadd(
+                &key,
+                None,
+                None,
+                false,
+                false,
+                ((now + ttl.as_millis() as i64) as f64, instance),
+            )
             .await?;
         let _: () = pipe
             .zremrangebyscore(&key, f64::NEG_INFINITY, now as f64)
@@ -782,7 +824,10 @@ impl RedisStore {
         if ids.is_empty() {
             return Ok(());
         }
-        let _: i64 = self.client().xdel(self.keys.dlq_outbox(), ids.to_vec()).await?;
+        let _: i64 = self
+            .client()
+            .xdel(self.keys.dlq_outbox(), ids.to_vec())
+            .await?;
         Ok(())
     }
 

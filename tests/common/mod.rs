@@ -202,9 +202,14 @@ pub async fn read_topic(
     while !done(&got) {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
-            panic!("timed out after {timeout:?} reading {topic}: {what} ({} records read)", got.len());
+            panic!(
+                "timed out after {timeout:?} reading {topic}: {what} ({} records read)",
+                got.len()
+            );
         }
-        if let Ok(Ok(m)) = tokio::time::timeout(left.min(Duration::from_millis(500)), consumer.recv()).await {
+        if let Ok(Ok(m)) =
+            tokio::time::timeout(left.min(Duration::from_millis(500)), consumer.recv()).await
+        {
             got.push(m.payload().unwrap_or_default().to_vec());
         }
     }

@@ -225,11 +225,18 @@ impl Target {
     }
 
     /// Sends one immediate change; the time to the answer (broker ack).
-    async fn immediate(&self, n: usize, user_id: String, profile: serde_json::Value) -> anyhow::Result<Duration> {
+    async fn immediate(
+        &self,
+        n: usize,
+        user_id: String,
+        profile: serde_json::Value,
+    ) -> anyhow::Result<Duration> {
         let t = Instant::now();
         match self {
             Target::Embedded(engines) => {
-                engines[n % engines.len()].sync_immediate(&user_id, profile).await?;
+                engines[n % engines.len()]
+                    .sync_immediate(&user_id, profile)
+                    .await?;
             }
             Target::External { http, apis } => {
                 let api = &apis[n % apis.len()];

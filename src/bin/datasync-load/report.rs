@@ -166,7 +166,13 @@ impl Report {
             let _ = writeln!(
                 s,
                 "immediate     {} requests ({} failed) | to broker ack p50 {} ms, p99 {} ms, max {} ms | to applied p50 {} ms, p99 {} ms",
-                i.requests, i.failed, i.to_ack.p50_ms, i.to_ack.p99_ms, i.to_ack.max_ms, i.to_applied.p50_ms, i.to_applied.p99_ms
+                i.requests,
+                i.failed,
+                i.to_ack.p50_ms,
+                i.to_ack.p99_ms,
+                i.to_ack.max_ms,
+                i.to_applied.p50_ms,
+                i.to_applied.p99_ms
             );
         }
         let _ = writeln!(
