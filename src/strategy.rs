@@ -111,11 +111,15 @@ impl SyncStrategy for ImmediateSync {
             crate::engine::validate_writes(users)?;
             let started = std::time::Instant::now();
             let parts = engine.parts();
-            // Accept every change first (durable, versioned), then publish.
+            // Accept every change first (durable, versioned; one script per
+            // shard), then publish.
+            let changes: Vec<(&str, String)> = users
+                .iter()
+                .map(|u| (u.user_id.as_str(), u.profile.to_string()))
+                .collect();
+            let versions = parts.redis.stage_static(&changes).await?;
             let mut items = Vec::with_capacity(users.len());
-            for u in users {
-                let json = u.profile.to_string();
-                let version = parts.redis.stage_static(&u.user_id, &json).await?;
+            for (u, version) in users.iter().zip(&versions) {
                 parts.profiles.invalidate_local(&u.user_id).await;
                 let profile = match crate::proto::json_to_bson(&u.profile) {
                     mongodb::bson::Bson::Document(d) => d,
@@ -123,13 +127,12 @@ impl SyncStrategy for ImmediateSync {
                 };
                 items.push(Outgoing {
                     user_id: u.user_id.clone(),
-                    version,
+                    version: *version,
                     profile,
                     base_version: 0,
                     lease_epoch: 0,
                 });
             }
-            let versions: Vec<i64> = items.iter().map(|i| i.version).collect();
             let publish = Publish {
                 sync_type: SyncType::StaticImmediate,
                 items,

@@ -97,23 +97,29 @@ return out
     )
 });
 
-/// Accepts an immediate (static) change: allocates its version from the shard
-/// clock, keeps it as pending until the broker confirms it, and drops the cached
-/// profile. KEYS: clock, static-pending hash, profile-cache key. ARGV: user,
-/// profile JSON. Returns the version.
+/// Accepts immediate (static) changes of one shard: allocates a version per
+/// change from the shard clock (as MARK does), keeps each as pending until the
+/// broker confirms it, and drops the users' cached profiles.
+/// KEYS: static-pending hash, clock, then one profile-cache key per user.
+/// ARGV: user, profile JSON, user, profile JSON, ... Returns the versions.
 static STAGE_STATIC: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
         r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
 local v = last + 1
 if now > v then v = now end
-local vs = string.format('%.0f', v)
-redis.call('SET', KEYS[1], vs)
-redis.call('HSET', KEYS[2], ARGV[1], vs .. '|p|' .. ARGV[2])
-redis.call('DEL', KEYS[3])
-return v
+local out = {}
+for i = 1, #ARGV / 2 do
+  if i > 1 then v = v + 1 end
+  local vs = string.format('%.0f', v)
+  redis.call('HSET', KEYS[1], ARGV[2 * i - 1], vs .. '|p|' .. ARGV[2 * i])
+  redis.call('DEL', KEYS[2 + i])
+  out[i] = v
+end
+redis.call('SET', KEYS[2], string.format('%.0f', v))
+return out
 "#,
     )
 });
@@ -322,29 +328,57 @@ impl RedisStore {
     /// Flags users dirty, allocating a version for each; one script per shard,
     /// all shards at once. Returns `(user, version)` in input order.
     pub async fn mark(&self, users: &[String]) -> Result<Vec<(String, i64)>, RedisError> {
-        let by_shard = self.by_shard(users.iter().map(String::as_str));
+        let ids: Vec<&str> = users.iter().map(String::as_str).collect();
+        let versions = self
+            .allocate_versions(
+                &MARK,
+                &ids,
+                |shard| self.keys.dirty(shard),
+                |i| vec![users[i].clone()],
+            )
+            .await?;
+        Ok(users.iter().cloned().zip(versions).collect())
+    }
+
+    /// Runs a version-allocating script (MARK, STAGE_STATIC) once per shard, all
+    /// shards at once. Its KEYS are `first(shard)`, the shard's clock, then each
+    /// user's profile-cache key; its ARGV are `args(i)` for each user index `i`.
+    /// Returns one version per user, in input order.
+    async fn allocate_versions(
+        &self,
+        script: &Script,
+        users: &[&str],
+        first: impl Fn(u32) -> String,
+        args: impl Fn(usize) -> Vec<String>,
+    ) -> Result<Vec<i64>, RedisError> {
+        let by_shard = self.by_shard(users.iter().copied());
         let calls = by_shard.iter().map(|(&shard, idx)| {
-            let args: Vec<&str> = idx.iter().map(|&i| users[i].as_str()).collect();
             let mut keys = Vec::with_capacity(idx.len() + 2);
-            keys.push(self.keys.dirty(shard));
+            keys.push(first(shard));
             keys.push(self.keys.clock(shard));
-            keys.extend(args.iter().map(|u| self.keys.profile_cache(shard, u)));
+            keys.extend(
+                idx.iter()
+                    .map(|&i| self.keys.profile_cache(shard, users[i])),
+            );
+            let argv: Vec<String> = idx.iter().flat_map(|&i| args(i)).collect();
             async move {
-                let v: Vec<i64> = MARK.evalsha_with_reload(self.client(), keys, args).await?;
+                let v: Vec<i64> = script
+                    .evalsha_with_reload(self.client(), keys, argv)
+                    .await?;
                 Ok::<_, RedisError>(v)
             }
         });
         let results = futures::future::try_join_all(calls).await?;
-        let mut out = vec![(String::new(), 0); users.len()];
+        let mut out = vec![0; users.len()];
         for ((_, idx), versions) in by_shard.iter().zip(results) {
             if versions.len() != idx.len() {
                 return Err(RedisError::Reply {
-                    what: "mark",
+                    what: "version allocation",
                     reply: format!("{} versions for {} users", versions.len(), idx.len()),
                 });
             }
             for (&i, v) in idx.iter().zip(versions) {
-                out[i] = (users[i].clone(), v);
+                out[i] = v;
             }
         }
         Ok(out)
@@ -491,19 +525,17 @@ impl RedisStore {
 
     /// Accepts an immediate change of `user`'s static profile (JSON object);
     /// returns its version.
-    pub async fn stage_static(&self, user: &str, profile_json: &str) -> Result<i64, RedisError> {
-        let shard = shard_of(user, self.shards);
-        Ok(STAGE_STATIC
-            .evalsha_with_reload(
-                self.client(),
-                vec![
-                    self.keys.clock(shard),
-                    self.keys.static_pending(shard),
-                    self.keys.profile_cache(shard, user),
-                ],
-                vec![user, profile_json],
-            )
-            .await?)
+    /// Accepts immediate changes of users' static profiles (`(user, JSON
+    /// object)`), one script per shard; returns their versions in order.
+    pub async fn stage_static(&self, changes: &[(&str, String)]) -> Result<Vec<i64>, RedisError> {
+        let users: Vec<&str> = changes.iter().map(|c| c.0).collect();
+        self.allocate_versions(
+            &STAGE_STATIC,
+            &users,
+            |shard| self.keys.static_pending(shard),
+            |i| vec![changes[i].0.to_string(), changes[i].1.clone()],
+        )
+        .await
     }
 
     /// Immediate changes of one shard the broker has not acknowledged:
