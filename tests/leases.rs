@@ -213,11 +213,9 @@ async fn processes_share_shards_take_over_a_killed_one_and_rebalance_on_join() {
     let users: Vec<String> = (0..30_000).map(|i| format!("l{i}")).collect();
     let mut latest = HashMap::new();
     for chunk in users.chunks(1000) {
-        let writes: Vec<(String, String)> = chunk
-            .iter()
-            .map(|u| (u.clone(), serde_json::json!({ "gen": 1 }).to_string()))
-            .collect();
-        r.write_profiles(&writes).await.unwrap();
+        r.write_profiles(&generation_profiles(chunk, 1))
+            .await
+            .unwrap();
         latest.extend(r.mark(chunk).await.unwrap());
     }
     wait_until("some users applied", LONG, || async {
@@ -290,11 +288,9 @@ async fn processes_share_shards_take_over_a_killed_one_and_rebalance_on_join() {
 
     // Changes after the rebalance still sync.
     let again: Vec<String> = users.iter().step_by(10).cloned().collect();
-    let writes: Vec<(String, String)> = again
-        .iter()
-        .map(|u| (u.clone(), serde_json::json!({ "gen": 2 }).to_string()))
-        .collect();
-    r.write_profiles(&writes).await.unwrap();
+    r.write_profiles(&generation_profiles(&again, 2))
+        .await
+        .unwrap();
     r.mark(&again).await.unwrap();
     wait_until("the changes after the rebalance applied", LONG, || async {
         count_docs(&mongo, doc! { "dynamicProfile.gen": 2i64 }).await == again.len() as u64

@@ -255,15 +255,7 @@ async fn legacy_set_members_added_during_the_drain_are_not_lost() {
     // Three generations, each written then SADDed while the engine drains.
     for generation in 1..=3 {
         for chunk in users.chunks(500) {
-            let writes: Vec<(String, String)> = chunk
-                .iter()
-                .map(|u| {
-                    (
-                        u.clone(),
-                        serde_json::json!({ "gen": generation }).to_string(),
-                    )
-                })
-                .collect();
+            let writes = generation_profiles(chunk, generation);
             r.write_profiles(&writes).await.unwrap();
             let _: i64 = fred::interfaces::SetsInterface::sadd(r.client(), &legacy, chunk.to_vec())
                 .await

@@ -67,15 +67,7 @@ async fn write_generation(
     latest: &mut HashMap<String, (i64, i64)>,
 ) {
     for chunk in users.chunks(1000) {
-        let writes: Vec<(String, String)> = chunk
-            .iter()
-            .map(|u| {
-                (
-                    u.clone(),
-                    serde_json::json!({ "gen": generation }).to_string(),
-                )
-            })
-            .collect();
+        let writes = generation_profiles(chunk, generation);
         r.write_profiles(&writes).await.unwrap();
         for (u, v) in r.mark(chunk).await.unwrap() {
             latest.insert(u, (v, generation));

@@ -139,6 +139,19 @@ pub fn profile(user: &str, generation: i64) -> ProfileWrite {
     }
 }
 
+/// `(user, profile JSON)` pairs carrying `generation`, for `write_profiles`.
+pub fn generation_profiles(users: &[String], generation: i64) -> Vec<(String, String)> {
+    users
+        .iter()
+        .map(|u| {
+            (
+                u.clone(),
+                serde_json::json!({ "gen": generation }).to_string(),
+            )
+        })
+        .collect()
+}
+
 /// Drops the test's collection and every key of its namespace.
 pub async fn cleanup(ns: &str) {
     let _ = mongo(ns).await.collection().drop().await;

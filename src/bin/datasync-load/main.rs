@@ -261,18 +261,7 @@ impl Target {
                 Ok(Latency::summarize(&h))
             }
             Target::External { http, apis } => {
-                let mut s = LatencySummary::default();
-                for api in apis {
-                    let v = service_stats(http, api).await?;
-                    let l: LatencySummary =
-                        serde_json::from_value(v["immediate"]["to_applied"].clone())?;
-                    s.count += l.count;
-                    s.p50_ms = s.p50_ms.max(l.p50_ms);
-                    s.p95_ms = s.p95_ms.max(l.p95_ms);
-                    s.p99_ms = s.p99_ms.max(l.p99_ms);
-                    s.max_ms = s.max_ms.max(l.max_ms);
-                }
-                Ok(s)
+                worst_summary(http, apis, "/immediate/to_applied").await
             }
         }
     }
@@ -319,17 +308,7 @@ impl Target {
                 Ok((Some(h), s))
             }
             Target::External { http, apis } => {
-                let mut s = LatencySummary::default();
-                for api in apis {
-                    let v = service_stats(http, api).await?;
-                    let l: LatencySummary = serde_json::from_value(v["latency"].clone())?;
-                    s.count += l.count;
-                    s.p50_ms = s.p50_ms.max(l.p50_ms);
-                    s.p95_ms = s.p95_ms.max(l.p95_ms);
-                    s.p99_ms = s.p99_ms.max(l.p99_ms);
-                    s.max_ms = s.max_ms.max(l.max_ms);
-                }
-                Ok((None, s))
+                Ok((None, worst_summary(http, apis, "/latency").await?))
             }
         }
     }
@@ -341,6 +320,30 @@ impl Target {
             }
         }
     }
+}
+
+/// The services' latency summaries at `pointer` (a JSON pointer into
+/// `/v1/stats`), combined: counts add up, quantiles are the worst service's.
+async fn worst_summary(
+    http: &reqwest::Client,
+    apis: &[String],
+    pointer: &str,
+) -> anyhow::Result<LatencySummary> {
+    let mut s = LatencySummary::default();
+    for api in apis {
+        let v = service_stats(http, api).await?;
+        let l: LatencySummary = serde_json::from_value(
+            v.pointer(pointer)
+                .cloned()
+                .with_context(|| format!("{api}/v1/stats has no {pointer}"))?,
+        )?;
+        s.count += l.count;
+        s.p50_ms = s.p50_ms.max(l.p50_ms);
+        s.p95_ms = s.p95_ms.max(l.p95_ms);
+        s.p99_ms = s.p99_ms.max(l.p99_ms);
+        s.max_ms = s.max_ms.max(l.max_ms);
+    }
+    Ok(s)
 }
 
 /// A running service's `GET /v1/stats`.
