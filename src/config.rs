@@ -13,6 +13,10 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 /// Prefix of the environment variables that override config keys.
 pub const ENV_PREFIX: &str = "DATASYNC__";
 
+/// The largest `sync.page_size`: one page is one pipeline, one publish batch
+/// and one clear script, and Redis blocks while a script runs.
+pub const MAX_PAGE_SIZE: usize = 50_000;
+
 /// Every problem found while loading or validating a configuration.
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigError {
@@ -162,6 +166,10 @@ pub struct SyncConfig {
     pub max_in_flight_pages: usize,
     /// Drain the legacy dirty set each cycle.
     pub legacy_drain: bool,
+    /// Members popped from the legacy set and not acknowledged for this long
+    /// (their drainer died between pop and ack) are flagged again.
+    #[serde(with = "humantime_serde")]
+    pub legacy_recovery_after: Duration,
     /// Pause after an empty cycle in continuous mode.
     #[serde(with = "humantime_serde")]
     pub idle_backoff: Duration,
@@ -383,8 +391,8 @@ impl Config {
             "sync.shards: must be between 1 and 16384",
         );
         need(
-            self.sync.page_size >= 1,
-            "sync.page_size: must be at least 1",
+            (1..=MAX_PAGE_SIZE).contains(&self.sync.page_size),
+            &format!("sync.page_size: must be between 1 and {MAX_PAGE_SIZE}"),
         );
         need(
             self.sync.max_in_flight_pages >= 1,

@@ -444,6 +444,7 @@ impl Engine {
     pub async fn shutdown(&self, timeout: Duration) {
         let inner = &self.inner;
         inner.cancel.cancel();
+        inner.faults.release_all();
         let graceful = async {
             // Waits for the cycle in progress, if any.
             drop(inner.pipeline.cycle_lock.lock().await);

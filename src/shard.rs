@@ -98,8 +98,21 @@ impl Keys {
         &self.legacy_set
     }
 
-    /// Members popped from the legacy set and not yet flagged. Its hash tag is the
-    /// legacy key's whole name, so both live in one cluster slot.
+    /// Members popped from the legacy set and not yet acknowledged: a sorted
+    /// set, member = user id, score = the id of the pop that moved it. Its hash
+    /// tag is the legacy key's whole name, so it shares the legacy set's
+    /// cluster slot.
+    pub fn legacy_popped(&self) -> String {
+        format!("{{{}}}:popped", self.legacy_set)
+    }
+
+    /// The pop clock: the last pop id handed out (`max(now_µs, last + 1)`).
+    pub fn legacy_pop_clock(&self) -> String {
+        format!("{{{}}}:popclock", self.legacy_set)
+    }
+
+    /// The set-typed draining set of earlier releases; its members are moved
+    /// into [`legacy_popped`](Self::legacy_popped) and recovered.
     pub fn legacy_draining(&self) -> String {
         format!("{{{}}}:draining", self.legacy_set)
     }
@@ -138,5 +151,6 @@ mod tests {
         assert_eq!(k.applied(7), "ds:applied:{7}");
         assert_eq!(k.profile("42"), "user:42:profile");
         assert_eq!(k.legacy_draining(), "{profile:dirty_flags}:draining");
+        assert_eq!(k.legacy_popped(), "{profile:dirty_flags}:popped");
     }
 }

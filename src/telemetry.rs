@@ -45,6 +45,9 @@ pub mod names {
     pub const MEMBERS: &str = "datasync_members";
     pub const LEASE_CHANGES: &str = "datasync_lease_changes_total";
     pub const FENCED_PAGES: &str = "datasync_fenced_pages_total";
+    pub const PUBLISH_RETRIES: &str = "datasync_publish_retries_total";
+    pub const PRIORITY_WAITS: &str = "datasync_applier_priority_waits_total";
+    pub const LEGACY_RECOVERED: &str = "datasync_legacy_flags_recovered_total";
 }
 
 /// The actors, as named in metrics and logs.
@@ -103,6 +106,8 @@ fn register_zeroes() {
         names::POISON_EVENTS,
         names::DLQ_PARKED,
         names::CYCLES,
+        names::PRIORITY_WAITS,
+        names::LEGACY_RECOVERED,
     ] {
         counter!(name).increment(0);
     }
@@ -127,6 +132,7 @@ fn register_zeroes() {
     for t in ["static", "dynamic"] {
         counter!(names::EVENTS_PUBLISHED, "type" => t).increment(0);
         counter!(names::PUBLISH_FAILURES, "type" => t).increment(0);
+        counter!(names::PUBLISH_RETRIES, "type" => t).increment(0);
         counter!(names::EVENTS_APPLIED, "section" => t).increment(0);
         counter!(names::STALE_SKIPPED, "section" => t).increment(0);
         counter!(names::SYNC_SUCCESS, "type" => t).increment(0);
@@ -204,6 +210,9 @@ pub struct Stats {
     pub actor_restarts: AtomicU64,
     pub scans_paused: AtomicU64,
     pub fenced_pages: AtomicU64,
+    pub publish_retries: AtomicU64,
+    pub priority_waits: AtomicU64,
+    pub legacy_recovered: AtomicU64,
     /// Flag → applied latency of this engine's applied dynamic changes.
     pub latency: Latency,
     /// Request → applied latency of this engine's applied static changes.
@@ -289,6 +298,12 @@ pub struct StatsSnapshot {
     pub scans_paused: u64,
     /// Pages whose flags were not cleared because the shard's lease was lost.
     pub fenced_pages: u64,
+    /// Events re-sent by datasync's own retry policy after a failed delivery.
+    pub publish_retries: u64,
+    /// Dynamic windows that waited because a static window was being written.
+    pub priority_waits: u64,
+    /// Legacy members flagged again because their drainer never acknowledged them.
+    pub legacy_recovered: u64,
 }
 
 impl std::ops::AddAssign for StatsSnapshot {
@@ -312,6 +327,9 @@ impl std::ops::AddAssign for StatsSnapshot {
         self.actor_restarts += o.actor_restarts;
         self.scans_paused += o.scans_paused;
         self.fenced_pages += o.fenced_pages;
+        self.publish_retries += o.publish_retries;
+        self.priority_waits += o.priority_waits;
+        self.legacy_recovered += o.legacy_recovered;
     }
 }
 
@@ -336,6 +354,9 @@ impl Stats {
             actor_restarts: self.actor_restarts.load(Relaxed),
             scans_paused: self.scans_paused.load(Relaxed),
             fenced_pages: self.fenced_pages.load(Relaxed),
+            publish_retries: self.publish_retries.load(Relaxed),
+            priority_waits: self.priority_waits.load(Relaxed),
+            legacy_recovered: self.legacy_recovered.load(Relaxed),
         }
     }
 
@@ -406,6 +427,21 @@ impl Stats {
         self.poison_events.fetch_add(1, Relaxed);
         counter!(names::POISON_EVENTS).increment(1);
         tracing::error!(error = %err, "undecodable event skipped");
+    }
+
+    pub fn publish_retried(&self, sync_type: &'static str, n: u64) {
+        self.publish_retries.fetch_add(n, Relaxed);
+        counter!(names::PUBLISH_RETRIES, "type" => sync_type).increment(n);
+    }
+
+    pub fn priority_wait(&self) {
+        self.priority_waits.fetch_add(1, Relaxed);
+        counter!(names::PRIORITY_WAITS).increment(1);
+    }
+
+    pub fn legacy_recovered(&self, n: u64) {
+        self.legacy_recovered.fetch_add(n, Relaxed);
+        counter!(names::LEGACY_RECOVERED).increment(n);
     }
 
     pub fn publish_held(&self) {

@@ -16,7 +16,7 @@ use crate::{
         redis::Section,
     },
     config::ApplierConfig,
-    faults::Stage,
+    faults::{HoldPoint, Stage},
     health::Backend,
     proto::{self, SyncType, UserProfileSyncEvent},
 };
@@ -202,7 +202,13 @@ impl PriorityGate {
         }
     }
 
-    async fn wait_idle(&self) {
+    /// Waits until no static window is in flight (at most
+    /// [`MAX_PRIORITY_WAIT`]); counts the waits in `stats`.
+    async fn wait_idle(&self, stats: &crate::telemetry::Stats) {
+        if self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            return;
+        }
+        stats.priority_wait();
         let deadline = tokio::time::Instant::now() + MAX_PRIORITY_WAIT;
         loop {
             let notified = self.idle.notified();
@@ -277,7 +283,7 @@ impl ConsumerLoop {
                 }
             };
             if self.role == Role::Dynamic {
-                self.gate.wait_idle().await;
+                self.gate.wait_idle(&self.shared.stats).await;
             }
             let next = self.submit(window);
             if let Some(mut f) = in_flight.take() {
@@ -373,9 +379,15 @@ impl ConsumerLoop {
         stage: &'static str,
         error: String,
     ) -> DeadLetter {
+        let kept = match self.role {
+            Role::Static if stage == "apply" => {
+                "; the change stays pending in Redis: redrive it to publish it again with a new version"
+            }
+            _ => "",
+        };
         DeadLetter {
             detail: format!(
-                "stage {stage}: consumed from {} partition {} offset {}; not retried; the offset is committed after this record is stored",
+                "stage {stage}: consumed from {} partition {} offset {}; not retried; the offset is committed after this record is stored{kept}",
                 r.topic, r.partition, r.offset
             ),
             user_id,
@@ -422,7 +434,9 @@ impl ConsumerLoop {
     /// before the window was written (its offsets stay uncommitted, so the next
     /// start applies it).
     async fn finish(&self, f: InFlight, first: WriteResult) -> bool {
-        let done = self.write_outcomes(f, first).await;
+        let go_on =
+            self.role != Role::Static || self.shared.faults.pass(HoldPoint::StaticWindow).await;
+        let done = go_on && self.write_outcomes(f, first).await;
         if self.role == Role::Static {
             self.gate.leave();
         }
@@ -520,11 +534,14 @@ impl ConsumerLoop {
             .map(|(c, _)| c.user_id.as_str())
             .collect();
         if self.role == Role::Static {
-            // Settled in MongoDB (applied, superseded or dead-lettered): profile
-            // reads no longer need the pending copy.
+            // Settled in MongoDB (applied, or superseded by a newer version):
+            // profile reads no longer need the pending copy. A rejected change
+            // stays pending, so a DLQ redrive can publish it again.
             let settled: Vec<(&str, i64)> = changes
                 .iter()
-                .map(|c| (c.user_id.as_str(), c.version))
+                .zip(&outcomes)
+                .filter(|(_, o)| !matches!(o, Outcome::Rejected(_)))
+                .map(|(c, _)| (c.user_id.as_str(), c.version))
                 .collect();
             if let Err(e) = self.redis.static_settled(&settled).await {
                 tracing::warn!(error = %e, "cannot drop settled immediate changes");

@@ -12,7 +12,10 @@
 
 use super::{Shared, StageError, guard, restart_pause};
 use crate::{
-    clients::{kafka, redis::RedisStore},
+    clients::{
+        kafka,
+        redis::{RedisStore, Section},
+    },
     health::Backend,
     proto::{DlqMessage, ErrorContext},
 };
@@ -48,12 +51,28 @@ pub struct DeadLetter {
     pub offset: Option<i64>,
 }
 
-/// An open dead letter, as stored in Redis and shown by `GET /v1/dlq`.
+impl DeadLetter {
+    /// The profile section the change was for.
+    pub fn section(&self) -> Section {
+        if self.sync_type == "static" {
+            Section::Static
+        } else {
+            Section::Dynamic
+        }
+    }
+}
+
+/// An open dead letter, as stored in Redis and shown by `GET /v1/dlq`. Each
+/// user has at most one open entry per section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DlqEntry {
     pub user_id: String,
     pub version: i64,
     pub stage: String,
+    /// `static` or `dynamic`: the section the change was for (entries written
+    /// before this field existed are dynamic).
+    #[serde(default = "dynamic_label")]
+    pub sync_type: String,
     pub error: String,
     pub detail: String,
     pub retry_count: u32,
@@ -64,6 +83,10 @@ pub struct DlqEntry {
     pub partition: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub offset: Option<i64>,
+}
+
+fn dynamic_label() -> String {
+    "dynamic".into()
 }
 
 /// What one [`Record`] did.
@@ -170,31 +193,33 @@ async fn record(
     letters: Vec<DeadLetter>,
 ) -> Result<Recorded, StageError> {
     let mut out = Recorded::default();
-    // One record per (user, version): skip what is already open for that version.
-    let known: Vec<String> = letters
+    // One record per (user, section, version): skip what is already open for
+    // that version.
+    let known: Vec<(String, Section)> = letters
         .iter()
         .filter(|l| !l.user_id.is_empty())
-        .map(|l| l.user_id.clone())
+        .map(|l| (l.user_id.clone(), l.section()))
         .collect();
-    let known_users: Vec<&str> = known.iter().map(String::as_str).collect();
+    let keys: Vec<(&str, Section)> = known.iter().map(|(u, s)| (u.as_str(), *s)).collect();
     let open = shared
         .retry
         .run("read dead letters", &shared.cancel, || {
-            redis.dlq_entries(&known_users)
+            redis.dlq_entries(&keys)
         })
         .await?;
-    let open: std::collections::HashMap<String, i64> = known
+    let open: std::collections::HashMap<(&str, Section), i64> = keys
         .iter()
         .zip(open)
-        .filter_map(|(u, e)| {
+        .filter_map(|(k, e)| {
             let e: DlqEntry = serde_json::from_str(e.as_deref()?).ok()?;
-            Some((u.clone(), e.version))
+            Some((*k, e.version))
         })
         .collect();
     let now = crate::actors::publisher::now_ms();
     let mut fresh = Vec::new();
     for l in letters {
-        if !l.user_id.is_empty() && open.get(l.user_id.as_str()) == Some(&l.version) {
+        if !l.user_id.is_empty() && open.get(&(l.user_id.as_str(), l.section())) == Some(&l.version)
+        {
             out.duplicates += 1;
         } else {
             fresh.push(l);
@@ -251,7 +276,7 @@ async fn record(
         shared.stats.dlq_parked(out.parked);
     }
 
-    let entries: Vec<(&str, String)> = fresh
+    let entries: Vec<(&str, Section, String)> = fresh
         .iter()
         .filter(|l| !l.user_id.is_empty())
         .map(|l| {
@@ -259,6 +284,7 @@ async fn record(
                 user_id: l.user_id.clone(),
                 version: l.version,
                 stage: l.stage.to_string(),
+                sync_type: l.sync_type.to_string(),
                 error: l.error.clone(),
                 detail: l.detail.clone(),
                 retry_count: l.retry_count,
@@ -270,6 +296,7 @@ async fn record(
             };
             (
                 l.user_id.as_str(),
+                l.section(),
                 serde_json::to_string(&e).expect("entries serialize"),
             )
         })
@@ -390,7 +417,7 @@ pub async fn list(redis: &RedisStore, limit: usize) -> Result<DlqListing, StageE
         if n == 0 {
             continue;
         }
-        for (user, json) in redis.dlq_shard(shard as u32).await? {
+        for (user, _, json) in redis.dlq_shard(shard as u32).await? {
             match serde_json::from_str::<DlqEntry>(&json) {
                 Ok(e) => entries.push(e),
                 Err(e) => tracing::warn!(user, error = %e, "unreadable dead-letter entry"),
@@ -416,45 +443,83 @@ pub enum RedriveTarget {
 /// What a redrive did.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Redriven {
-    /// Users re-flagged, with their new versions.
+    /// Users re-flagged or whose immediate change was put back in line, with
+    /// the new versions (a user with both sections open appears twice).
     pub redriven: Vec<(String, i64)>,
     /// Requested users with no open dead letter (left alone).
     pub not_open: Vec<String>,
+    /// Users whose open static dead letter had no pending change left (it was
+    /// applied or superseded since): the entry is closed.
+    #[serde(default)]
+    pub superseded: Vec<String>,
 }
 
-/// Re-flags the users of open dead letters (new versions from their shard
-/// clocks, so the normal path and its version rules apply) and closes the
-/// entries. Re-flagging first means a crash in between leaves the entry open,
-/// never a user dropped.
+/// Redrives open dead letters and closes their entries. A dynamic one re-flags
+/// the user (a new version from the shard clock, so the normal path and its
+/// version rules apply: the profile is loaded again from Redis). A static one
+/// puts the user's pending immediate change back in line with a new version;
+/// the scanner publishes it at its next pass. Redriving first means a crash in
+/// between leaves the entry open, never a user dropped.
 pub async fn redrive(redis: &RedisStore, target: RedriveTarget) -> Result<Redriven, StageError> {
     let mut out = Redriven::default();
-    let users: Vec<String> = match target {
+    let mut dynamic: Vec<String> = Vec::new();
+    let mut static_: Vec<String> = Vec::new();
+    match target {
         RedriveTarget::Users(ids) => {
-            let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-            let open = redis.dlq_entries(&refs).await?;
-            let mut chosen = Vec::new();
-            for (id, e) in ids.into_iter().zip(open) {
-                if e.is_some() {
-                    chosen.push(id);
-                } else {
-                    out.not_open.push(id);
+            let keys: Vec<(&str, Section)> = ids
+                .iter()
+                .flat_map(|u| {
+                    [
+                        (u.as_str(), Section::Dynamic),
+                        (u.as_str(), Section::Static),
+                    ]
+                })
+                .collect();
+            let open = redis.dlq_entries(&keys).await?;
+            for (id, pair) in ids.iter().zip(open.chunks(2)) {
+                let (d, st) = (pair[0].is_some(), pair[1].is_some());
+                if d {
+                    dynamic.push(id.clone());
+                }
+                if st {
+                    static_.push(id.clone());
+                }
+                if !d && !st {
+                    out.not_open.push(id.clone());
                 }
             }
-            chosen
         }
         RedriveTarget::All => {
-            let mut all = Vec::new();
             for shard in 0..redis.shards() {
-                all.extend(redis.dlq_shard(shard).await?.into_iter().map(|(u, _)| u));
+                for (user, section, _) in redis.dlq_shard(shard).await? {
+                    match section {
+                        Section::Dynamic => dynamic.push(user),
+                        Section::Static => static_.push(user),
+                    }
+                }
             }
-            all
         }
-    };
-    for chunk in users.chunks(1000) {
+    }
+    for chunk in dynamic.chunks(1000) {
         let marked = redis.mark(chunk).await?;
-        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        redis.dlq_remove(&refs).await?;
+        let keys: Vec<(&str, Section)> = chunk
+            .iter()
+            .map(|u| (u.as_str(), Section::Dynamic))
+            .collect();
+        redis.dlq_remove(&keys).await?;
         out.redriven.extend(marked);
+    }
+    for chunk in static_.chunks(1000) {
+        let users: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let versions = redis.restage_static(&users).await?;
+        let keys: Vec<(&str, Section)> = users.iter().map(|u| (*u, Section::Static)).collect();
+        redis.dlq_remove(&keys).await?;
+        for (u, v) in chunk.iter().zip(versions) {
+            match v {
+                Some(v) => out.redriven.push((u.clone(), v)),
+                None => out.superseded.push(u.clone()),
+            }
+        }
     }
     if !out.redriven.is_empty() {
         tracing::info!(users = out.redriven.len(), "dead letters redriven");

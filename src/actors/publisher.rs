@@ -268,6 +268,7 @@ async fn publish_all(
             _ = tokio::time::sleep(wait) => {}
         }
         retries += 1;
+        shared.stats.publish_retried(label, again.len() as u64);
         pending = again;
     }
 

@@ -17,6 +17,7 @@ use crate::{
         redis::{ProfileError, RedisError, RedisStore, Section},
     },
     config::SyncConfig,
+    faults::HoldPoint,
     health::Backend,
     proto::{SyncType, UserProfileSyncEvent},
 };
@@ -239,31 +240,51 @@ fn now_us() -> i64 {
 }
 
 /// Moves the legacy set's members into the sharded flags. Each batch is first
-/// moved atomically into a draining set, then flagged, then removed from the
-/// draining set, so a crash in between loses nothing (the next cycle re-flags
-/// what is left there), and a member re-added meanwhile stays in the legacy set.
+/// moved atomically into the popped set under a pop id of its own, then
+/// flagged, then acknowledged by compare-and-delete on that pop id. A crash in
+/// between loses nothing: members left unacknowledged for longer than
+/// `sync.legacy_recovery_after` are flagged again by whichever instance sees
+/// them. A member re-added and popped by another drainer meanwhile carries the
+/// newer pop id, so this drainer's ack leaves it for the drainer that owns it.
 async fn drain_legacy(p: &Pipeline) -> Result<u64, RedisError> {
     let page = p.sync.page_size;
     let mut drained = 0;
-    let leftovers = p.redis.legacy_unacked(page).await?;
+    let leftovers = p
+        .redis
+        .legacy_unacked(page, p.sync.legacy_recovery_after)
+        .await?;
     if !leftovers.is_empty() {
-        p.redis.mark(&leftovers).await?;
-        p.redis.legacy_ack(&leftovers).await?;
-        drained += leftovers.len() as u64;
+        tracing::info!(
+            members = leftovers.len(),
+            "flagging legacy members a drainer popped and never acknowledged"
+        );
+        drained += flag_popped(p, &leftovers).await?;
+        p.shared.stats.legacy_recovered(leftovers.len() as u64);
     }
     for _ in 0..MAX_LEGACY_PAGES_PER_CYCLE {
-        let users = p.redis.legacy_pop(page).await?;
-        if users.is_empty() {
+        let popped = p.redis.legacy_pop(page).await?;
+        if popped.is_empty() {
             break;
         }
-        p.redis.mark(&users).await?;
-        p.redis.legacy_ack(&users).await?;
-        drained += users.len() as u64;
+        if !p.shared.faults.pass(HoldPoint::LegacyPopped).await {
+            break;
+        }
+        drained += flag_popped(p, &popped).await?;
     }
     if drained > 0 {
         p.shared.stats.legacy_drained(drained);
     }
     Ok(drained)
+}
+
+/// Flags popped legacy members, then acknowledges them.
+async fn flag_popped(p: &Pipeline, popped: &[(String, i64)]) -> Result<u64, RedisError> {
+    let users: Vec<String> = popped.iter().map(|(u, _)| u.clone()).collect();
+    p.redis.mark(&users).await?;
+    if p.shared.faults.pass(HoldPoint::LegacyMarked).await {
+        p.redis.legacy_ack(popped).await?;
+    }
+    Ok(users.len() as u64)
 }
 
 async fn scan_shard(p: &Pipeline, shard: u32) -> CycleReport {
@@ -449,7 +470,8 @@ pub async fn process_page(
 
 /// Publishes the shard's accepted immediate changes that the broker never
 /// confirmed (Kafka was down, or the accepting process died), once they are
-/// older than the grace period; confirmed ones leave the pending set.
+/// older than the grace period, and those a DLQ redrive put back in line, at
+/// once; confirmed ones are marked acknowledged.
 async fn redrive_static(p: &Pipeline, ticket: &crate::lease::Ticket) -> Result<u64, StageError> {
     let shared = &p.shared;
     let pending = shared
@@ -461,15 +483,15 @@ async fn redrive_static(p: &Pipeline, ticket: &crate::lease::Ticket) -> Result<u
     let cutoff = now_us() - p.static_grace.as_micros() as i64;
     let items: Vec<Outgoing> = pending
         .into_iter()
-        .filter(|(_, v, _)| *v < cutoff)
-        .filter_map(|(user_id, version, json)| {
-            let value: serde_json::Value = serde_json::from_str(&json).ok()?;
+        .filter(|c| c.redriven || c.version < cutoff)
+        .filter_map(|c| {
+            let value: serde_json::Value = serde_json::from_str(&c.json).ok()?;
             let mongodb::bson::Bson::Document(profile) = crate::proto::json_to_bson(&value) else {
                 return None;
             };
             Some(Outgoing {
-                user_id,
-                version,
+                user_id: c.user_id,
+                version: c.version,
                 profile,
                 base_version: 0,
                 lease_epoch: ticket.epoch,

@@ -22,13 +22,21 @@ pub enum MongoError {
     Driver(#[from] mongodb::error::Error),
     #[error("mongodb returned an unexpected reply: {0}")]
     Reply(String),
+    /// The statements ran but the write concern was not satisfied (e.g. a
+    /// primary stepped down while waiting for a majority): the writes may be
+    /// rolled back, so nothing of the window counts as applied.
+    #[error("mongodb write concern not satisfied (code {code}): {message}")]
+    WriteConcern { code: i32, message: String },
 }
 
 impl crate::retry::Retryable for MongoError {
     /// Driver errors (connection, timeouts, server selection) may pass; a reply
     /// this code cannot read will not.
     fn is_retryable(&self) -> bool {
-        matches!(self, MongoError::Driver(_))
+        matches!(
+            self,
+            MongoError::Driver(_) | MongoError::WriteConcern { .. }
+        )
     }
 }
 
@@ -57,6 +65,9 @@ pub enum Outcome {
 pub struct MongoStore {
     db: Database,
     collection: String,
+    /// The URL's write concern (`w`, `wtimeoutMS`, `journal`), sent with each
+    /// `update` command: `run_command` does not add the client's own.
+    write_concern: Option<Document>,
 }
 
 fn fields(section: Section) -> (&'static str, &'static str) {
@@ -67,16 +78,34 @@ fn fields(section: Section) -> (&'static str, &'static str) {
 }
 
 impl MongoStore {
+    /// Connects and makes sure the unique `userId` index exists.
     pub async fn connect(c: &MongoConfig, app_name: &str) -> Result<Self, MongoError> {
-        let mut opts = ClientOptions::parse(c.url.expose()).await?;
-        opts.app_name = Some(app_name.to_string());
-        let client = Client::with_options(opts)?;
-        let store = Self {
-            db: client.database(&c.database),
-            collection: c.collection.clone(),
-        };
+        let store = Self::connect_without_index(c, app_name).await?;
         store.ensure_index().await?;
         Ok(store)
+    }
+
+    /// Parses the URL and builds the client (which connects lazily), without
+    /// touching the collection.
+    pub async fn connect_without_index(
+        c: &MongoConfig,
+        app_name: &str,
+    ) -> Result<Self, MongoError> {
+        let mut opts = ClientOptions::parse(c.url.expose()).await?;
+        opts.app_name = Some(app_name.to_string());
+        let write_concern = match &opts.write_concern {
+            Some(wc) if *wc != Default::default() => Some(
+                mongodb::bson::to_document(wc)
+                    .map_err(|e| MongoError::Reply(format!("write concern: {e}")))?,
+            ),
+            _ => None,
+        };
+        let client = Client::with_options(opts)?;
+        Ok(Self {
+            db: client.database(&c.database),
+            collection: c.collection.clone(),
+            write_concern,
+        })
     }
 
     pub fn collection(&self) -> Collection<Document> {
@@ -147,45 +176,13 @@ impl MongoStore {
         let mut outcomes = Vec::with_capacity(changes.len());
         for chunk in changes.chunks(STATEMENTS_PER_COMMAND) {
             let statements: Vec<Document> = chunk.iter().map(|c| statement(c, now)).collect();
-            let reply = self
-                .db
-                .run_command(
-                    doc! { "update": &self.collection, "updates": statements, "ordered": false },
-                )
-                .await?;
-            let mut chunk_outcomes = vec![Outcome::Applied; chunk.len()];
-            if let Ok(errors) = reply.get_array("writeErrors") {
-                for e in errors {
-                    let Some(e) = e.as_document() else {
-                        return Err(MongoError::Reply(format!("writeErrors entry {e}")));
-                    };
-                    let index = match e.get("index") {
-                        Some(Bson::Int32(i)) => *i as usize,
-                        Some(Bson::Int64(i)) => *i as usize,
-                        _ => {
-                            return Err(MongoError::Reply(format!(
-                                "writeError without index: {e}"
-                            )));
-                        }
-                    };
-                    let code = match e.get("code") {
-                        Some(Bson::Int32(c)) => *c,
-                        Some(Bson::Int64(c)) => *c as i32,
-                        _ => 0,
-                    };
-                    let Some(slot) = chunk_outcomes.get_mut(index) else {
-                        return Err(MongoError::Reply(format!(
-                            "writeError index {index} out of range"
-                        )));
-                    };
-                    *slot = if code == DUPLICATE_KEY {
-                        Outcome::Stale
-                    } else {
-                        Outcome::Rejected(e.get_str("errmsg").unwrap_or("unknown").to_string())
-                    };
-                }
+            let mut command =
+                doc! { "update": &self.collection, "updates": statements, "ordered": false };
+            if let Some(wc) = &self.write_concern {
+                command.insert("writeConcern", wc.clone());
             }
-            outcomes.extend(chunk_outcomes);
+            let reply = self.db.run_command(command).await?;
+            outcomes.extend(outcomes_of_reply(&reply, chunk.len())?);
         }
         Ok(outcomes)
     }
@@ -199,6 +196,51 @@ impl MongoStore {
         self.db.run_command(doc! { "ping": 1 }).await?;
         Ok(())
     }
+}
+
+/// The outcome of each of the `n` statements of one `update` command, from its
+/// reply. A `writeConcernError` fails the whole command: the statements may be
+/// rolled back, and counting them applied would raise the applied-version
+/// caches and commit offsets past changes that are then lost.
+fn outcomes_of_reply(reply: &Document, n: usize) -> Result<Vec<Outcome>, MongoError> {
+    let code_of = |d: &Document| match d.get("code") {
+        Some(Bson::Int32(c)) => *c,
+        Some(Bson::Int64(c)) => *c as i32,
+        _ => 0,
+    };
+    if let Some(wce) = reply.get("writeConcernError") {
+        let Some(wce) = wce.as_document() else {
+            return Err(MongoError::Reply(format!("writeConcernError {wce}")));
+        };
+        return Err(MongoError::WriteConcern {
+            code: code_of(wce),
+            message: wce.get_str("errmsg").unwrap_or("no message").to_string(),
+        });
+    }
+    let mut outcomes = vec![Outcome::Applied; n];
+    if let Ok(errors) = reply.get_array("writeErrors") {
+        for e in errors {
+            let Some(e) = e.as_document() else {
+                return Err(MongoError::Reply(format!("writeErrors entry {e}")));
+            };
+            let index = match e.get("index") {
+                Some(Bson::Int32(i)) => *i as usize,
+                Some(Bson::Int64(i)) => *i as usize,
+                _ => return Err(MongoError::Reply(format!("writeError without index: {e}"))),
+            };
+            let Some(slot) = outcomes.get_mut(index) else {
+                return Err(MongoError::Reply(format!(
+                    "writeError index {index} out of range"
+                )));
+            };
+            *slot = if code_of(e) == DUPLICATE_KEY {
+                Outcome::Stale
+            } else {
+                Outcome::Rejected(e.get_str("errmsg").unwrap_or("unknown").to_string())
+            };
+        }
+    }
+    Ok(outcomes)
 }
 
 /// The newer-wins upsert of one section.
@@ -222,5 +264,53 @@ fn statement(c: &Change, now: DateTime) -> Document {
             "$inc": { "dataVersion": 1i64 },
         },
         "upsert": true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_concern_error_fails_the_window_instead_of_counting_as_applied() {
+        // The reply a replica set gives when the primary steps down while
+        // waiting for `w: majority`: the command is `ok: 1`, with n and
+        // nModified counted, and a writeConcernError beside them.
+        let reply = doc! {
+            "n": 2, "nModified": 2, "ok": 1.0,
+            "writeConcernError": {
+                "code": 189,
+                "codeName": "PrimarySteppedDown",
+                "errmsg": "Primary stepped down while waiting for replication",
+            },
+        };
+        let err = outcomes_of_reply(&reply, 2).unwrap_err();
+        assert!(
+            matches!(&err, MongoError::WriteConcern { code: 189, .. }),
+            "{err}"
+        );
+        assert!(crate::retry::Retryable::is_retryable(&err));
+        assert!(err.to_string().contains("Primary stepped down"), "{err}");
+    }
+
+    #[test]
+    fn write_errors_map_to_outcomes_by_index() {
+        let reply = doc! {
+            "n": 1, "ok": 1.0,
+            "writeErrors": [
+                { "index": 0, "code": 11000, "errmsg": "E11000 duplicate key" },
+                { "index": 2, "code": 2, "errmsg": "bad value" },
+            ],
+        };
+        assert_eq!(
+            outcomes_of_reply(&reply, 3).unwrap(),
+            vec![
+                Outcome::Stale,
+                Outcome::Applied,
+                Outcome::Rejected("bad value".into())
+            ]
+        );
+        let out_of_range = doc! { "ok": 1.0, "writeErrors": [{ "index": 5, "code": 2 }] };
+        assert!(outcomes_of_reply(&out_of_range, 3).is_err());
     }
 }

@@ -124,19 +124,32 @@ return out
     )
 });
 
-/// Marks pending immediate changes as acknowledged by the broker (state `p` →
-/// `a`), if still at the published version: the scanner no longer republishes
-/// them, and profile reads keep overlaying them until they are applied.
-/// KEYS: static-pending hash. ARGV: user, version, ...
+/// Lua fragment: closes the dead-letter entry in hash `h`, field `f`, if it is
+/// for version `v` or older (its JSON's `version`). A newer entry stays open.
+const CLOSE_DEAD_LETTER: &str = r#"
+local function close_dead_letter(h, f, v)
+  local e = redis.call('HGET', h, f)
+  if not e then return end
+  local ok, d = pcall(cjson.decode, e)
+  if not ok or type(d) ~= 'table' or tonumber(d.version) == nil or tonumber(d.version) <= v then
+    redis.call('HDEL', h, f)
+  end
+end
+"#;
+
+/// Marks pending immediate changes as acknowledged by the broker (state `p` or
+/// `r` → `a`), if still at the published version: the scanner no longer
+/// republishes them, and profile reads keep overlaying them until they are
+/// applied. KEYS: static-pending hash. ARGV: user, version, ...
 static STATIC_ACKED: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
         r#"
 local n = 0
 for i = 1, #ARGV, 2 do
   local cur = redis.call('HGET', KEYS[1], ARGV[i])
-  local prefix = ARGV[i + 1] .. '|p|'
-  if cur and string.sub(cur, 1, #prefix) == prefix then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1] .. '|a|' .. string.sub(cur, #prefix + 1))
+  local v, state, json = string.match(cur or '', '^(%d+)|(%a)|(.*)$')
+  if v == ARGV[i + 1] and (state == 'p' or state == 'r') then
+    redis.call('HSET', KEYS[1], ARGV[i], v .. '|a|' .. json)
     n = n + 1
   end
 end
@@ -145,24 +158,60 @@ return n
     )
 });
 
-/// Drops pending immediate changes once MongoDB has settled them (applied,
-/// or superseded, or rejected into the DLQ): entries at or below the settled
-/// version. KEYS: static-pending hash. ARGV: user, version, ...
+/// Drops pending immediate changes once MongoDB has settled them (applied, or
+/// superseded by a newer stored version): entries at or below the settled
+/// version; and closes the users' static dead letters up to that version.
+/// A change MongoDB rejected is not settled: it stays pending for a redrive.
+/// KEYS: static-pending hash, dead-letter hash. ARGV: user, version, ...
 static STATIC_SETTLED: LazyLock<Script> = LazyLock::new(|| {
-    Script::from_lua(
+    Script::from_lua(format!(
+        "{CLOSE_DEAD_LETTER}{}",
         r#"
 local n = 0
 for i = 1, #ARGV, 2 do
+  local v = tonumber(ARGV[i + 1])
   local cur = redis.call('HGET', KEYS[1], ARGV[i])
   if cur then
-    local v = tonumber(string.match(cur, '^(%d+)|'))
-    if v and v <= tonumber(ARGV[i + 1]) then
+    local pv = tonumber(string.match(cur, '^(%d+)|'))
+    if pv and pv <= v then
       redis.call('HDEL', KEYS[1], ARGV[i])
       n = n + 1
     end
   end
+  close_dead_letter(KEYS[2], ARGV[i] .. '|s', v)
 end
 return n
+"#
+    ))
+});
+
+/// Puts rejected (or never acknowledged) immediate changes back in line for
+/// publishing, for a DLQ redrive: each user's pending change gets a new
+/// version from the shard clock (as STAGE_STATIC allocates) and the state `r`,
+/// which the scanner publishes at its next pass; the cached profile is dropped.
+/// KEYS: static-pending hash, clock, then one profile-cache key per user.
+/// ARGV: users. Returns the new versions, 0 where nothing was pending.
+static RESTAGE_STATIC: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local v = tonumber(redis.call('GET', KEYS[2]) or '0')
+local out = {}
+for i = 1, #ARGV do
+  out[i] = 0
+  local cur = redis.call('HGET', KEYS[1], ARGV[i])
+  local json = cur and string.match(cur, '^%d+|%a|(.*)$')
+  if json then
+    v = v + 1
+    if now > v then v = now end
+    redis.call('HSET', KEYS[1], ARGV[i], string.format('%.0f', v) .. '|r|' .. json)
+    redis.call('DEL', KEYS[2 + i])
+    out[i] = v
+  end
+end
+redis.call('SET', KEYS[2], string.format('%.0f', v))
+return out
 "#,
     )
 });
@@ -184,12 +233,15 @@ return 0
 });
 
 /// Compare-and-delete: removes a flag only if its score is still the version that
-/// was published, and closes the user's dead letter if it had one (it synced).
+/// was published, and then closes the user's dynamic dead letter if it is for
+/// that version or an older one (it synced). A flag whose score moved on, and
+/// every static dead letter, are left alone.
 /// Fenced: when ARGV[1] is not empty it must equal the shard's lease value, or
 /// nothing is touched and -1 is returned.
 /// KEYS: dirty zset, dead-letter hash, lease. ARGV: fence, user, version, ...
 static CLEAR: LazyLock<Script> = LazyLock::new(|| {
-    Script::from_lua(
+    Script::from_lua(format!(
+        "{CLOSE_DEAD_LETTER}{}",
         r#"
 if ARGV[1] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
 local n = 0
@@ -199,22 +251,34 @@ for i = 2, #ARGV, 2 do
   if s and tonumber(s) == tonumber(ARGV[i + 1]) then
     redis.call('ZREM', KEYS[1], ARGV[i])
     n = n + 1
+    if dlq then close_dead_letter(KEYS[2], ARGV[i] .. '|d', tonumber(ARGV[i + 1])) end
   end
-  if dlq then redis.call('HDEL', KEYS[2], ARGV[i]) end
 end
 return n
-"#,
-    )
+"#
+    ))
 });
 
-/// Takes a free lease: raises the shard's epoch and stores `token|epoch` with a
-/// TTL. KEYS: lease, epoch. ARGV: token, ttl ms. Returns the epoch, 0 if taken.
+/// Takes a free lease: allocates the shard's next epoch and stores
+/// `token|epoch` with a TTL. The epoch is a hybrid logical clock,
+/// `max(now_µs, last + 1)`, not a bare counter: if a Redis failover loses the
+/// last acquisition (replication is asynchronous), the next owner still gets
+/// an epoch above every one handed out before, as long as the new primary's
+/// clock is not behind by more than the failover took. Fences compare the
+/// whole `token|epoch` value, whose token is unique per process start, so even
+/// a repeated epoch could not let a zombie clear flags.
+/// KEYS: lease, epoch. ARGV: token, ttl ms. Returns the epoch, 0 if taken.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
         r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local e = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1] .. '|' .. e, 'PX', ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local e = tonumber(redis.call('GET', KEYS[2]) or '0') + 1
+if now > e then e = now end
+local es = string.format('%.0f', e)
+redis.call('SET', KEYS[2], es)
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. es, 'PX', ARGV[2])
 return e
 "#,
     )
@@ -264,17 +328,81 @@ return 1
     )
 });
 
-/// Moves up to ARGV[1] members from the legacy set to its draining set in one
-/// step. KEYS: legacy set, draining set (same slot). Returns the members.
+/// Moves up to ARGV[1] members from the legacy set into the popped sorted set in
+/// one step, scored by a pop id unique to this call (`max(now_µs, last + 1)`
+/// from the pop clock), so an acknowledgement only removes what its own pop
+/// moved. A member popped again by another drainer before the first one acked
+/// carries the newer id and survives the first ack. Members are added in
+/// chunks: Lua's `unpack` fails past about 8,000 values, and Redis keeps a
+/// script's earlier writes when a later command fails.
+/// KEYS: legacy set, popped zset, pop clock (same slot). ARGV: count.
+/// Returns `{pop id, {members}}`; the id is 0 when the set was empty.
 static LEGACY_POP: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
         r#"
 local m = redis.call('SPOP', KEYS[1], tonumber(ARGV[1]))
-if #m > 0 then redis.call('SADD', KEYS[2], unpack(m)) end
-return m
+if #m == 0 then return {'0', m} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local id = tonumber(redis.call('GET', KEYS[3]) or '0') + 1
+if now > id then id = now end
+local ids = string.format('%.0f', id)
+redis.call('SET', KEYS[3], ids)
+for i = 1, #m, 500 do
+  local args = {}
+  for j = i, math.min(i + 499, #m) do
+    args[#args + 1] = ids
+    args[#args + 1] = m[j]
+  end
+  redis.call('ZADD', KEYS[2], unpack(args))
+end
+return {ids, m}
 "#,
     )
 });
+
+/// Acknowledges popped members once they are flagged: removes each only if its
+/// score is still the pop id it was moved with (compare-and-delete).
+/// KEYS: popped zset. ARGV: member, pop id, member, pop id, ...
+/// Returns how many were removed.
+static LEGACY_ACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+local n = 0
+for i = 1, #ARGV, 2 do
+  local s = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if s and tonumber(s) == tonumber(ARGV[i + 1]) then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"#,
+    )
+});
+
+/// Popped members whose drainer never acknowledged them (it died between pop
+/// and ack): those popped more than ARGV[1] µs ago by Redis' clock, oldest
+/// first, at most ARGV[2]. Members of the set-typed draining key of earlier
+/// releases are first moved in with pop id 0, so they are recovered too.
+/// KEYS: popped zset, earlier draining set. Returns `{member, pop id, ...}`.
+static LEGACY_STALE: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+if redis.call('TYPE', KEYS[2]).ok == 'set' then
+  local old = redis.call('SPOP', KEYS[2], 500)
+  for i = 1, #old do redis.call('ZADD', KEYS[1], 'NX', 0, old[i]) end
+end
+local t = redis.call('TIME')
+local cutoff = tonumber(t[1]) * 1000000 + tonumber(t[2]) - tonumber(ARGV[1])
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', cutoff),
+  'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
+"#,
+    )
+});
+
+/// Members moved out of the legacy set by one pop, each with its pop id.
+pub type LegacyPop = Vec<(String, i64)>;
 
 /// Values of profile-cache keys that mark a fill in progress start with this.
 pub const CACHE_PLACEHOLDER: &str = "\u{1}fill:";
@@ -523,8 +651,6 @@ impl RedisStore {
         Ok(n as u64)
     }
 
-    /// Accepts an immediate change of `user`'s static profile (JSON object);
-    /// returns its version.
     /// Accepts immediate changes of users' static profiles (`(user, JSON
     /// object)`), one script per shard; returns their versions in order.
     pub async fn stage_static(&self, changes: &[(&str, String)]) -> Result<Vec<i64>, RedisError> {
@@ -538,21 +664,22 @@ impl RedisStore {
         .await
     }
 
-    /// Immediate changes of one shard the broker has not acknowledged:
-    /// `(user, version, profile JSON)`.
-    pub async fn static_pending(
-        &self,
-        shard: u32,
-    ) -> Result<Vec<(String, i64, String)>, RedisError> {
+    /// Immediate changes of one shard the broker has not acknowledged.
+    pub async fn static_pending(&self, shard: u32) -> Result<Vec<PendingStatic>, RedisError> {
         let map: BTreeMap<String, String> = self
             .client()
             .hgetall(self.keys.static_pending(shard))
             .await?;
         Ok(map
             .into_iter()
-            .filter_map(|(u, v)| {
-                let (version, acked, json) = parse_pending(&v)?;
-                (!acked).then_some((u, version, json.to_string()))
+            .filter_map(|(user_id, v)| {
+                let (version, state, json) = parse_pending(&v)?;
+                (state != PendingState::Acked).then(|| PendingStatic {
+                    user_id,
+                    version,
+                    json: json.to_string(),
+                    redriven: state == PendingState::Redriven,
+                })
             })
             .collect())
     }
@@ -573,18 +700,26 @@ impl RedisStore {
 
     /// Marks immediate changes acknowledged by the broker: `(user, version)`.
     pub async fn static_acked(&self, entries: &[(&str, i64)]) -> Result<(), RedisError> {
-        self.static_script(&STATIC_ACKED, entries).await
+        self.static_script(&STATIC_ACKED, entries, |shard| {
+            vec![self.keys.static_pending(shard)]
+        })
+        .await
     }
 
-    /// Drops immediate changes MongoDB has settled: `(user, version)`.
+    /// Drops immediate changes MongoDB has settled, and closes their static
+    /// dead letters: `(user, version)`.
     pub async fn static_settled(&self, entries: &[(&str, i64)]) -> Result<(), RedisError> {
-        self.static_script(&STATIC_SETTLED, entries).await
+        self.static_script(&STATIC_SETTLED, entries, |shard| {
+            vec![self.keys.static_pending(shard), self.keys.dlq(shard)]
+        })
+        .await
     }
 
     async fn static_script(
         &self,
         script: &Script,
         entries: &[(&str, i64)],
+        keys: impl Fn(u32) -> Vec<String>,
     ) -> Result<(), RedisError> {
         for (shard, idx) in self.by_shard(entries.iter().map(|e| e.0)) {
             let mut args = Vec::with_capacity(idx.len() * 2);
@@ -593,10 +728,25 @@ impl RedisStore {
                 args.push(entries[i].1.to_string());
             }
             let _: i64 = script
-                .evalsha_with_reload(self.client(), vec![self.keys.static_pending(shard)], args)
+                .evalsha_with_reload(self.client(), keys(shard), args)
                 .await?;
         }
         Ok(())
+    }
+
+    /// Puts users' pending immediate changes back in line for publishing with
+    /// new versions (a DLQ redrive). One version per user, in order; `None`
+    /// where the user has no pending change (it was applied or superseded).
+    pub async fn restage_static(&self, users: &[&str]) -> Result<Vec<Option<i64>>, RedisError> {
+        let versions = self
+            .allocate_versions(
+                &RESTAGE_STATIC,
+                users,
+                |shard| self.keys.static_pending(shard),
+                |i| vec![users[i].to_string()],
+            )
+            .await?;
+        Ok(versions.into_iter().map(|v| (v > 0).then_some(v)).collect())
     }
 
     /// The flag version of a user, if it is flagged.
@@ -763,13 +913,20 @@ impl RedisStore {
         Ok(())
     }
 
-    /// The stored dead-letter entries (JSON) of `users`, `None` where none is open.
-    pub async fn dlq_entries(&self, users: &[&str]) -> Result<Vec<Option<String>>, RedisError> {
-        let mut out = vec![None; users.len()];
-        for (shard, idx) in self.by_shard(users.iter().copied()) {
-            let fields: Vec<&str> = idx.iter().map(|&i| users[i]).collect();
+    /// The stored dead-letter entries (JSON) of `(user, section)` pairs, `None`
+    /// where none is open.
+    pub async fn dlq_entries(
+        &self,
+        keys: &[(&str, Section)],
+    ) -> Result<Vec<Option<String>>, RedisError> {
+        let mut out = vec![None; keys.len()];
+        for (shard, idx) in self.by_shard(keys.iter().map(|k| k.0)) {
+            let fields: Vec<String> = idx
+                .iter()
+                .map(|&i| section_field(keys[i].0, keys[i].1))
+                .collect();
             let got: Vec<Option<String>> = if fields.len() == 1 {
-                vec![self.client().hget(self.keys.dlq(shard), fields[0]).await?]
+                vec![self.client().hget(self.keys.dlq(shard), &fields[0]).await?]
             } else {
                 self.client().hmget(self.keys.dlq(shard), fields).await?
             };
@@ -780,23 +937,35 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// Opens (or replaces) dead-letter entries: `(user, JSON)`.
-    pub async fn dlq_put(&self, entries: &[(&str, String)]) -> Result<(), RedisError> {
+    /// Opens (or replaces) dead-letter entries: `(user, section, JSON)`.
+    pub async fn dlq_put(&self, entries: &[(&str, Section, String)]) -> Result<(), RedisError> {
         for (shard, idx) in self.by_shard(entries.iter().map(|e| e.0)) {
-            let map: Vec<(&str, &str)> = idx
+            let map: Vec<(String, &str)> = idx
                 .iter()
-                .map(|&i| (entries[i].0, entries[i].1.as_str()))
+                .map(|&i| {
+                    let (u, s, json) = &entries[i];
+                    (section_field(u, *s), json.as_str())
+                })
                 .collect();
             let _: i64 = self.client().hset(self.keys.dlq(shard), map).await?;
         }
         Ok(())
     }
 
-    /// Closes the dead-letter entries of `users`; returns how many were open.
-    pub async fn dlq_remove(&self, users: &[&str]) -> Result<u64, RedisError> {
+    /// Closes dead-letter entries `(user, section)`; returns how many were open.
+    /// Closing a dynamic entry also closes the user's entry in the one-field-
+    /// per-user form of earlier releases.
+    pub async fn dlq_remove(&self, keys: &[(&str, Section)]) -> Result<u64, RedisError> {
         let mut n = 0;
-        for (shard, idx) in self.by_shard(users.iter().copied()) {
-            let fields: Vec<&str> = idx.iter().map(|&i| users[i]).collect();
+        for (shard, idx) in self.by_shard(keys.iter().map(|k| k.0)) {
+            let mut fields = Vec::with_capacity(idx.len());
+            for &i in &idx {
+                let (u, s) = keys[i];
+                fields.push(section_field(u, s));
+                if s == Section::Dynamic {
+                    fields.push(u.to_string());
+                }
+            }
             let removed: u64 = self.client().hdel(self.keys.dlq(shard), fields).await?;
             n += removed;
         }
@@ -812,10 +981,19 @@ impl RedisStore {
         Ok(pipe.all().await?)
     }
 
-    /// Every open dead letter of one shard: `(user, JSON)`.
-    pub async fn dlq_shard(&self, shard: u32) -> Result<Vec<(String, String)>, RedisError> {
+    /// Every open dead letter of one shard: `(user, section, JSON)`.
+    pub async fn dlq_shard(
+        &self,
+        shard: u32,
+    ) -> Result<Vec<(String, Section, String)>, RedisError> {
         let map: BTreeMap<String, String> = self.client().hgetall(self.keys.dlq(shard)).await?;
-        Ok(map.into_iter().collect())
+        Ok(map
+            .into_iter()
+            .map(|(field, json)| {
+                let (user, section) = parse_section_field(&field);
+                (user.to_string(), section, json)
+            })
+            .collect())
     }
 
     /// Parks an encoded dead-letter record until Kafka is back.
@@ -891,8 +1069,8 @@ impl RedisStore {
             .iter()
             .flat_map(|u| {
                 [
-                    applied_field(u, Section::Static),
-                    applied_field(u, Section::Dynamic),
+                    section_field(u, Section::Static),
+                    section_field(u, Section::Dynamic),
                 ]
             })
             .collect();
@@ -914,7 +1092,7 @@ impl RedisStore {
         }
         let mut args = Vec::with_capacity(entries.len() * 2);
         for (u, s, v) in entries {
-            args.push(applied_field(u, *s));
+            args.push(section_field(u, *s));
             args.push(v.to_string());
         }
         let _: i64 = APPLIED_MAX
@@ -923,32 +1101,68 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Moves up to `n` members of the legacy set into its draining set.
-    pub async fn legacy_pop(&self, n: usize) -> Result<Vec<String>, RedisError> {
-        let keys = vec![self.keys.legacy().to_string(), self.keys.legacy_draining()];
-        Ok(LEGACY_POP
+    /// Moves up to `n` members of the legacy set into the popped set; the pop
+    /// id and the members. Acknowledge them with [`legacy_ack`](Self::legacy_ack)
+    /// once they are flagged.
+    pub async fn legacy_pop(&self, n: usize) -> Result<LegacyPop, RedisError> {
+        let keys = vec![
+            self.keys.legacy().to_string(),
+            self.keys.legacy_popped(),
+            self.keys.legacy_pop_clock(),
+        ];
+        let (id, members): (String, Vec<String>) = LEGACY_POP
             .evalsha_with_reload(self.client(), keys, vec![n as i64])
-            .await?)
-    }
-
-    /// Up to `n` members left in the draining set (by a crash between pop and ack).
-    pub async fn legacy_unacked(&self, n: usize) -> Result<Vec<String>, RedisError> {
-        Ok(self
-            .client()
-            .srandmember(self.keys.legacy_draining(), Some(n))
-            .await?)
-    }
-
-    /// Removes members from the draining set once they are flagged.
-    pub async fn legacy_ack(&self, users: &[String]) -> Result<(), RedisError> {
-        if users.is_empty() {
-            return Ok(());
-        }
-        let _: i64 = self
-            .client()
-            .srem(self.keys.legacy_draining(), users.to_vec())
             .await?;
-        Ok(())
+        let id = id.parse().map_err(|_| RedisError::Reply {
+            what: "legacy pop",
+            reply: id.clone(),
+        })?;
+        Ok(members.into_iter().map(|m| (m, id)).collect())
+    }
+
+    /// Up to `n` popped members left unacknowledged for longer than `after` (by
+    /// a drainer that died between pop and ack), with their pop ids.
+    pub async fn legacy_unacked(&self, n: usize, after: Duration) -> Result<LegacyPop, RedisError> {
+        let keys = vec![self.keys.legacy_popped(), self.keys.legacy_draining()];
+        let flat: Vec<String> = LEGACY_STALE
+            .evalsha_with_reload(
+                self.client(),
+                keys,
+                vec![after.as_micros().to_string(), n.to_string()],
+            )
+            .await?;
+        flat.chunks(2)
+            .map(|p| match p {
+                [m, s] => s
+                    .parse::<f64>()
+                    .map(|s| (m.clone(), s as i64))
+                    .map_err(|_| RedisError::Reply {
+                        what: "popped legacy members",
+                        reply: s.clone(),
+                    }),
+                _ => Err(RedisError::Reply {
+                    what: "popped legacy members",
+                    reply: format!("{p:?}"),
+                }),
+            })
+            .collect()
+    }
+
+    /// Acknowledges flagged members: removes each one only if it still carries
+    /// the pop id it was taken with. Returns how many were removed.
+    pub async fn legacy_ack(&self, popped: &[(String, i64)]) -> Result<u64, RedisError> {
+        if popped.is_empty() {
+            return Ok(0);
+        }
+        let mut args = Vec::with_capacity(popped.len() * 2);
+        for (m, id) in popped {
+            args.push(m.clone());
+            args.push(id.to_string());
+        }
+        let n: i64 = LEGACY_ACK
+            .evalsha_with_reload(self.client(), vec![self.keys.legacy_popped()], args)
+            .await?;
+        Ok(n as u64)
     }
 
     /// PING, for readiness.
@@ -958,15 +1172,55 @@ impl RedisStore {
     }
 }
 
-/// `"<version>|<p or a>|<JSON>"` → (version, acknowledged, JSON).
-fn parse_pending(v: &str) -> Option<(i64, bool, &str)> {
-    let (version, rest) = v.split_once('|')?;
-    let (state, json) = rest.split_once('|')?;
-    Some((version.parse().ok()?, state == "a", json))
+/// Where an accepted immediate change stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PendingState {
+    /// `p`: not yet acknowledged by the broker.
+    Published,
+    /// `r`: put back in line by a DLQ redrive; published at the next scan.
+    Redriven,
+    /// `a`: acknowledged by the broker, waiting for MongoDB.
+    Acked,
 }
 
-fn applied_field(user: &str, section: Section) -> String {
+/// An immediate change the broker has not acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingStatic {
+    pub user_id: String,
+    pub version: i64,
+    /// The static profile, a JSON object.
+    pub json: String,
+    /// Put back in line by a redrive: publish it without waiting.
+    pub redriven: bool,
+}
+
+/// `"<version>|<p, r or a>|<JSON>"` → (version, state, JSON).
+fn parse_pending(v: &str) -> Option<(i64, PendingState, &str)> {
+    let (version, rest) = v.split_once('|')?;
+    let (state, json) = rest.split_once('|')?;
+    let state = match state {
+        "p" => PendingState::Published,
+        "r" => PendingState::Redriven,
+        "a" => PendingState::Acked,
+        _ => return None,
+    };
+    Some((version.parse().ok()?, state, json))
+}
+
+/// The hash field of one section of one user: `<user>|s` or `<user>|d` (the
+/// applied-version cache and the dead-letter hash).
+fn section_field(user: &str, section: Section) -> String {
     format!("{user}|{}", section.tag())
+}
+
+/// The inverse of [`section_field`]; a field without a section suffix (the
+/// dead-letter form of earlier releases) is dynamic.
+fn parse_section_field(field: &str) -> (&str, Section) {
+    match field.rsplit_once('|') {
+        Some((u, "s")) => (u, Section::Static),
+        Some((u, "d")) => (u, Section::Dynamic),
+        _ => (field, Section::Dynamic),
+    }
 }
 
 fn parse_json_profile(key: &str, bytes: &[u8]) -> Result<Document, ProfileError> {

@@ -1,0 +1,422 @@
+//! Ways a change could be lost or hidden, each forced against the real local
+//! stack: the legacy drain (large pops, two drainers, a drainer that dies),
+//! MongoDB write-concern errors, rejected changes and their redrive, dead
+//! letters closed only when earned, and fencing epochs after a failover.
+
+mod common;
+
+use common::*;
+use datasync::{
+    Config,
+    actors::dlq::RedriveTarget,
+    clients::{mongo::Change, redis::Section},
+    faults::HoldPoint,
+};
+use fred::interfaces::{KeysInterface, SetsInterface, SortedSetsInterface};
+use mongodb::bson::{Document, doc};
+use serde_json::json;
+use std::time::Duration;
+
+const LONG: Duration = Duration::from_secs(120);
+
+fn config_with(ns: &str, extra: &str) -> Config {
+    Config::from_layers(
+        &[
+            ("test".into(), config_toml(ns)),
+            ("extra".into(), extra.to_string()),
+        ],
+        std::iter::empty(),
+    )
+    .expect("test config is valid")
+}
+
+async fn sadd(r: &datasync::clients::redis::RedisStore, key: &str, members: &[&str]) {
+    let _: i64 = r
+        .client()
+        .sadd(
+            key,
+            members.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+}
+
+async fn popped_members(r: &datasync::clients::redis::RedisStore) -> u64 {
+    r.client().zcard(r.keys().legacy_popped()).await.unwrap()
+}
+
+async fn dynamic_of(m: &datasync::clients::mongo::MongoStore, user: &str) -> (i64, i64) {
+    match m.find_user(user).await.unwrap() {
+        Some(d) => (
+            d.get_i64("dynamicVersion").unwrap_or(0),
+            d.get_document("dynamicProfile")
+                .ok()
+                .and_then(|p| p.get_i64("gen").ok())
+                .unwrap_or(0),
+        ),
+        None => (0, 0),
+    }
+}
+
+/// Lua's `unpack` fails past about 8,000 values, and Redis keeps a script's
+/// earlier writes: a pop of 10,000 members must move every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_pop_larger_than_lua_can_unpack_moves_every_member() {
+    let ns = unique("bigpop");
+    let r = redis(&ns).await;
+    let legacy = r.keys().legacy().to_string();
+    let users: Vec<String> = (0..10_000).map(|i| format!("m{i}")).collect();
+    for chunk in users.chunks(2000) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        sadd(&r, &legacy, &refs).await;
+    }
+    let popped = r.legacy_pop(10_000).await.unwrap();
+    assert_eq!(popped.len(), 10_000);
+    assert_eq!(
+        popped_members(&r).await,
+        10_000,
+        "every member is in the popped set"
+    );
+    let left: u64 = r.client().scard(&legacy).await.unwrap();
+    assert_eq!(left, 0);
+    assert_eq!(r.legacy_ack(&popped).await.unwrap(), 10_000);
+    assert_eq!(popped_members(&r).await, 0);
+    cleanup(&ns).await;
+}
+
+/// Drainer A pops and flags u; the upstream writes u again and re-adds it;
+/// drainer B pops it and dies before flagging it; then A acknowledges its own
+/// pop. A's ack must not remove B's: u is flagged again once B's pop is seen
+/// unacknowledged, and the second write reaches MongoDB with a newer version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_ack_never_drops_a_member_another_drainer_popped() {
+    let ns = unique("legacyrace");
+    let engine = start_with(config_with(&ns, "[sync]\nlegacy_recovery_after = \"1s\"\n")).await;
+    let r = redis(&ns).await;
+    let legacy = r.keys().legacy().to_string();
+    let hold = engine.faults().hold(HoldPoint::LegacyMarked).await;
+    r.write_profiles(&generation_profiles(&["racer".into()], 1))
+        .await
+        .unwrap();
+    sadd(&r, &legacy, &["racer"]).await;
+    wait_until("drainer A held between flag and ack", LONG, || async {
+        engine.faults().reached(HoldPoint::LegacyMarked) >= 1
+    })
+    .await;
+    let first = r.flag_of("racer").await.unwrap().expect("A flagged racer");
+
+    // The upstream changes racer again; drainer B pops it, then dies.
+    r.write_profiles(&generation_profiles(&["racer".into()], 2))
+        .await
+        .unwrap();
+    sadd(&r, &legacy, &["racer"]).await;
+    let b = r.legacy_pop(100).await.unwrap();
+    assert_eq!(b.len(), 1, "B popped racer");
+    drop(hold);
+
+    let mongo = mongo(&ns).await;
+    wait_until(
+        "B's pop recovered, flagged anew and applied",
+        LONG,
+        || async {
+            let (v, generation) = dynamic_of(&mongo, "racer").await;
+            engine.stats().legacy_recovered >= 1 && v > first && generation == 2
+        },
+    )
+    .await;
+    wait_until("nothing left in the popped set", LONG, || async {
+        popped_members(&r).await == 0
+    })
+    .await;
+    finish(engine, &ns).await;
+}
+
+/// A drainer that died between pop and ack left its members in the popped set
+/// (and a release before this one left them in a plain set): the next engine
+/// flags them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_left_by_a_drainer_that_died_are_flagged_by_the_next() {
+    let ns = unique("legacycrash");
+    let r = redis(&ns).await;
+    let legacy = r.keys().legacy().to_string();
+    r.write_profiles(&generation_profiles(&["orphan".into(), "older".into()], 1))
+        .await
+        .unwrap();
+    sadd(&r, &legacy, &["orphan"]).await;
+    let died = r.legacy_pop(100).await.unwrap();
+    assert_eq!(died.len(), 1);
+    sadd(&r, &r.keys().legacy_draining(), &["older"]).await;
+
+    let engine = start_with(config_with(&ns, "[sync]\nlegacy_recovery_after = \"1s\"\n")).await;
+    let mongo = mongo(&ns).await;
+    wait_until("both left-over members applied", LONG, || async {
+        dynamic_of(&mongo, "orphan").await.1 == 1 && dynamic_of(&mongo, "older").await.1 == 1
+    })
+    .await;
+    assert!(engine.stats().legacy_recovered >= 2, "{:?}", engine.stats());
+    assert_eq!(popped_members(&r).await, 0);
+    let old: i64 = r.client().exists(r.keys().legacy_draining()).await.unwrap();
+    assert_eq!(old, 0, "the earlier release's draining set is emptied");
+    finish(engine, &ns).await;
+}
+
+/// A reply with `ok: 1` and a `writeConcernError` (here: more nodes asked for
+/// than exist) means the writes may be rolled back: nothing of it counts as
+/// applied, and the applier retries the window instead of committing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_concern_error_is_a_failed_write_not_an_applied_one() {
+    let ns = unique("wconcern");
+    let mut c = test_config(&ns).mongo;
+    c.url = datasync::config::Secret::new(format!("{}&w=5&wtimeoutMS=10", mongo_url()));
+    let store = datasync::clients::mongo::MongoStore::connect_without_index(&c, "tests")
+        .await
+        .unwrap();
+    let change = Change {
+        user_id: "w".into(),
+        section: Section::Dynamic,
+        version: 7,
+        profile: doc! { "gen": 1 },
+        event_id: "e".into(),
+        marked_at_ms: 0,
+    };
+    let err = store.apply(&[change]).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            datasync::clients::mongo::MongoError::WriteConcern { .. }
+        ),
+        "{err}"
+    );
+    assert!(
+        datasync::retry::Retryable::is_retryable(&err),
+        "the window is retried"
+    );
+    let _ = mongo(&ns).await.collection().drop().await;
+}
+
+/// A collection validator that refuses `level >= 10` in the given section, and
+/// lets documents without that section through.
+fn level_validator(section: &str) -> Document {
+    let field = format!("{section}.level");
+    doc! { "$or": [
+        { field.clone(): { "$exists": false } },
+        { field: { "$lt": 10 } },
+    ] }
+}
+
+async fn create_with_validator(ns: &str, validator: Document) -> mongodb::Database {
+    let client = mongodb::Client::with_uri_str(mongo_url()).await.unwrap();
+    let db = client.database("datasync_test");
+    db.create_collection(ns).validator(validator).await.unwrap();
+    db
+}
+
+async fn drop_validator(db: &mongodb::Database, ns: &str) {
+    db.run_command(doc! { "collMod": ns, "validator": {} })
+        .await
+        .unwrap();
+}
+
+/// MongoDB rejects an acknowledged immediate change: it is dead-lettered, and
+/// its pending copy stays in Redis (not settled) so that a redrive, once the
+/// cause is fixed, publishes it again with a new version and it is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_immediate_change_stays_pending_and_a_redrive_applies_it() {
+    let ns = unique("rejectstatic");
+    let db = create_with_validator(&ns, level_validator("staticProfile")).await;
+    let engine = start(&ns).await;
+    let r = redis(&ns).await;
+    let receipt = engine
+        .sync_immediate("vip", json!({ "vip": true, "level": 20 }))
+        .await
+        .unwrap();
+    wait_until("the rejected change dead-lettered", LONG, || async {
+        engine.dlq_list(10).await.unwrap().open == 1
+    })
+    .await;
+    let e = engine.dlq_list(10).await.unwrap().entries.remove(0);
+    assert_eq!(
+        (e.user_id.as_str(), e.stage.as_str(), e.sync_type.as_str()),
+        ("vip", "apply", "static")
+    );
+    assert_eq!(e.version, receipt.version);
+    assert_eq!(
+        r.static_pending_of("vip").await.unwrap().map(|p| p.0),
+        Some(receipt.version),
+        "the rejected change is kept pending"
+    );
+    let mongo = mongo(&ns).await;
+    assert!(mongo.find_user("vip").await.unwrap().is_none());
+
+    drop_validator(&db, &ns).await;
+    let out = engine
+        .dlq_redrive(RedriveTarget::Users(vec!["vip".into()]))
+        .await
+        .unwrap();
+    assert_eq!(out.redriven.len(), 1, "{out:?}");
+    let (_, again) = out.redriven[0];
+    assert!(again > receipt.version);
+    wait_until("the redriven change applied", LONG, || async {
+        mongo
+            .find_user("vip")
+            .await
+            .unwrap()
+            .and_then(|d| d.get_i64("staticVersion").ok())
+            == Some(again)
+    })
+    .await;
+    wait_until("pending copy and dead letter gone", LONG, || async {
+        r.static_pending_of("vip").await.unwrap().is_none()
+            && engine.dlq_list(10).await.unwrap().open == 0
+    })
+    .await;
+    finish(engine, &ns).await;
+}
+
+/// A dynamic change MongoDB rejected was published, so its flag is gone: only
+/// the redrive can bring it back. After the cause is fixed, the redrive
+/// re-flags the user and the profile in Redis is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_reflags_a_user_whose_flag_is_gone() {
+    let ns = unique("rejectdynamic");
+    let db = create_with_validator(&ns, level_validator("dynamicProfile")).await;
+    let engine = start(&ns).await;
+    let r = redis(&ns).await;
+    engine
+        .write_and_mark(&[datasync::ProfileWrite {
+            user_id: "big".into(),
+            profile: json!({ "level": 42 }),
+        }])
+        .await
+        .unwrap();
+    wait_until("the rejected change dead-lettered", LONG, || async {
+        engine.dlq_list(10).await.unwrap().open == 1
+    })
+    .await;
+    let e = engine.dlq_list(10).await.unwrap().entries.remove(0);
+    assert_eq!(
+        (e.stage.as_str(), e.sync_type.as_str()),
+        ("apply", "dynamic")
+    );
+    assert_eq!(
+        pending_flags(&r).await,
+        0,
+        "the flag was cleared at publish"
+    );
+
+    drop_validator(&db, &ns).await;
+    let out = engine
+        .dlq_redrive(RedriveTarget::Users(vec!["big".into()]))
+        .await
+        .unwrap();
+    assert_eq!(out.redriven.len(), 1, "{out:?}");
+    let mongo = mongo(&ns).await;
+    wait_until("the redriven user applied", LONG, || async {
+        mongo
+            .find_user("big")
+            .await
+            .unwrap()
+            .and_then(|d| d.get_i64("dynamicVersion").ok())
+            == Some(out.redriven[0].1)
+    })
+    .await;
+    wait_until("the dead letter closed", LONG, || async {
+        engine.dlq_list(10).await.unwrap().open == 0
+    })
+    .await;
+    finish(engine, &ns).await;
+}
+
+/// The clear script closes a dynamic dead letter only for a flag it really
+/// removed, and only up to that version; static dead letters are not its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flag_clear_closes_only_the_dead_letters_it_earned() {
+    let ns = unique("dlqclose");
+    let r = redis(&ns).await;
+    // x: flagged at its new version, dead letter for that version.
+    // y: flagged; a static dead letter is open.
+    // z: flagged at 11, dead letter for a newer version 12.
+    let users = ["x", "y", "z"];
+    let versions: Vec<i64> = r
+        .mark(&users.map(String::from))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.1)
+        .collect();
+    let entry = |u: &str, v: i64, t: &str| {
+        json!({
+            "user_id": u, "version": v, "stage": "load", "sync_type": t,
+            "error": "e", "detail": "d", "retry_count": 0, "failed_at_ms": 1,
+            "instance_id": "i", "topic": "t",
+        })
+        .to_string()
+    };
+    r.dlq_put(&[
+        ("x", Section::Dynamic, entry("x", versions[0], "dynamic")),
+        ("y", Section::Static, entry("y", versions[1], "static")),
+        (
+            "z",
+            Section::Dynamic,
+            entry("z", versions[2] + 1, "dynamic"),
+        ),
+    ])
+    .await
+    .unwrap();
+    let shard_of = |u: &str| datasync::shard::shard_of(u, r.shards());
+    let open = |u: &'static str, s: Section| {
+        let r = r.clone();
+        async move { r.dlq_entries(&[(u, s)]).await.unwrap()[0].is_some() }
+    };
+
+    // A clear at an older version removes nothing, closes nothing.
+    let n = r
+        .clear_flags(shard_of("x"), &[("x".into(), versions[0] - 1)], None)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    assert!(
+        open("x", Section::Dynamic).await,
+        "no flag removed, no entry closed"
+    );
+    // The clear at the published version closes it.
+    r.clear_flags(shard_of("x"), &[("x".into(), versions[0])], None)
+        .await
+        .unwrap();
+    assert!(!open("x", Section::Dynamic).await);
+    // A dynamic clear never closes a static dead letter.
+    r.clear_flags(shard_of("y"), &[("y".into(), versions[1])], None)
+        .await
+        .unwrap();
+    assert!(open("y", Section::Static).await);
+    // A dead letter newer than the cleared flag stays.
+    r.clear_flags(shard_of("z"), &[("z".into(), versions[2])], None)
+        .await
+        .unwrap();
+    assert!(open("z", Section::Dynamic).await);
+    cleanup(&ns).await;
+}
+
+/// After a failover that lost the last acquisition (replication is
+/// asynchronous), the epoch counter and the lease are back to their state
+/// before it. The next owner must still get an epoch never issued before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_epoch_lost_in_a_failover_is_never_issued_again() {
+    let ns = unique("epoch");
+    let r = redis(&ns).await;
+    let ttl = Duration::from_secs(30);
+    let e0 = r.lease_acquire(0, "a#1", ttl).await.unwrap().unwrap();
+    assert!(r.lease_release(0, &format!("a#1|{e0}")).await.unwrap());
+    let e1 = r.lease_acquire(0, "b#1", ttl).await.unwrap().unwrap();
+    assert!(e1 > e0);
+    // The failover: the replica had seen e0 but not the acquisition of e1.
+    let _: () = r
+        .client()
+        .set(r.keys().epoch(0), e0.to_string(), None, None, false)
+        .await
+        .unwrap();
+    let _: i64 = r.client().del(r.keys().lease(0)).await.unwrap();
+    let e2 = r.lease_acquire(0, "c#1", ttl).await.unwrap().unwrap();
+    assert!(e2 > e1, "epoch {e2} was already issued (last issued {e1})");
+    cleanup(&ns).await;
+}
