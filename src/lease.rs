@@ -432,6 +432,34 @@ mod tests {
         assert_eq!(parse_lease("garbage"), None);
     }
 
+    /// A page starts only while the lease has more than half its TTL left, so
+    /// a page (bounded well below that) ends before the lease can run out.
+    #[test]
+    fn a_page_starts_only_with_more_than_half_the_ttl_left() {
+        let config = Config::default_config();
+        let ttl = config.lease.ttl;
+        let o = Ownership::new(&config);
+        let hold = |left: Duration| {
+            o.held.insert(
+                3,
+                Lease {
+                    epoch: 9,
+                    value: "me#1|9".into(),
+                    expires: Instant::now() + left,
+                    draining: false,
+                },
+            );
+        };
+        hold(ttl.mul_f64(0.6));
+        let t = o.ticket(3).expect("60% of the TTL left: a page may start");
+        assert_eq!((t.epoch, t.fence.as_deref()), (9, Some("me#1|9")));
+        assert_eq!(o.scannable(), vec![3]);
+        hold(ttl.mul_f64(0.4));
+        assert!(o.ticket(3).is_none(), "40% left: no new page");
+        assert!(o.scannable().is_empty());
+        assert!(o.ticket(4).is_none(), "a shard not held");
+    }
+
     #[test]
     fn quotas_add_up_and_differ_by_one_at_most() {
         let o = Ownership::new(&Config::default_config());

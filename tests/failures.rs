@@ -88,16 +88,25 @@ async fn one_poison_profile_among_a_thousand_goes_to_the_dlq_and_redrives() {
     let ev = UserProfileSyncEvent::decode(m.original_event.as_slice()).unwrap();
     assert_eq!((ev.user_id.as_str(), ev.version), ("p500", e.version));
 
-    // Fixed upstream, then redriven: it syncs and the entry closes.
-    engine.write_and_mark(&[profile("p500", 2)]).await.unwrap();
+    // Fixed upstream (its flag is still the dead-lettered version), then
+    // redriven: the redrive's new version is the one that syncs.
+    r.write_profiles(&[("p500".into(), profile("p500", 2).profile.to_string())])
+        .await
+        .unwrap();
     let r2 = engine
         .dlq_redrive(RedriveTarget::Users(vec!["p500".into(), "nobody".into()]))
         .await
         .unwrap();
     assert_eq!(r2.redriven.len(), 1);
+    assert!(r2.redriven[0].1 > e.version, "{r2:?}");
     assert_eq!(r2.not_open, vec!["nobody".to_string()]);
-    wait_until("p500 synced", LONG, || async {
-        count_docs(&mongo, doc! {}).await == 1000
+    wait_until("p500 synced at the redriven version", LONG, || async {
+        mongo
+            .find_user("p500")
+            .await
+            .unwrap()
+            .and_then(|d| d.get_i64("dynamicVersion").ok())
+            == Some(r2.redriven[0].1)
     })
     .await;
     wait_until("no open dead letter", LONG, || async {
@@ -234,12 +243,38 @@ async fn shutdown_ends_within_its_limit_even_with_a_stuck_stage() {
 async fn alert_rules_name_only_metrics_that_exist() {
     let ns = unique("alerts");
     let engine = start(&ns).await;
+    let moving = [
+        ("datasync_flags_marked_total", &[][..]),
+        ("datasync_flags_scanned_total", &[]),
+        ("datasync_events_published_total", &["type=\"dynamic\""]),
+        ("datasync_events_applied_total", &["section=\"dynamic\""]),
+        ("datasync_profile_sync_success_total", &["type=\"dynamic\""]),
+        ("datasync_flags_cleared_total", &[]),
+        ("datasync_scan_cycles_total", &[]),
+        ("datasync_flag_to_applied_seconds_count", &["type=\"dynamic\""]),
+    ];
+    let render = || datasync::telemetry::prometheus().render();
+    let before: Vec<f64> = moving
+        .iter()
+        .map(|(n, l)| metric_sum(&render(), n, l))
+        .collect();
     engine.write_and_mark(&[profile("a1", 1)]).await.unwrap();
     let mongo = mongo(&ns).await;
     wait_until("one document", LONG, || async {
         count_docs(&mongo, doc! {}).await == 1
     })
     .await;
+    wait_until("the flag cleared", LONG, || async {
+        pending_flags(&redis(&ns).await).await == 0
+    })
+    .await;
+    // Pre-registered at zero, so a name check alone cannot fail: the values
+    // must have moved with this one change.
+    let text = render();
+    for ((name, labels), before) in moving.iter().zip(before) {
+        let now = metric_sum(&text, name, labels);
+        assert!(now > before, "{name}{labels:?} stayed at {before}");
+    }
     let rules =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/alerts.yml")).unwrap();
     let exported: std::collections::HashSet<String> = datasync::telemetry::prometheus()

@@ -120,6 +120,20 @@ async fn the_api_marks_users_validates_input_and_reports() {
     ] {
         assert!(text.contains(name), "/metrics lacks {name}:\n{text}");
     }
+    // Counters registered at zero must also have moved with the work above.
+    for (name, labels) in [
+        ("datasync_flags_marked_total", &[][..]),
+        ("datasync_flags_scanned_total", &[]),
+        ("datasync_events_published_total", &["type=\"dynamic\""]),
+        ("datasync_events_applied_total", &["section=\"dynamic\""]),
+        ("datasync_flags_cleared_total", &[]),
+        ("datasync_flag_to_applied_seconds_count", &["type=\"dynamic\""]),
+    ] {
+        assert!(
+            metric_sum(&text, name, labels) > 0.0,
+            "{name}{labels:?} did not move:\n{text}"
+        );
+    }
 
     finish(engine, &ns).await;
 }
@@ -129,6 +143,8 @@ async fn dead_letters_are_listed_and_redriven_with_the_admin_token() {
     let ns = unique("httpdlq");
     let mut config = test_config(&ns);
     config.http.admin_token = datasync::config::Secret::new("s3cret");
+    // Cycles run only when the test asks, so the redrive is what syncs ghost.
+    config.sync.interval = Duration::from_secs(3600);
     let engine = start_with(config).await;
     let app =
         test::init_service(App::new().configure(datasync::http::configure(engine.clone()))).await;
@@ -138,7 +154,10 @@ async fn dead_letters_are_listed_and_redriven_with_the_admin_token() {
     wait_until(
         "the dead letter of ghost",
         Duration::from_secs(60),
-        || async { engine.dlq_list(10).await.unwrap().open == 1 },
+        || async {
+            engine.scan_now().await.unwrap();
+            engine.dlq_list(10).await.unwrap().open == 1
+        },
     )
     .await;
 
@@ -188,13 +207,25 @@ async fn dead_letters_are_listed_and_redriven_with_the_admin_token() {
         let resp = test::call_service(&app, post(bad.clone())).await;
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{bad}");
     }
-    // The upstream writes the profile; the redrive re-flags the user.
-    engine.write_and_mark(&[profile("ghost", 1)]).await.unwrap();
+    // The upstream writes the profile (without flagging it again); the
+    // redrive re-flags the user with a new version, and that version syncs.
+    let dead_version = entry["version"].as_i64().unwrap();
+    r.write_profiles(&generation_profiles(&["ghost".into()], 1))
+        .await
+        .unwrap();
     let resp: Value = test::call_and_read_body_json(&app, post(json!({ "all": true }))).await;
-    assert!(resp["redriven"].as_u64().unwrap() <= 1, "{resp}");
+    assert_eq!(resp["redriven"].as_u64(), Some(1), "{resp}");
+    let flagged = r.flag_of("ghost").await.unwrap().unwrap();
+    assert!(flagged > dead_version, "the redrive re-flagged ghost");
     let mongo = mongo(&ns).await;
     wait_until("ghost synced", Duration::from_secs(60), || async {
-        count_docs(&mongo, doc! { "userId": "ghost" }).await == 1
+        engine.scan_now().await.unwrap();
+        mongo
+            .find_user("ghost")
+            .await
+            .unwrap()
+            .and_then(|d| d.get_i64("dynamicVersion").ok())
+            == Some(flagged)
     })
     .await;
     wait_until("the entry closed", Duration::from_secs(60), || async {

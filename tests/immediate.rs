@@ -5,7 +5,7 @@ mod common;
 
 use actix_web::{App, http::StatusCode, test};
 use common::*;
-use datasync::{EngineError, ProfileWrite, strategy::ImmediateSync};
+use datasync::{EngineError, ProfileWrite, faults::HoldPoint, strategy::ImmediateSync};
 use futures::TryStreamExt;
 use mongodb::bson::doc;
 use rdkafka::mocking::MockCluster;
@@ -66,6 +66,39 @@ async fn an_immediate_change_lands_before_a_200k_dynamic_backlog_finishes() {
     // No need to drain the backlog: stop at once and drop the data.
     engine.shutdown(Duration::from_secs(2)).await;
     cleanup(&ns).await;
+}
+
+/// The priority itself: while a static window is being written, the dynamic
+/// consumer loop holds its next window back (the gate), instead of writing
+/// beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dynamic_loop_waits_while_a_static_window_is_in_flight() {
+    let ns = unique("gate");
+    let engine = start(&ns).await;
+    let hold = engine.faults().hold(HoldPoint::StaticWindow).await;
+    let receipt = engine
+        .sync_immediate("ban", json!({ "banned": true }))
+        .await
+        .unwrap();
+    wait_until("the static window in flight", LONG, || async {
+        engine.faults().reached(HoldPoint::StaticWindow) >= 1
+    })
+    .await;
+    let before = engine.stats().priority_waits;
+    let users: Vec<_> = (0..200).map(|i| profile(&format!("g{i}"), 1)).collect();
+    engine.write_and_mark(&users).await.unwrap();
+    wait_until("the dynamic loop held at the gate", LONG, || async {
+        engine.stats().priority_waits > before
+    })
+    .await;
+    drop(hold);
+    let mongo = mongo(&ns).await;
+    wait_until("both paths applied once the gate opens", LONG, || async {
+        static_version(&mongo, "ban").await == receipt.version
+            && count_docs(&mongo, doc! { "dynamicVersion": { "$exists": true } }).await == 200
+    })
+    .await;
+    finish(engine, &ns).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -154,6 +154,8 @@ fn balanced(o: &[Option<(String, i64)>], names: &[String]) -> bool {
 struct EpochLedger {
     owner_of: HashMap<(usize, i64), String>,
     last: HashMap<usize, i64>,
+    /// Shards seen passing from one owner to another.
+    handovers: usize,
 }
 
 impl EpochLedger {
@@ -172,6 +174,9 @@ impl EpochLedger {
                 *epoch >= *last,
                 "shard {shard}: epoch went from {last} to {epoch}"
             );
+            if *epoch > *last {
+                self.handovers += 1;
+            }
             *last = *epoch;
         }
     }
@@ -222,6 +227,11 @@ async fn processes_share_shards_take_over_a_killed_one_and_rebalance_on_join() {
         count_docs(&mongo, doc! {}).await >= 2000
     })
     .await;
+    let held_by_p1 = counts(&owners(&r).await)
+        .get(&name(1))
+        .copied()
+        .unwrap_or(0);
+    let handovers_before = ledger.handovers;
     let mut p1 = procs.remove(&1).unwrap();
     p1.kill().unwrap();
     p1.wait().unwrap();
@@ -238,6 +248,20 @@ async fn processes_share_shards_take_over_a_killed_one_and_rebalance_on_join() {
         assert!(killed_at.elapsed() < LONG, "no takeover: {:?}", counts(&o));
     }
     let takeover = killed_at.elapsed();
+    // Every shard of the killed process was seen changing hands, each new epoch
+    // with one owner (the ledger asserts that on every poll).
+    assert!(
+        ledger.handovers - handovers_before >= held_by_p1,
+        "saw {} handovers of the {held_by_p1} shards the killed process held",
+        ledger.handovers - handovers_before
+    );
+    // README's promise: the survivors hold every shard within the TTL plus one
+    // renewal round (3 s + 1 s here), plus 1.5 s for polling and scheduling on
+    // a loaded 2-core machine.
+    assert!(
+        takeover < Duration::from_millis(3000 + 1000 + 1500),
+        "takeover took {takeover:?}, over TTL + one round"
+    );
     wait_until("all 30,000 users at their version", LONG, || async {
         let mut cursor = mongo.collection().find(doc! {}).await.unwrap();
         let mut ok = 0;

@@ -362,8 +362,11 @@ async fn redis_restarted_mid_run_the_engine_reconnects_and_finishes() {
 }
 
 /// Produce requests fail with transient broker errors (injected into the mock
-/// cluster); the idempotent producer's retries and ours absorb them: every
-/// user syncs and nothing reaches the dead-letter queue.
+/// cluster). With a 1 s message timeout, librdkafka's own retries run out on
+/// some deliveries, so datasync's retry policy must re-send them: the counter
+/// of our re-sends proves the errors were hit and that our retry, not only
+/// librdkafka's, handled them; every user syncs, and any user whose retries all
+/// ran out is synced by a later cycle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_produce_errors_are_retried_without_loss() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
@@ -375,7 +378,7 @@ async fn injected_produce_errors_are_retried_without_loss() {
     let config = with(
         &ns,
         &format!(
-            "{FAST_RETRIES}\n[kafka]\nbrokers = \"{}\"\ncreate_topics = false\nmessage_timeout = \"5s\"\n",
+            "{FAST_RETRIES}\n[kafka]\nbrokers = \"{}\"\ncreate_topics = false\nmessage_timeout = \"1s\"\n",
             cluster.bootstrap_servers()
         ),
     );
@@ -390,7 +393,16 @@ async fn injected_produce_errors_are_retried_without_loss() {
     })
     .await;
     let s = engine.stats();
-    assert_eq!(s.dlq_records, 0, "{s:?}");
-    assert_eq!(s.events_applied, 2000, "{s:?}");
+    eprintln!(
+        "injected produce errors: {} events re-sent by datasync's retry, {} dead letters",
+        s.publish_retries, s.dlq_records
+    );
+    assert!(s.publish_retries > 0, "our retry never ran: {s:?}");
+    // A delivery whose retries all ran out is dead-lettered with its flag kept;
+    // it syncs at a later cycle, which closes its entry.
+    wait_until("every dead letter closed by a later sync", LONG, || async {
+        engine.dlq_list(1).await.unwrap().open == 0
+    })
+    .await;
     finish(engine, &ns).await;
 }

@@ -108,6 +108,10 @@ async fn sigkill_during_each_stage_then_restart_loses_nothing_and_regresses_noth
     child.wait().unwrap();
     let pending_at_kill = pending_flags(&r).await;
     eprintln!("killed while publishing: {pending_at_kill} of 6000 flags pending");
+    assert!(
+        pending_at_kill > 0 && pending_at_kill < 6000,
+        "the kill must land mid-publish: {pending_at_kill} of 6000 flags pending"
+    );
     let again: Vec<String> = users.iter().step_by(3).cloned().collect();
     write_generation(&r, &again, 2, &mut latest).await;
 
@@ -121,6 +125,10 @@ async fn sigkill_during_each_stage_then_restart_loses_nothing_and_regresses_noth
     child.wait().unwrap();
     let at_kill = count_docs(&mongo, doc! {}).await;
     eprintln!("killed while applying: {at_kill} of 6000 documents written");
+    assert!(
+        (300..6000).contains(&at_kill),
+        "the kill must land mid-apply: {at_kill} of 6000 documents written"
+    );
     let third: Vec<String> = users.iter().skip(1).step_by(3).cloned().collect();
     write_generation(&r, &third, 3, &mut latest).await;
 

@@ -262,3 +262,17 @@ pub fn spawn_service(
     }
     cmd.spawn().unwrap()
 }
+
+/// The sum of every sample of metric `name` in a Prometheus text rendering
+/// whose labels contain each of `labels` (e.g. `type="dynamic"`).
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
