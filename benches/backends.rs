@@ -6,7 +6,8 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use datasync::{
     Config,
     cache::AppliedCache,
-    clients::{mongo::MongoStore, redis::RedisStore, redis::Section},
+    clients::{mongo::MongoStore, redis::RedisStore},
+    model::Section,
 };
 use std::time::Duration;
 
@@ -82,14 +83,18 @@ fn backends(c: &mut Criterion) {
 
     rt.block_on(async {
         let _ = mongo.collection().drop().await;
+        use fred::prelude::*;
+        let raw = Builder::from_config(Config::from_url(config.redis.url.expose()).unwrap())
+            .build()
+            .unwrap();
+        raw.init().await.unwrap();
         for s in 0..config.sync.shards {
             let keys = vec![
                 redis.keys().dirty(s),
                 redis.keys().clock(s),
                 redis.keys().applied(s),
             ];
-            let _: Result<i64, _> =
-                fred::interfaces::KeysInterface::del(redis.client(), keys).await;
+            let _: Result<i64, _> = raw.del(keys).await;
         }
     });
 }

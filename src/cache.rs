@@ -8,8 +8,9 @@
 use crate::{
     clients::{
         mongo::{MongoError, MongoStore},
-        redis::{RedisError, RedisStore, Section},
+        redis::{RedisError, RedisStore},
     },
+    model::Section,
     shard::shard_of,
 };
 use moka::future::Cache;

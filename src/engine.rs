@@ -5,31 +5,31 @@
 //! The actors run in an actix `System` on a dedicated thread, so a host
 //! application can embed the engine from any tokio runtime.
 
+use crate::tasks::{Supervision, supervise};
 use crate::{
     actors::{
         Shared,
-        applier::{ConsumerLoop, MongoApplier, PriorityGate, Role},
+        applier::{ConsumerLoop, MongoApplier, PriorityGate},
         dlq::{self, DlqActor, DlqListing, RedriveTarget, Redriven},
         loader::ProfileLoader,
         publisher::{Flush, KafkaPublisher},
         resolver::VersionResolver,
-        scanner::{CycleReport, Pipeline, ScanNow, ShardScanner},
+        scanner::{CycleReport, Pipeline, ScanNow, ShardScanner, run_loop},
+        static_path::StaticPath,
     },
     cache::{AppliedCache, CacheStats},
-    clients::{
-        kafka,
-        mongo::{MongoError, MongoStore},
-        redis::{RedisError, RedisStore},
-    },
+    clients::{kafka, mongo::MongoStore, redis::RedisStore},
     config::Config,
     faults::Faults,
     health::Health,
     lease::{LeaseKeeper, Ownership, ShardInfo, ShardsReport, parse_lease},
+    model::{Section, validate_user_ids},
     profiles::{ComposedProfile, ProfileCacheStats, ProfileReader},
-    strategy::{ImmediateSync, Receipt, SyncStrategy},
+    strategy::{ImmediateSync, Receipt, SyncContext, SyncStrategy},
     telemetry::{Stats, StatsSnapshot},
 };
 use actix::{Arbiter, Supervisor};
+use std::convert::Infallible;
 use std::{
     sync::{Arc, Mutex},
     thread::JoinHandle,
@@ -38,45 +38,10 @@ use std::{
 use tokio::sync::{OwnedRwLockWriteGuard, RwLock, oneshot};
 use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    #[error("cannot connect to redis: {0}")]
-    Redis(#[from] RedisError),
-    #[error("cannot connect to mongodb: {0}")]
-    Mongo(#[from] MongoError),
-    #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
-    #[error("cannot start the actor thread: {0}")]
-    Thread(#[from] std::io::Error),
-    #[error("the actor system stopped while starting")]
-    Aborted,
-    #[error("invalid input: {0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Stage(#[from] crate::actors::StageError),
-    #[error(transparent)]
-    ProfileRead(#[from] crate::profiles::ProfileReadError),
-    /// An immediate change was accepted (and is kept) but Kafka did not take it.
-    #[error(
-        "{reason}; the change (version {version}) is kept and will be published when Kafka answers"
-    )]
-    NotPublished { version: i64, reason: String },
-}
-
-/// A user to write and flag.
-#[derive(Debug, Clone)]
-pub struct ProfileWrite {
-    pub user_id: String,
-    /// A JSON object.
-    pub profile: serde_json::Value,
-}
-
-/// The version allocated for a flagged user.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Marked {
-    pub user_id: String,
-    pub version: i64,
-}
+pub use crate::{
+    error::EngineError,
+    model::{Marked, ProfileWrite},
+};
 
 /// See [`Engine::readiness`].
 #[derive(Debug, Clone, serde::Serialize)]
@@ -94,6 +59,7 @@ pub struct Engine {
 
 struct Inner {
     config: Config,
+    intake: Arc<SyncContext>,
     instance_id: String,
     redis: RedisStore,
     mongo: MongoStore,
@@ -119,6 +85,7 @@ struct Inner {
 pub struct PublishHold(#[allow(dead_code)] OwnedRwLockWriteGuard<()>);
 
 struct Started {
+    intake: Arc<SyncContext>,
     profiles: Arc<ProfileReader>,
     redis: RedisStore,
     mongo: MongoStore,
@@ -183,6 +150,7 @@ impl Engine {
         Ok(Engine {
             inner: Arc::new(Inner {
                 config,
+                intake: started.intake,
                 instance_id,
                 redis: started.redis,
                 mongo: started.mongo,
@@ -258,36 +226,14 @@ impl Engine {
 
     /// Flags users whose profiles are already in Redis.
     pub async fn mark_dirty(&self, user_ids: &[String]) -> Result<Vec<Marked>, EngineError> {
-        validate_user_ids(user_ids.iter().map(String::as_str))?;
-        self.mark_valid(user_ids).await
-    }
-
-    /// Flags users whose ids were already validated.
-    async fn mark_valid(&self, user_ids: &[String]) -> Result<Vec<Marked>, EngineError> {
-        let marked = self.inner.redis.mark(user_ids).await?;
-        // The mark script dropped the shared L2 entries; drop ours too.
-        for u in user_ids {
-            self.inner.profiles.invalidate_local(u).await;
-        }
-        self.inner.stats.flags_marked(marked.len() as u64);
-        Ok(marked
-            .into_iter()
-            .map(|(user_id, version)| Marked { user_id, version })
-            .collect())
+        self.inner.intake.mark(user_ids).await
     }
 
     /// Writes each profile to Redis, then flags it. Nothing is written unless
     /// every entry is valid; if flagging fails the call fails, so the caller
     /// retries (the profiles written are simply written again).
     pub async fn write_and_mark(&self, users: &[ProfileWrite]) -> Result<Vec<Marked>, EngineError> {
-        validate_writes(users)?;
-        let writes: Vec<(String, String)> = users
-            .iter()
-            .map(|u| (u.user_id.clone(), u.profile.to_string()))
-            .collect();
-        self.inner.redis.write_profiles(&writes).await?;
-        let ids: Vec<String> = users.iter().map(|u| u.user_id.clone()).collect();
-        self.mark_valid(&ids).await
+        self.inner.intake.write_and_mark(users).await
     }
 
     /// Syncs changes with the given strategy (see [`crate::strategy`]).
@@ -296,7 +242,7 @@ impl Engine {
         strategy: &dyn SyncStrategy,
         users: &[ProfileWrite],
     ) -> Result<Vec<Receipt>, EngineError> {
-        strategy.submit(self, users).await
+        strategy.submit(&self.inner.intake, users).await
     }
 
     /// Syncs a critical static change at once: answers after the broker's ack
@@ -319,7 +265,7 @@ impl Engine {
         &self,
         user_id: &str,
     ) -> Result<Option<Arc<ComposedProfile>>, EngineError> {
-        validate_user_ids(std::iter::once(user_id))?;
+        validate_user_ids(std::iter::once(user_id)).map_err(EngineError::Invalid)?;
         Ok(self.inner.profiles.get(user_id).await?)
     }
 
@@ -327,25 +273,14 @@ impl Engine {
         self.inner.profiles.stats()
     }
 
-    /// What the sync strategies need of the engine.
-    pub(crate) fn parts(&self) -> Parts<'_> {
-        Parts {
-            redis: &self.inner.redis,
-            publisher: &self.inner.publisher,
-            dlq: &self.inner.pipeline.dlq,
-            static_topic: &self.inner.config.kafka.static_topic,
-            profiles: &self.inner.profiles,
-            stats: &self.inner.stats,
-        }
-    }
-
     /// Runs one scan cycle now and reports what it did.
     pub async fn scan_now(&self) -> Result<CycleReport, EngineError> {
-        self.inner
+        Ok(self
+            .inner
             .scanner
             .send(ScanNow)
             .await
-            .map_err(|_| EngineError::Aborted)
+            .map_err(|_| EngineError::Aborted)??)
     }
 
     /// Pauses publishing until the returned guard is dropped: pages that reach
@@ -364,6 +299,7 @@ impl Engine {
         if let Err(e) = self.inner.redis.ping().await {
             unavailable.push(format!("redis: {e}"));
         }
+        unavailable.extend(self.inner.health.tasks_down());
         if self.inner.cancel.is_cancelled() {
             unavailable.push("shutting down".into());
         }
@@ -400,7 +336,7 @@ impl Engine {
     /// Re-flags the users of open dead letters and closes their entries.
     pub async fn dlq_redrive(&self, target: RedriveTarget) -> Result<Redriven, EngineError> {
         if let RedriveTarget::Users(ids) = &target {
-            validate_user_ids(ids.iter().map(String::as_str))?;
+            validate_user_ids(ids.iter().map(String::as_str)).map_err(EngineError::Invalid)?;
         }
         let r = dlq::redrive(&self.inner.redis, target).await?;
         self.inner.stats.flags_marked(r.redriven.len() as u64);
@@ -443,14 +379,19 @@ impl Engine {
     /// after `timeout`; whatever was not finished is redone on the next start.
     pub async fn shutdown(&self, timeout: Duration) {
         let inner = &self.inner;
+        let started = tokio::time::Instant::now();
         inner.cancel.cancel();
         inner.faults.release_all();
         let graceful = async {
             // Waits for the cycle in progress, if any.
             drop(inner.pipeline.cycle_lock.lock().await);
-            let _ = inner.publisher.send(Flush(timeout)).await;
+            // The budget is shared out so that each step gets its turn: the
+            // producer's flush may take at most half, and the appliers' last
+            // windows and commits have until a tenth of it is left.
+            let _ = inner.publisher.send(Flush(timeout / 2)).await;
             let done = std::mem::take(&mut *inner.applier_done.lock().expect("not poisoned"));
-            futures::future::join_all(done).await;
+            let appliers_by = started + timeout.mul_f64(0.9);
+            let _ = tokio::time::timeout_at(appliers_by, futures::future::join_all(done)).await;
             // Hand the leases back so other instances take over at once.
             let leases = inner.leases_done.lock().expect("not poisoned").take();
             if let Some(leases) = leases {
@@ -467,55 +408,6 @@ impl Engine {
         }
         tracing::info!("engine stopped");
     }
-}
-
-/// Checks ids and that every profile is a JSON object, naming the first problem.
-pub(crate) fn validate_writes(users: &[ProfileWrite]) -> Result<(), EngineError> {
-    validate_user_ids(users.iter().map(|u| u.user_id.as_str()))?;
-    for (i, u) in users.iter().enumerate() {
-        if !u.profile.is_object() {
-            return Err(EngineError::Invalid(format!(
-                "users[{i}].profile: must be a JSON object"
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// Borrowed pieces of a running engine, for [`crate::strategy`].
-pub(crate) struct Parts<'a> {
-    pub redis: &'a RedisStore,
-    pub publisher: &'a actix::Addr<KafkaPublisher>,
-    pub dlq: &'a actix::Addr<DlqActor>,
-    pub static_topic: &'a String,
-    pub profiles: &'a ProfileReader,
-    pub stats: &'a Stats,
-}
-
-fn validate_user_ids<'a>(ids: impl Iterator<Item = &'a str>) -> Result<(), EngineError> {
-    let mut n = 0;
-    for (i, id) in ids.enumerate() {
-        n += 1;
-        if id.is_empty() {
-            return Err(EngineError::Invalid(format!(
-                "user_ids[{i}]: must not be empty"
-            )));
-        }
-        if id.len() > 256 {
-            return Err(EngineError::Invalid(format!(
-                "user_ids[{i}]: longer than 256 bytes"
-            )));
-        }
-        if id.chars().any(char::is_control) {
-            return Err(EngineError::Invalid(format!(
-                "user_ids[{i}]: contains control characters"
-            )));
-        }
-    }
-    if n == 0 {
-        return Err(EngineError::Invalid("user_ids: must not be empty".into()));
-    }
-    Ok(())
 }
 
 async fn start_actors(
@@ -542,23 +434,14 @@ async fn start_actors(
         mongo.clone(),
     ));
 
+    let supervision = Supervision {
+        health: shared.health.clone(),
+        stats: shared.stats.clone(),
+        cancel: shared.cancel.clone(),
+    };
     let ownership = Arc::new(Ownership::new(&config));
     let members = Arc::new(Mutex::new(Vec::new()));
-    let keeper = LeaseKeeper {
-        redis: redis.clone(),
-        ownership: ownership.clone(),
-        instance_id: shared.instance_id.clone(),
-        token: LeaseKeeper::token_for(&shared.instance_id),
-        ttl: config.lease.ttl,
-        cancel: shared.cancel.clone(),
-        faults: shared.faults.clone(),
-        members: members.clone(),
-    };
-    let (leases_tx, leases_done) = oneshot::channel();
-    actix::spawn(async move {
-        keeper.run().await;
-        let _ = leases_tx.send(());
-    });
+    let leases_done = start_lease_keeper(&config, &shared, &ownership, &members, &supervision)?;
 
     let loader = {
         let (redis, shared) = (redis.clone(), shared.clone());
@@ -582,6 +465,18 @@ async fn start_actors(
         })
     };
     let dlq = {
+        let (redis, producer, topic, shared) = (
+            redis.clone(),
+            producer.clone(),
+            config.kafka.dlq_topic.clone(),
+            shared.clone(),
+        );
+        Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
+            ctx.set_mailbox_capacity(mb.dlq);
+            DlqActor::new(redis, producer, topic, shared)
+        })
+    };
+    {
         let (redis, producer, topic, every, shared) = (
             redis.clone(),
             producer.clone(),
@@ -589,13 +484,31 @@ async fn start_actors(
             config.dlq.forward_interval,
             shared.clone(),
         );
-        Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
-            ctx.set_mailbox_capacity(mb.dlq);
-            DlqActor::new(redis, producer, topic, every, shared)
-        })
+        actix::spawn(supervise("dlq forwarder", supervision.clone(), move || {
+            Ok::<_, Infallible>(dlq::run_forwarder(
+                redis.clone(),
+                producer.clone(),
+                topic.clone(),
+                shared.clone(),
+                every,
+            ))
+        }));
+    }
+    let static_path = StaticPath {
+        redis: redis.clone(),
+        publisher: publisher.clone(),
+        dlq: dlq.clone(),
+        topic: config.kafka.static_topic.clone(),
     };
+    let intake = Arc::new(SyncContext {
+        redis: redis.clone(),
+        profiles: profiles.clone(),
+        stats: shared.stats.clone(),
+        static_path: static_path.clone(),
+    });
     let pipeline = Arc::new(Pipeline {
         redis: redis.clone(),
+        static_path,
         loader,
         resolver,
         publisher: publisher.clone(),
@@ -616,6 +529,12 @@ async fn start_actors(
             ShardScanner::new(pipeline)
         })
     };
+    {
+        let pipeline = pipeline.clone();
+        actix::spawn(supervise("scan loop", supervision.clone(), move || {
+            Ok::<_, Infallible>(run_loop(pipeline.clone()))
+        }));
+    }
 
     // Two consumer loops, each with its own MongoApplier: static changes (their
     // own consumer group, small windows) go first; the dynamic loop waits while
@@ -625,15 +544,13 @@ async fn start_actors(
         let gate = Arc::new(PriorityGate::default());
         let static_group = format!("{}-static", config.kafka.consumer_group);
         for (role, topic, group) in [
-            (Role::Static, &config.kafka.static_topic, &static_group),
+            (Section::Static, &config.kafka.static_topic, &static_group),
             (
-                Role::Dynamic,
+                Section::Dynamic,
                 &config.kafka.dynamic_topic,
                 &config.kafka.consumer_group,
             ),
         ] {
-            let consumer = kafka::consumer(&config.kafka, group, &shared.instance_id)?;
-            rdkafka::consumer::Consumer::subscribe(&consumer, &[topic.as_str()])?;
             let applier = {
                 let (mongo, shared) = (mongo.clone(), shared.clone());
                 Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
@@ -642,25 +559,50 @@ async fn start_actors(
                 })
             };
             let mut window = config.applier.clone();
-            if role == Role::Static {
+            if role == Section::Static {
                 window.window_max_events = window.window_max_events.min(500);
                 window.window_max_wait = config.applier.static_window_wait;
             }
             let (done_tx, done_rx) = oneshot::channel();
-            let consumer_loop = ConsumerLoop {
-                consumer,
-                applier,
-                dlq: dlq.clone(),
-                cache: cache.clone(),
-                profiles: profiles.clone(),
-                redis: redis.clone(),
-                config: window,
-                shared: shared.clone(),
-                role,
-                gate: gate.clone(),
+            // A fresh consumer at every (re)start: it resumes from the group's
+            // committed offsets, so a window in flight when the loop died is
+            // read again, never skipped.
+            let make = {
+                let (kafka, group, topic) = (config.kafka.clone(), group.clone(), topic.clone());
+                let (dlq, cache, profiles, redis, shared, gate) = (
+                    dlq.clone(),
+                    cache.clone(),
+                    profiles.clone(),
+                    redis.clone(),
+                    shared.clone(),
+                    gate.clone(),
+                );
+                move || -> Result<_, rdkafka::error::KafkaError> {
+                    let consumer = kafka::consumer(&kafka, &group, &shared.instance_id)?;
+                    rdkafka::consumer::Consumer::subscribe(&consumer, &[topic.as_str()])?;
+                    Ok(ConsumerLoop {
+                        consumer,
+                        applier: applier.clone(),
+                        dlq: dlq.clone(),
+                        cache: cache.clone(),
+                        profiles: profiles.clone(),
+                        redis: redis.clone(),
+                        config: window.clone(),
+                        shared: shared.clone(),
+                        role,
+                        gate: gate.clone(),
+                        last_commit: Default::default(),
+                    }
+                    .run())
+                }
             };
+            let name = match role {
+                Section::Static => "static consumer loop",
+                Section::Dynamic => "dynamic consumer loop",
+            };
+            let supervision = supervision.clone();
             actix::spawn(async move {
-                consumer_loop.run().await;
+                supervise(name, supervision, make).await;
                 let _ = done_tx.send(());
             });
             applier_done.push(done_rx);
@@ -668,6 +610,7 @@ async fn start_actors(
     }
 
     Ok(Started {
+        intake,
         profiles,
         redis,
         mongo,
@@ -681,4 +624,53 @@ async fn start_actors(
         applier_done,
         system: actix::System::current(),
     })
+}
+
+/// Starts the lease keeper on a thread of its own, with its own runtime and
+/// Redis connections, so that nothing else the engine runs (a slow commit, a
+/// busy actor thread) can delay a renewal past half the TTL. Supervised like
+/// the other tasks; its token stays the same across restarts, so the leases it
+/// holds stay its own. The receiver fires once it has released its leases.
+fn start_lease_keeper(
+    config: &Config,
+    shared: &Shared,
+    ownership: &Arc<Ownership>,
+    members: &Arc<Mutex<Vec<String>>>,
+    supervision: &Supervision,
+) -> Result<oneshot::Receiver<()>, EngineError> {
+    let (tx, rx) = oneshot::channel();
+    let (redis_config, shards) = (config.redis.clone(), config.sync.shards);
+    let keeper = LeaseKeeper {
+        redis: None,
+        ownership: ownership.clone(),
+        instance_id: shared.instance_id.clone(),
+        token: LeaseKeeper::token_for(&shared.instance_id),
+        ttl: config.lease.ttl,
+        cancel: shared.cancel.clone(),
+        faults: shared.faults.clone(),
+        members: members.clone(),
+    };
+    let supervision = supervision.clone();
+    std::thread::Builder::new()
+        .name("datasync-leases".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a current-thread runtime builds");
+            rt.block_on(supervise("lease keeper", supervision, || {
+                let (mut keeper, redis_config) = (keeper.clone(), redis_config.clone());
+                Ok::<_, Infallible>(async move {
+                    match RedisStore::connect(&redis_config, shards).await {
+                        Ok(r) => {
+                            keeper.redis = Some(r);
+                            keeper.run().await;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "lease keeper cannot reach redis"),
+                    }
+                })
+            }));
+            let _ = tx.send(());
+        })?;
+    Ok(rx)
 }

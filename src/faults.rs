@@ -18,6 +18,11 @@ pub enum Stage {
     Resolver,
     Publisher,
     Applier,
+    /// The scan loop and on-demand cycles, with a page loaded and not yet
+    /// published.
+    Scanner,
+    /// A consumer loop, before it submits a window.
+    ConsumerLoop,
 }
 
 /// Points where a task can be held (see [`Faults::hold`]).
@@ -36,7 +41,7 @@ const HOLD_POINTS: usize = 3;
 
 #[derive(Debug, Default)]
 pub struct Faults {
-    panics: [AtomicU32; 4],
+    panics: [AtomicU32; 6],
     leases_paused: AtomicBool,
     holds: [Arc<RwLock<()>>; HOLD_POINTS],
     reached: [AtomicU64; HOLD_POINTS],

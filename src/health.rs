@@ -1,9 +1,12 @@
-//! Which backends are reachable, as seen by the stages that call them.
+//! Which backends are reachable, as seen by the stages that call them, and
+//! which of the engine's long-running tasks are not running.
 //!
 //! A stage that gives up on Kafka or MongoDB marks it down; the ShardScanner then
 //! stops pulling new work (probing the backend before each page instead), and
 //! readiness reports `degraded` with the reason. The first success marks the
-//! backend up again, and the outage's length is logged and measured.
+//! backend up again, and the outage's length is logged and measured. A task
+//! that ended unexpectedly makes readiness `unavailable`, naming it, until it
+//! runs again (see [`crate::tasks`]).
 
 use dashmap::DashMap;
 use metrics::{gauge, histogram};
@@ -45,10 +48,14 @@ pub struct Outage {
     pub seconds: f64,
 }
 
+/// Outages kept for `/v1/stats` (the oldest are dropped first).
+const OUTAGES_KEPT: usize = 100;
+
 #[derive(Debug, Default)]
 pub struct Health {
     down: DashMap<Backend, Down>,
-    recovered: std::sync::Mutex<Vec<Outage>>,
+    recovered: std::sync::Mutex<std::collections::VecDeque<Outage>>,
+    tasks_down: DashMap<&'static str, String>,
 }
 
 impl Health {
@@ -79,7 +86,11 @@ impl Health {
         tracing::info!(backend = b.name(), outage = ?took, "backend recovered");
         gauge!(BACKEND_UP, "backend" => b.name()).set(1.0);
         histogram!(OUTAGE_SECONDS, "backend" => b.name()).record(took.as_secs_f64());
-        self.recovered.lock().expect("not poisoned").push(Outage {
+        let mut recovered = self.recovered.lock().expect("not poisoned");
+        if recovered.len() == OUTAGES_KEPT {
+            recovered.pop_front();
+        }
+        recovered.push_back(Outage {
             backend: b,
             seconds: took.as_secs_f64(),
         });
@@ -111,9 +122,35 @@ impl Health {
         v.into_iter().map(|(_, s)| s).collect()
     }
 
-    /// Outages that are over, oldest first.
+    /// Outages that are over, oldest first (the last 100).
     pub fn outages(&self) -> Vec<Outage> {
-        self.recovered.lock().expect("not poisoned").clone()
+        self.recovered
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// A long-running task is not running (it ended, and is being restarted).
+    pub fn task_down(&self, name: &'static str, reason: impl std::fmt::Display) {
+        self.tasks_down.insert(name, reason.to_string());
+    }
+
+    /// The task runs again.
+    pub fn task_up(&self, name: &'static str) {
+        self.tasks_down.remove(name);
+    }
+
+    /// Tasks not running, with the reason, sorted by name.
+    pub fn tasks_down(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .tasks_down
+            .iter()
+            .map(|e| format!("task {} is not running: {}", e.key(), e.value()))
+            .collect();
+        v.sort();
+        v
     }
 }
 
@@ -137,5 +174,22 @@ mod tests {
         assert!(h.set_up(Backend::Kafka).is_some());
         assert!(!h.is_down(Backend::Kafka));
         assert_eq!(h.outages().len(), 1);
+        for _ in 0..150 {
+            h.set_down(Backend::Mongo, "again");
+            h.set_up(Backend::Mongo);
+        }
+        assert_eq!(h.outages().len(), 100, "the outage list is bounded");
+    }
+
+    #[test]
+    fn tasks_down_are_named_until_up() {
+        let h = Health::new();
+        h.task_down("lease keeper", "panicked: boom");
+        assert_eq!(
+            h.tasks_down(),
+            vec!["task lease keeper is not running: panicked: boom".to_string()]
+        );
+        h.task_up("lease keeper");
+        assert!(h.tasks_down().is_empty());
     }
 }

@@ -194,8 +194,10 @@ impl Ownership {
 }
 
 /// Keeps this instance's leases: heartbeat, renew, release, acquire.
+#[derive(Clone)]
 pub struct LeaseKeeper {
-    pub redis: RedisStore,
+    /// Its own connections (set once connected).
+    pub redis: Option<RedisStore>,
     pub ownership: Arc<Ownership>,
     pub instance_id: String,
     pub token: String,
@@ -214,9 +216,15 @@ impl LeaseKeeper {
         )
     }
 
+    fn redis(&self) -> &RedisStore {
+        self.redis.as_ref().expect("the keeper runs once connected")
+    }
+
     /// Runs until the engine stops, then releases every lease and leaves.
     pub async fn run(self) {
         if !self.ownership.uses_leases() {
+            // Nothing to keep; stay up until the engine stops.
+            self.cancel.cancelled().await;
             return;
         }
         let every = self.ttl / 3;
@@ -235,14 +243,22 @@ impl LeaseKeeper {
     }
 
     async fn tick(&self) -> Result<(), crate::clients::redis::RedisError> {
-        let members = self.redis.heartbeat(&self.instance_id, self.ttl).await?;
+        let members = self.redis().heartbeat(&self.instance_id, self.ttl).await?;
         gauge!(names::MEMBERS).set(members.len() as f64);
+        self.members
+            .lock()
+            .expect("not poisoned")
+            .clone_from(&members);
         let quota = self.ownership.quota(&self.instance_id, &members);
         // Renew what is held; whatever cannot be renewed is lost.
         let held = self.ownership.leases();
         for (shard, lease) in held {
             let started = Instant::now();
-            match self.redis.lease_renew(shard, &lease.value, self.ttl).await {
+            match self
+                .redis()
+                .lease_renew(shard, &lease.value, self.ttl)
+                .await
+            {
                 Ok(true) => {
                     if let Some(mut l) = self.ownership.held.get_mut(&shard) {
                         l.expires = started + self.ttl;
@@ -302,7 +318,7 @@ impl LeaseKeeper {
                 self.ownership.held.insert(shard, lease);
                 continue;
             }
-            if let Ok(true) = self.redis.lease_release(shard, &lease.value).await {
+            if let Ok(true) = self.redis().lease_release(shard, &lease.value).await {
                 counter!(names::LEASE_CHANGES, "event" => "released").increment(1);
                 tracing::info!(shard, epoch = lease.epoch, "lease released for rebalancing");
             }
@@ -314,7 +330,7 @@ impl LeaseKeeper {
             _ => wanted.len(),
         };
         if missing > 0 {
-            let leases = self.redis.leases().await?;
+            let leases = self.redis().leases().await?;
             let free: Vec<u32> = match self.ownership.mode {
                 ShardMode::Lease => {
                     // Start at an offset of our own so instances do not all race
@@ -335,7 +351,7 @@ impl LeaseKeeper {
                 }
                 let started = Instant::now();
                 if let Some(epoch) = self
-                    .redis
+                    .redis()
                     .lease_acquire(shard, &self.token, self.ttl)
                     .await?
                 {
@@ -371,9 +387,9 @@ impl LeaseKeeper {
         let held = self.ownership.leases();
         self.ownership.held.clear();
         for (shard, lease) in held {
-            let _ = self.redis.lease_release(shard, &lease.value).await;
+            let _ = self.redis().lease_release(shard, &lease.value).await;
         }
-        let _ = self.redis.leave(&self.instance_id).await;
+        let _ = self.redis().leave(&self.instance_id).await;
         gauge!(names::SHARDS_OWNED).set(0.0);
         tracing::info!("leases released");
     }

@@ -5,39 +5,58 @@
 //!
 //! Read the modules in the order data flows through them:
 //!
-//! 1. [`engine::Engine::mark_dirty`] / `POST /v1/sync/dirty` ([`http`]): the
-//!    upstream writes a profile to Redis and flags the user. A Lua script
-//!    ([`clients::redis`]) allocates a **version** from the user's shard clock
-//!    ([`shard`]) and stores it as the flag's score.
-//! 2. [`actors::scanner::ShardScanner`] walks each owned shard's flags, oldest
-//!    first, in pages (and drains the seed's legacy `SADD` set into them).
+//! 1. A change comes in through [`http`] (`POST /v1/sync/dirty`,
+//!    `/v1/sync/immediate`) or the library ([`engine::Engine`]), both through
+//!    a [`strategy`]: the batch path writes the profile to Redis and flags the
+//!    user; a Lua script ([`clients::redis`], `scripts/mark.lua`) allocates a
+//!    **version** from the user's shard clock ([`shard`]) and stores it as the
+//!    flag's score. The seed's legacy `SADD` set is drained into the same flags.
+//! 2. [`actors::scanner::ShardScanner`] walks the flags of each shard this
+//!    instance holds a [`lease`] on, oldest first, in pages.
 //! 3. [`actors::loader::ProfileLoader`] reads the page's profiles, pipelined.
 //! 4. [`actors::resolver::VersionResolver`] looks up what is already applied,
 //!    through [`cache`] (Moka L1 → Redis L2 → one MongoDB `$in` query).
 //! 5. [`actors::publisher::KafkaPublisher`] encodes [`proto`] events and publishes
 //!    them with the idempotent producer; once the broker acknowledged, the scanner
-//!    clears the flags with compare-and-delete, so a re-flag in between survives.
+//!    clears the flags with a fenced compare-and-delete
+//!    (`scripts/clear_flags.lua`), so a re-flag in between survives.
+//!    Immediate changes take [`actors::static_path`] instead: staged in Redis,
+//!    published at once, acknowledged.
 //! 6. [`actors::applier`] consumes windows, collapses them to the newest version
 //!    per user and section, and writes them to MongoDB ([`clients::mongo`]) as
 //!    newer-wins upserts before committing offsets.
+//! 7. What fails for good becomes a dead letter ([`actors::dlq`]), with its
+//!    flag kept; an operator lists and redrives it.
 //!
-//! Around them: [`config`] (the typed, layered configuration), [`telemetry`]
-//! (logs, metrics, counters) and [`run`], which the `datasync` binary calls.
+//! Around them: [`model`] (the domain words every layer shares: sections,
+//! changes, dead letters, the clock), [`error`], [`config`] (the typed, layered
+//! configuration), [`retry`] (the retry policy), [`health`] (backends and
+//! tasks up or down, behind readiness), [`tasks`] (the supervised long-running
+//! tasks), [`telemetry`] (logs, metrics, counters), [`profiles`] (composed
+//! profile reads), [`faults`] (fault injection for tests and drills) and
+//! [`run`], which the `datasync` binary calls.
+//!
+//! Imports point down: the clients and the model import no actor, no engine
+//! and no API; strategies see only the [`strategy::SyncContext`] the engine
+//! builds.
 
 pub mod actors;
 pub mod cache;
 pub mod clients;
 pub mod config;
 pub mod engine;
+pub mod error;
 pub mod faults;
 pub mod health;
 pub mod http;
 pub mod lease;
+pub mod model;
 pub mod profiles;
 pub mod proto;
 pub mod retry;
 pub mod shard;
 pub mod strategy;
+pub mod tasks;
 pub mod telemetry;
 
 pub use config::Config;

@@ -155,9 +155,10 @@ impl ProfileReader {
         }
         if let Some(v) = self.redis.flag_of(user).await?
             && v > p.dynamic_version
-            && let Some(Ok(d)) = self.redis.load_profiles(&[user.to_string()]).await?.pop()
+            && let Some(Ok(raw)) = self.redis.load_profiles(&[user.to_string()]).await?.pop()
+            && let Ok(json) = raw.to_json(&self.redis.keys().profile(user))
         {
-            p.dynamic_profile = bson_to_json(&mongodb::bson::Bson::Document(d));
+            p.dynamic_profile = json;
             p.dynamic_version = v;
             p.pending.push("dynamic".into());
         }

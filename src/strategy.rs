@@ -11,32 +11,111 @@
 //!   letter is recorded, and the accepted change stays pending in Redis; the
 //!   scanner publishes it once Kafka is back, so it is never lost.
 //!
-//! A new data class or target is a new strategy; the actors do not change.
+//! A strategy sees only a [`SyncContext`], the two doors into the pipeline
+//! that the engine builds: a new data class or target is a new strategy, and
+//! one can be written outside this crate.
 
 use crate::{
-    actors::{
-        ask,
-        dlq::{DeadLetter, Record},
-        publisher::{KafkaPublisher, Outgoing, Publish},
-    },
-    engine::{Engine, EngineError, ProfileWrite},
+    actors::static_path::StaticPath,
+    clients::redis::RedisStore,
+    error::EngineError,
+    model::{Marked, ProfileWrite, validate_user_ids, validate_writes},
+    profiles::ProfileReader,
     proto::SyncType,
+    telemetry::Stats,
 };
 use futures::future::BoxFuture;
-use serde::Serialize;
+use std::sync::Arc;
 
-/// What became of one accepted change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Receipt {
-    pub user_id: String,
-    pub version: i64,
-    /// Where the broker stored it (immediate strategy only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub topic: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub partition: Option<i32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub offset: Option<i64>,
+pub use crate::model::Receipt;
+
+/// The doors into the pipeline a strategy may use. Built by the engine.
+pub struct SyncContext {
+    pub(crate) redis: RedisStore,
+    pub(crate) profiles: Arc<ProfileReader>,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) static_path: StaticPath,
+}
+
+impl SyncContext {
+    /// Flags users whose profiles are already in Redis: one version each from
+    /// their shard clocks.
+    pub async fn mark(&self, user_ids: &[String]) -> Result<Vec<Marked>, EngineError> {
+        validate_user_ids(user_ids.iter().map(String::as_str)).map_err(EngineError::Invalid)?;
+        self.mark_valid(user_ids).await
+    }
+
+    async fn mark_valid(&self, user_ids: &[String]) -> Result<Vec<Marked>, EngineError> {
+        let marked = self.redis.mark(user_ids).await?;
+        // The mark script dropped the shared L2 entries; drop ours too.
+        for u in user_ids {
+            self.profiles.invalidate_local(u).await;
+        }
+        self.stats.flags_marked(marked.len() as u64);
+        Ok(marked
+            .into_iter()
+            .map(|(user_id, version)| Marked { user_id, version })
+            .collect())
+    }
+
+    /// Writes each profile to Redis, then flags it. Nothing is written unless
+    /// every entry is valid; if flagging fails the call fails, so the caller
+    /// retries (the profiles written are simply written again).
+    pub async fn write_and_mark(&self, users: &[ProfileWrite]) -> Result<Vec<Marked>, EngineError> {
+        validate_writes(users).map_err(EngineError::Invalid)?;
+        let writes: Vec<(String, String)> = users
+            .iter()
+            .map(|u| (u.user_id.clone(), u.profile.to_string()))
+            .collect();
+        self.redis.write_profiles(&writes).await?;
+        let ids: Vec<String> = users.iter().map(|u| u.user_id.clone()).collect();
+        self.mark_valid(&ids).await
+    }
+
+    /// Accepts static changes (durable and versioned first, one script per
+    /// shard), publishes them to the static topic and waits for the broker.
+    /// Answers a receipt per change, or [`EngineError::NotPublished`] naming
+    /// the first change Kafka did not take (all of them stay pending and are
+    /// published once Kafka answers).
+    pub async fn publish_static(
+        &self,
+        users: &[ProfileWrite],
+    ) -> Result<Vec<Receipt>, EngineError> {
+        validate_writes(users).map_err(EngineError::Invalid)?;
+        let started = std::time::Instant::now();
+        let items = self.static_path.stage(users).await?;
+        for u in users {
+            self.profiles.invalidate_local(&u.user_id).await;
+        }
+        let versions: Vec<(String, i64)> = items
+            .iter()
+            .map(|i| (i.user_id.clone(), i.version))
+            .collect();
+        let results = self.static_path.publish(items).await?;
+        let mut receipts = Vec::with_capacity(users.len());
+        let mut failed = None;
+        for ((user_id, version), r) in versions.into_iter().zip(results) {
+            match r {
+                Ok(d) => receipts.push(Receipt {
+                    user_id,
+                    version,
+                    topic: Some(self.static_path.topic.clone()),
+                    partition: Some(d.partition),
+                    offset: Some(d.offset),
+                }),
+                Err(f) => {
+                    failed.get_or_insert((version, f.error.to_string()));
+                }
+            }
+        }
+        if !receipts.is_empty() {
+            self.stats.immediate_acked(started.elapsed().as_secs_f64());
+        }
+        match failed {
+            Some((version, reason)) => Err(EngineError::NotPublished { version, reason }),
+            None => Ok(receipts),
+        }
+    }
 }
 
 /// One way of syncing a class of profile data.
@@ -51,7 +130,7 @@ pub trait SyncStrategy: Send + Sync {
     /// validated before anything is written.
     fn submit<'a>(
         &'a self,
-        engine: &'a Engine,
+        ctx: &'a SyncContext,
         users: &'a [ProfileWrite],
     ) -> BoxFuture<'a, Result<Vec<Receipt>, EngineError>>;
 }
@@ -70,11 +149,11 @@ impl SyncStrategy for BatchSync {
 
     fn submit<'a>(
         &'a self,
-        engine: &'a Engine,
+        ctx: &'a SyncContext,
         users: &'a [ProfileWrite],
     ) -> BoxFuture<'a, Result<Vec<Receipt>, EngineError>> {
         Box::pin(async move {
-            Ok(engine
+            Ok(ctx
                 .write_and_mark(users)
                 .await?
                 .into_iter()
@@ -104,95 +183,9 @@ impl SyncStrategy for ImmediateSync {
 
     fn submit<'a>(
         &'a self,
-        engine: &'a Engine,
+        ctx: &'a SyncContext,
         users: &'a [ProfileWrite],
     ) -> BoxFuture<'a, Result<Vec<Receipt>, EngineError>> {
-        Box::pin(async move {
-            crate::engine::validate_writes(users)?;
-            let started = std::time::Instant::now();
-            let parts = engine.parts();
-            // Accept every change first (durable, versioned; one script per
-            // shard), then publish.
-            let changes: Vec<(&str, String)> = users
-                .iter()
-                .map(|u| (u.user_id.as_str(), u.profile.to_string()))
-                .collect();
-            let versions = parts.redis.stage_static(&changes).await?;
-            let mut items = Vec::with_capacity(users.len());
-            for (u, version) in users.iter().zip(&versions) {
-                parts.profiles.invalidate_local(&u.user_id).await;
-                let profile = match crate::proto::json_to_bson(&u.profile) {
-                    mongodb::bson::Bson::Document(d) => d,
-                    _ => unreachable!("validated as an object"),
-                };
-                items.push(Outgoing {
-                    user_id: u.user_id.clone(),
-                    version: *version,
-                    profile,
-                    base_version: 0,
-                    lease_epoch: 0,
-                });
-            }
-            let publish = Publish {
-                sync_type: SyncType::StaticImmediate,
-                items,
-            };
-            let results = ask(KafkaPublisher::NAME, &parts.publisher, publish).await?;
-            let mut receipts = Vec::with_capacity(users.len());
-            let mut done = Vec::new();
-            let mut dead = Vec::new();
-            for ((u, version), r) in users.iter().zip(versions).zip(results) {
-                match r {
-                    Ok(d) => {
-                        done.push((u.user_id.as_str(), version));
-                        receipts.push(Receipt {
-                            user_id: u.user_id.clone(),
-                            version,
-                            topic: Some(parts.static_topic.clone()),
-                            partition: Some(d.partition),
-                            offset: Some(d.offset),
-                        });
-                    }
-                    Err(f) => dead.push((
-                        version,
-                        DeadLetter {
-                            user_id: u.user_id.clone(),
-                            version,
-                            stage: "immediate",
-                            sync_type: "static",
-                            original_event: f.event,
-                            error: f.error.to_string(),
-                            detail: format!(
-                                "stage immediate: {:?}; version {version}; {} retries; kept pending in Redis and published by the scanner once Kafka answers",
-                                f.error, f.retries
-                            ),
-                            retry_count: f.retries,
-                            topic: parts.static_topic.clone(),
-                            partition: None,
-                            offset: None,
-                        },
-                    )),
-                }
-            }
-            if !done.is_empty() {
-                parts.stats.immediate_acked(started.elapsed().as_secs_f64());
-            }
-            parts.redis.static_acked(&done).await?;
-            if let Some((version, first)) = dead.first().cloned() {
-                let reason = first.error.clone();
-                let letters = dead.into_iter().map(|(_, l)| l).collect();
-                if let Err(e) = ask(
-                    crate::actors::dlq::DlqActor::NAME,
-                    &parts.dlq,
-                    Record(letters),
-                )
-                .await
-                {
-                    tracing::warn!(error = %e, "cannot record the dead letters of immediate changes");
-                }
-                return Err(EngineError::NotPublished { version, reason });
-            }
-            Ok(receipts)
-        })
+        Box::pin(ctx.publish_static(users))
     }
 }

@@ -60,9 +60,6 @@ pub const ACTORS: [&str; 6] = [
     "DlqActor",
 ];
 
-/// The stages a dead letter can come from.
-pub const DLQ_STAGES: [&str; 5] = ["load", "publish", "decode", "apply", "immediate"];
-
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
@@ -114,8 +111,8 @@ fn register_zeroes() {
     for actor in ACTORS {
         counter!(names::ACTOR_RESTARTS, "actor" => actor).increment(0);
     }
-    for stage in DLQ_STAGES {
-        counter!(names::DLQ_RECORDS, "stage" => stage).increment(0);
+    for stage in crate::model::DlqStage::ALL {
+        counter!(names::DLQ_RECORDS, "stage" => stage.label()).increment(0);
     }
     for backend in ["kafka", "mongodb"] {
         counter!(names::SCANS_PAUSED, "backend" => backend).increment(0);
@@ -192,6 +189,8 @@ pub fn init_logging(format: &str, filter: &str) {
 /// Counters of one engine.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// When each shard this process scanned was last scanned (Unix seconds).
+    last_scans: dashmap::DashMap<u32, f64>,
     pub flags_marked: AtomicU64,
     pub flags_scanned: AtomicU64,
     pub events_published: AtomicU64,
@@ -220,6 +219,20 @@ pub struct Stats {
     pub static_applied: AtomicU64,
     /// Request → broker ack latency of immediate changes.
     pub latency_ack: Latency,
+}
+
+/// The most values the `shard` label of any metric takes.
+pub const SHARD_LABELS: u32 = 64;
+
+/// The `shard` label of a shard, and the shards that share it.
+fn shard_label(shard: u32, shards: u32) -> (String, std::ops::Range<u32>) {
+    if shards <= SHARD_LABELS {
+        return (shard.to_string(), shard..shard + 1);
+    }
+    let per = shards.div_ceil(SHARD_LABELS);
+    let first = shard / per * per;
+    let end = (first + per).min(shards);
+    (format!("{first}-{}", end - 1), first..end)
 }
 
 /// A latency histogram in milliseconds (1 ms to 1 h, 3 significant digits).
@@ -449,10 +462,15 @@ impl Stats {
         tracing::info!("publishing is paused; batch waiting");
     }
 
-    pub fn dlq_recorded(&self, stage: &'static str, sync_type: &'static str, n: u64) {
+    pub fn dlq_recorded(
+        &self,
+        stage: crate::model::DlqStage,
+        section: crate::model::Section,
+        n: u64,
+    ) {
         self.dlq_records.fetch_add(n, Relaxed);
-        counter!(names::DLQ_RECORDS, "stage" => stage).increment(n);
-        counter!(names::SYNC_FAILURE, "type" => sync_type).increment(n);
+        counter!(names::DLQ_RECORDS, "stage" => stage.label()).increment(n);
+        counter!(names::SYNC_FAILURE, "type" => section.label()).increment(n);
     }
 
     pub fn dlq_parked(&self, n: u64) {
@@ -494,8 +512,18 @@ impl Stats {
         gauge!(names::OLDEST_FLAG_AGE).set(oldest_flag_age_secs);
     }
 
-    pub fn shard_scanned(&self, shard: u32, unix_secs: f64) {
-        gauge!(names::SHARD_LAST_SCAN, "shard" => shard.to_string()).set(unix_secs);
+    /// A shard's scan finished at `unix_secs`. The gauge's `shard` label has
+    /// at most [`SHARD_LABELS`] values: with more shards than that, each label
+    /// is a range of shards (`"64-127"`), and its value the oldest last scan
+    /// among the range's shards this process scanned, so a stalled shard still
+    /// shows.
+    pub fn shard_scanned(&self, shard: u32, shards: u32, unix_secs: f64) {
+        self.last_scans.insert(shard, unix_secs);
+        let (label, range) = shard_label(shard, shards);
+        let oldest = range
+            .filter_map(|s| self.last_scans.get(&s).map(|t| *t))
+            .fold(f64::INFINITY, f64::min);
+        gauge!(names::SHARD_LAST_SCAN, "shard" => label).set(oldest);
     }
 
     /// Latency of one applied change, from its version (flag or immediate
@@ -507,5 +535,20 @@ impl Stats {
         } else {
             self.latency.record_ms((seconds * 1000.0) as u64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shard_label_takes_at_most_64_values() {
+        assert_eq!(shard_label(7, 64), ("7".to_string(), 7..8));
+        assert_eq!(shard_label(130, 1024), ("128-143".to_string(), 128..144));
+        let labels: std::collections::HashSet<String> =
+            (0..16384).map(|s| shard_label(s, 16384).0).collect();
+        assert_eq!(labels.len(), 64);
+        assert_eq!(shard_label(99, 100).0, "98-99");
     }
 }

@@ -7,10 +7,7 @@ mod common;
 
 use common::*;
 use datasync::{
-    Config,
-    actors::dlq::RedriveTarget,
-    clients::{mongo::Change, redis::Section},
-    faults::HoldPoint,
+    actors::dlq::RedriveTarget, clients::mongo::Change, faults::HoldPoint, model::Section,
 };
 use fred::interfaces::{KeysInterface, SetsInterface, SortedSetsInterface};
 use mongodb::bson::{Document, doc};
@@ -19,20 +16,9 @@ use std::time::Duration;
 
 const LONG: Duration = Duration::from_secs(120);
 
-fn config_with(ns: &str, extra: &str) -> Config {
-    Config::from_layers(
-        &[
-            ("test".into(), config_toml(ns)),
-            ("extra".into(), extra.to_string()),
-        ],
-        std::iter::empty(),
-    )
-    .expect("test config is valid")
-}
-
-async fn sadd(r: &datasync::clients::redis::RedisStore, key: &str, members: &[&str]) {
-    let _: i64 = r
-        .client()
+async fn sadd(_r: &datasync::clients::redis::RedisStore, key: &str, members: &[&str]) {
+    let _: i64 = raw_redis()
+        .await
         .sadd(
             key,
             members.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
@@ -42,7 +28,11 @@ async fn sadd(r: &datasync::clients::redis::RedisStore, key: &str, members: &[&s
 }
 
 async fn popped_members(r: &datasync::clients::redis::RedisStore) -> u64 {
-    r.client().zcard(r.keys().legacy_popped()).await.unwrap()
+    raw_redis()
+        .await
+        .zcard(r.keys().legacy_popped())
+        .await
+        .unwrap()
 }
 
 async fn dynamic_of(m: &datasync::clients::mongo::MongoStore, user: &str) -> (i64, i64) {
@@ -62,7 +52,7 @@ async fn dynamic_of(m: &datasync::clients::mongo::MongoStore, user: &str) -> (i6
 /// earlier writes: a pop of 10,000 members must move every one of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_legacy_pop_larger_than_lua_can_unpack_moves_every_member() {
-    let ns = unique("bigpop");
+    let ns = Namespace::new("bigpop");
     let r = redis(&ns).await;
     let legacy = r.keys().legacy().to_string();
     let users: Vec<String> = (0..10_000).map(|i| format!("m{i}")).collect();
@@ -77,7 +67,7 @@ async fn a_legacy_pop_larger_than_lua_can_unpack_moves_every_member() {
         10_000,
         "every member is in the popped set"
     );
-    let left: u64 = r.client().scard(&legacy).await.unwrap();
+    let left: u64 = raw_redis().await.scard(&legacy).await.unwrap();
     assert_eq!(left, 0);
     assert_eq!(r.legacy_ack(&popped).await.unwrap(), 10_000);
     assert_eq!(popped_members(&r).await, 0);
@@ -90,7 +80,7 @@ async fn a_legacy_pop_larger_than_lua_can_unpack_moves_every_member() {
 /// unacknowledged, and the second write reaches MongoDB with a newer version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_ack_never_drops_a_member_another_drainer_popped() {
-    let ns = unique("legacyrace");
+    let ns = Namespace::new("legacyrace");
     let engine = start_with(config_with(&ns, "[sync]\nlegacy_recovery_after = \"1s\"\n")).await;
     let r = redis(&ns).await;
     let legacy = r.keys().legacy().to_string();
@@ -136,7 +126,7 @@ async fn a_late_ack_never_drops_a_member_another_drainer_popped() {
 /// flags them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_left_by_a_drainer_that_died_are_flagged_by_the_next() {
-    let ns = unique("legacycrash");
+    let ns = Namespace::new("legacycrash");
     let r = redis(&ns).await;
     let legacy = r.keys().legacy().to_string();
     r.write_profiles(&generation_profiles(&["orphan".into(), "older".into()], 1))
@@ -155,7 +145,11 @@ async fn members_left_by_a_drainer_that_died_are_flagged_by_the_next() {
     .await;
     assert!(engine.stats().legacy_recovered >= 2, "{:?}", engine.stats());
     assert_eq!(popped_members(&r).await, 0);
-    let old: i64 = r.client().exists(r.keys().legacy_draining()).await.unwrap();
+    let old: i64 = raw_redis()
+        .await
+        .exists(r.keys().legacy_draining())
+        .await
+        .unwrap();
     assert_eq!(old, 0, "the earlier release's draining set is emptied");
     finish(engine, &ns).await;
 }
@@ -165,7 +159,7 @@ async fn members_left_by_a_drainer_that_died_are_flagged_by_the_next() {
 /// applied, and the applier retries the window instead of committing it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_concern_error_is_a_failed_write_not_an_applied_one() {
-    let ns = unique("wconcern");
+    let ns = Namespace::new("wconcern");
     let mut c = test_config(&ns).mongo;
     c.url = datasync::config::Secret::new(format!("{}&w=5&wtimeoutMS=10", mongo_url()));
     let store = datasync::clients::mongo::MongoStore::connect_without_index(&c, "tests")
@@ -222,7 +216,7 @@ async fn drop_validator(db: &mongodb::Database, ns: &str) {
 /// cause is fixed, publishes it again with a new version and it is applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_immediate_change_stays_pending_and_a_redrive_applies_it() {
-    let ns = unique("rejectstatic");
+    let ns = Namespace::new("rejectstatic");
     let db = create_with_validator(&ns, level_validator("staticProfile")).await;
     let engine = start(&ns).await;
     let r = redis(&ns).await;
@@ -278,7 +272,7 @@ async fn a_rejected_immediate_change_stays_pending_and_a_redrive_applies_it() {
 /// re-flags the user and the profile in Redis is applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redrive_reflags_a_user_whose_flag_is_gone() {
-    let ns = unique("rejectdynamic");
+    let ns = Namespace::new("rejectdynamic");
     let db = create_with_validator(&ns, level_validator("dynamicProfile")).await;
     let engine = start(&ns).await;
     let r = redis(&ns).await;
@@ -331,7 +325,7 @@ async fn a_redrive_reflags_a_user_whose_flag_is_gone() {
 /// removed, and only up to that version; static dead letters are not its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flag_clear_closes_only_the_dead_letters_it_earned() {
-    let ns = unique("dlqclose");
+    let ns = Namespace::new("dlqclose");
     let r = redis(&ns).await;
     // x: flagged at its new version, dead letter for that version.
     // y: flagged; a static dead letter is open.
@@ -389,6 +383,27 @@ async fn a_flag_clear_closes_only_the_dead_letters_it_earned() {
         .await
         .unwrap();
     assert!(open("y", Section::Static).await);
+    // A flag re-marked since the page was read is not removed, so the dead
+    // letter of the version the page carried stays open until the newer flag
+    // is cleared.
+    let w1 = r.mark(&["w".to_string()]).await.unwrap()[0].1;
+    r.dlq_put(&[("w", Section::Dynamic, entry("w", w1, "dynamic"))])
+        .await
+        .unwrap();
+    let w2 = r.mark(&["w".to_string()]).await.unwrap()[0].1;
+    let n = r
+        .clear_flags(shard_of("w"), &[("w".into(), w1)], None)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    assert!(
+        open("w", Section::Dynamic).await,
+        "closed by a clear that removed nothing"
+    );
+    r.clear_flags(shard_of("w"), &[("w".into(), w2)], None)
+        .await
+        .unwrap();
+    assert!(!open("w", Section::Dynamic).await);
     // A dead letter newer than the cleared flag stays.
     r.clear_flags(shard_of("z"), &[("z".into(), versions[2])], None)
         .await
@@ -402,7 +417,7 @@ async fn a_flag_clear_closes_only_the_dead_letters_it_earned() {
 /// before it. The next owner must still get an epoch never issued before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_epoch_lost_in_a_failover_is_never_issued_again() {
-    let ns = unique("epoch");
+    let ns = Namespace::new("epoch");
     let r = redis(&ns).await;
     let ttl = Duration::from_secs(30);
     let e0 = r.lease_acquire(0, "a#1", ttl).await.unwrap().unwrap();
@@ -410,12 +425,12 @@ async fn an_epoch_lost_in_a_failover_is_never_issued_again() {
     let e1 = r.lease_acquire(0, "b#1", ttl).await.unwrap().unwrap();
     assert!(e1 > e0);
     // The failover: the replica had seen e0 but not the acquisition of e1.
-    let _: () = r
-        .client()
+    let raw = raw_redis().await;
+    let _: () = raw
         .set(r.keys().epoch(0), e0.to_string(), None, None, false)
         .await
         .unwrap();
-    let _: i64 = r.client().del(r.keys().lease(0)).await.unwrap();
+    let _: i64 = raw.del(r.keys().lease(0)).await.unwrap();
     let e2 = r.lease_acquire(0, "c#1", ttl).await.unwrap().unwrap();
     assert!(e2 > e1, "epoch {e2} was already issued (last issued {e1})");
     cleanup(&ns).await;

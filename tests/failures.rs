@@ -18,7 +18,7 @@ const LONG: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_poison_profile_among_a_thousand_goes_to_the_dlq_and_redrives() {
-    let ns = unique("poison");
+    let ns = Namespace::new("poison");
     let engine = start(&ns).await;
     let r = redis(&ns).await;
     let users: Vec<_> = (0..1000)
@@ -28,10 +28,16 @@ async fn one_poison_profile_among_a_thousand_goes_to_the_dlq_and_redrives() {
     engine.write_and_mark(&users).await.unwrap();
     // The upstream wrote garbage for one user, then flagged it (one version).
     let key = r.keys().profile("p500");
-    let _: () =
-        fred::interfaces::KeysInterface::set(r.client(), &key, "{not json", None, None, false)
-            .await
-            .unwrap();
+    let _: () = fred::interfaces::KeysInterface::set(
+        &raw_redis().await,
+        &key,
+        "{not json",
+        None,
+        None,
+        false,
+    )
+    .await
+    .unwrap();
     engine.mark_dirty(&["p500".to_string()]).await.unwrap();
 
     let mongo = mongo(&ns).await;
@@ -51,7 +57,7 @@ async fn one_poison_profile_among_a_thousand_goes_to_the_dlq_and_redrives() {
         e.error.contains(&key) && e.error.contains("not valid JSON"),
         "{e:?}"
     );
-    assert_eq!(e.instance_id, ns);
+    assert_eq!(e.instance_id, *ns);
     assert_eq!(e.topic, format!("{ns}-dynamic"));
     assert!(e.failed_at_ms > 0 && e.version > 0);
     // The flag stays; further cycles do not record the same version again.
@@ -82,7 +88,7 @@ async fn one_poison_profile_among_a_thousand_goes_to_the_dlq_and_redrives() {
         ctx.stack_trace
     );
     assert_eq!(ctx.retry_count, 0);
-    assert_eq!(ctx.instance_id, ns);
+    assert_eq!(ctx.instance_id, *ns);
     assert_eq!(ctx.kafka_topic, format!("{ns}-dynamic"));
     assert!(ctx.failure_timestamp > 0);
     let ev = UserProfileSyncEvent::decode(m.original_event.as_slice()).unwrap();
@@ -126,7 +132,7 @@ async fn one_poison_profile_among_a_thousand_goes_to_the_dlq_and_redrives() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undecodable_event_is_dead_lettered_and_consumption_continues() {
-    let ns = unique("undecodable");
+    let ns = Namespace::new("undecodable");
     let engine = start(&ns).await;
     let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", kafka_brokers())
@@ -171,7 +177,7 @@ async fn an_undecodable_event_is_dead_lettered_and_consumption_continues() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panicking_actors_are_restarted_and_their_batches_are_not_lost() {
-    let ns = unique("panic");
+    let ns = Namespace::new("panic");
     let mut config = test_config(&ns);
     config.sync.interval = Duration::from_secs(3600);
     let engine = start_with(config).await;
@@ -214,7 +220,7 @@ async fn panicking_actors_are_restarted_and_their_batches_are_not_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ends_within_its_limit_even_with_a_stuck_stage() {
-    let ns = unique("stuck");
+    let ns = Namespace::new("stuck");
     let engine = start(&ns).await;
     let hold = engine.hold_publishing().await;
     engine.write_and_mark(&[profile("s1", 1)]).await.unwrap();
@@ -238,10 +244,48 @@ async fn shutdown_ends_within_its_limit_even_with_a_stuck_stage() {
     cleanup(&ns).await;
 }
 
+/// The scan loop and the consumer loops are supervised tasks: a panic in the
+/// scan loop (a page loaded, not yet published) and one in the dynamic
+/// consumer loop (a window gathered, not yet written) are each logged,
+/// counted and the task restarted; the page and the window are not lost, and
+/// readiness is back to ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_loop_or_consumer_loop_that_panics_is_restarted_and_loses_nothing() {
+    let ns = Namespace::new("tasks");
+    let engine = start(&ns).await;
+    engine.faults().panic_next(Stage::Scanner, 1);
+    engine.faults().panic_next(Stage::ConsumerLoop, 1);
+    let users: Vec<_> = (0..100).map(|i| profile(&format!("t{i}"), 1)).collect();
+    engine.write_and_mark(&users).await.unwrap();
+    let mongo = mongo(&ns).await;
+    wait_until("all 100 applied after the restarts", LONG, || async {
+        count_docs(&mongo, doc! {}).await == 100
+    })
+    .await;
+    let text = datasync::telemetry::prometheus().render();
+    for task in ["scan loop", "dynamic consumer loop"] {
+        assert!(
+            metric_sum(
+                &text,
+                "datasync_actor_restarts_total",
+                &[&format!("actor=\"{task}\"")]
+            ) >= 1.0,
+            "no restart counted for {task}"
+        );
+    }
+    assert!(engine.stats().actor_restarts >= 2, "{:?}", engine.stats());
+    wait_until("readiness back to ready", LONG, || async {
+        engine.readiness().await.status == "ready"
+    })
+    .await;
+    assert_eq!(pending_flags(&redis(&ns).await).await, 0);
+    finish(engine, &ns).await;
+}
+
 /// Every metric the alert rules use exists in `/metrics` of a running engine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alert_rules_name_only_metrics_that_exist() {
-    let ns = unique("alerts");
+    let ns = Namespace::new("alerts");
     let engine = start(&ns).await;
     let moving = [
         ("datasync_flags_marked_total", &[][..]),
@@ -251,7 +295,10 @@ async fn alert_rules_name_only_metrics_that_exist() {
         ("datasync_profile_sync_success_total", &["type=\"dynamic\""]),
         ("datasync_flags_cleared_total", &[]),
         ("datasync_scan_cycles_total", &[]),
-        ("datasync_flag_to_applied_seconds_count", &["type=\"dynamic\""]),
+        (
+            "datasync_flag_to_applied_seconds_count",
+            &["type=\"dynamic\""],
+        ),
     ];
     let render = || datasync::telemetry::prometheus().render();
     let before: Vec<f64> = moving

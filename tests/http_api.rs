@@ -10,7 +10,7 @@ use std::time::Duration;
 
 #[actix_web::test]
 async fn the_api_marks_users_validates_input_and_reports() {
-    let ns = unique("http");
+    let ns = Namespace::new("http");
     let engine = start(&ns).await;
     let app =
         test::init_service(App::new().configure(datasync::http::configure(engine.clone()))).await;
@@ -127,7 +127,10 @@ async fn the_api_marks_users_validates_input_and_reports() {
         ("datasync_events_published_total", &["type=\"dynamic\""]),
         ("datasync_events_applied_total", &["section=\"dynamic\""]),
         ("datasync_flags_cleared_total", &[]),
-        ("datasync_flag_to_applied_seconds_count", &["type=\"dynamic\""]),
+        (
+            "datasync_flag_to_applied_seconds_count",
+            &["type=\"dynamic\""],
+        ),
     ] {
         assert!(
             metric_sum(&text, name, labels) > 0.0,
@@ -140,7 +143,7 @@ async fn the_api_marks_users_validates_input_and_reports() {
 
 #[actix_web::test]
 async fn dead_letters_are_listed_and_redriven_with_the_admin_token() {
-    let ns = unique("httpdlq");
+    let ns = Namespace::new("httpdlq");
     let mut config = test_config(&ns);
     config.http.admin_token = datasync::config::Secret::new("s3cret");
     // Cycles run only when the test asks, so the redrive is what syncs ghost.
@@ -242,7 +245,7 @@ async fn dead_letters_are_listed_and_redriven_with_the_admin_token() {
 
 #[actix_web::test]
 async fn admin_endpoints_are_off_without_a_token() {
-    let ns = unique("httpnoadmin");
+    let ns = Namespace::new("httpnoadmin");
     let engine = start(&ns).await;
     let app =
         test::init_service(App::new().configure(datasync::http::configure(engine.clone()))).await;

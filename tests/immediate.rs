@@ -24,7 +24,7 @@ async fn static_version(m: &datasync::clients::mongo::MongoStore, user: &str) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_immediate_change_lands_before_a_200k_dynamic_backlog_finishes() {
-    let ns = unique("priority");
+    let ns = Namespace::new("priority");
     let mut config = test_config(&ns);
     config.sync.page_size = 2000;
     let engine = start_with(config).await;
@@ -73,7 +73,7 @@ async fn an_immediate_change_lands_before_a_200k_dynamic_backlog_finishes() {
 /// beside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dynamic_loop_waits_while_a_static_window_is_in_flight() {
-    let ns = unique("gate");
+    let ns = Namespace::new("gate");
     let engine = start(&ns).await;
     let hold = engine.faults().hold(HoldPoint::StaticWindow).await;
     let receipt = engine
@@ -103,7 +103,7 @@ async fn the_dynamic_loop_waits_while_a_static_window_is_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn static_and_dynamic_changes_raced_on_the_same_users_both_end_newest() {
-    let ns = unique("sections");
+    let ns = Namespace::new("sections");
     let engine = start(&ns).await;
     let users: Vec<String> = (0..1000).map(|i| format!("s{i}")).collect();
     let dynamic = {
@@ -161,7 +161,7 @@ async fn static_and_dynamic_changes_raced_on_the_same_users_both_end_newest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_immediate_change_accepted_while_kafka_is_down_is_applied_after() {
-    let ns = unique("immdown");
+    let ns = Namespace::new("immdown");
     let cluster = MockCluster::new(1).unwrap();
     for t in ["static", "dynamic", "dlq"] {
         cluster.create_topic(&format!("{ns}-{t}"), 2, 1).unwrap();
@@ -224,7 +224,7 @@ async fn an_immediate_change_accepted_while_kafka_is_down_is_applied_after() {
 
 #[actix_web::test]
 async fn profile_reads_return_the_newest_data_and_the_cache_stats_move() {
-    let ns = unique("profiles");
+    let ns = Namespace::new("profiles");
     let engine = start(&ns).await;
     let app =
         test::init_service(App::new().configure(datasync::http::configure(engine.clone()))).await;

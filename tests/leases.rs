@@ -36,7 +36,7 @@ async fn held(e: &Engine) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zombie_that_publishes_after_losing_its_lease_cannot_regress_anything() {
-    let ns = unique("zombie");
+    let ns = Namespace::new("zombie");
     let a = start_with(engine_config(&ns, &format!("{ns}-a"), "1500ms")).await;
     wait_until("a holds every shard", LONG, || async {
         held(&a).await == 8
@@ -182,9 +182,31 @@ impl EpochLedger {
     }
 }
 
+/// `GET /v1/shards` (`Engine::shards`) names the live members, and a member
+/// that stops leaves the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shards_report_lists_the_live_members() {
+    let ns = Namespace::new("members");
+    let a = start_with(engine_config(&ns, &format!("{ns}-a"), "3s")).await;
+    let b = start_with(engine_config(&ns, &format!("{ns}-b"), "3s")).await;
+    let both = vec![format!("{ns}-a"), format!("{ns}-b")];
+    for e in [&a, &b] {
+        wait_until("both members listed", LONG, || async {
+            e.shards().await.unwrap().members == both
+        })
+        .await;
+    }
+    b.shutdown(Duration::from_secs(20)).await;
+    wait_until("the stopped member gone", LONG, || async {
+        a.shards().await.unwrap().members == vec![format!("{ns}-a")]
+    })
+    .await;
+    finish(a, &ns).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_share_shards_take_over_a_killed_one_and_rebalance_on_join() {
-    let ns = unique("leases");
+    let ns = Namespace::new("leases");
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("datasync.toml");
     let log = dir.path().join("datasync.log");
@@ -337,7 +359,7 @@ async fn processes_share_shards_take_over_a_killed_one_and_rebalance_on_join() {
 /// scanning the same shards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixed_mode_splits_shards_and_guards_each_with_its_lease() {
-    let ns = unique("fixed");
+    let ns = Namespace::new("fixed");
     let fixed = |id: &str, index: u32| {
         Config::from_layers(
             &[

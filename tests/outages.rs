@@ -7,7 +7,6 @@ mod common;
 
 use common::*;
 use datasync::{
-    Config,
     clients::{mongo::MongoStore, redis::RedisStore},
     proto::DlqMessage,
 };
@@ -22,17 +21,6 @@ use std::{
 
 const LONG: Duration = Duration::from_secs(240);
 const OUTAGE: Duration = Duration::from_secs(30);
-
-fn with(ns: &str, extra: &str) -> Config {
-    Config::from_layers(
-        &[
-            ("test".into(), config_toml(ns)),
-            ("overrides".into(), extra.to_string()),
-        ],
-        std::iter::empty(),
-    )
-    .expect("valid test config")
-}
 
 const FAST_RETRIES: &str = r#"
 [retry]
@@ -56,13 +44,6 @@ async fn ride_out(engine: &datasync::Engine, down_at: Instant, backend: &str) {
         assert_eq!(r.status, "degraded", "{r:?}");
         assert!(r.reasons.iter().any(|x| x.contains(backend)), "{r:?}");
     }
-}
-
-fn stop(child: &mut Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
 }
 
 async fn mark_all(engine: &datasync::Engine, n: usize, generation: i64) -> HashMap<String, i64> {
@@ -106,13 +87,13 @@ async fn all_at(mongo: &MongoStore, expected: &HashMap<String, i64>) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_down_30s_dead_letters_run_out_users_and_everything_syncs_after() {
-    let ns = unique("kafkadown");
+    let ns = Namespace::new("kafkadown");
     let cluster = MockCluster::new(3).unwrap();
     for t in ["static", "dynamic", "dlq"] {
         cluster.create_topic(&format!("{ns}-{t}"), 2, 1).unwrap();
     }
     let brokers = cluster.bootstrap_servers();
-    let config = with(
+    let config = config_with(
         &ns,
         &format!(
             "{FAST_RETRIES}\n[kafka]\nbrokers = \"{brokers}\"\ncreate_topics = false\nmessage_timeout = \"1s\"\n"
@@ -242,7 +223,7 @@ async fn mongo_answers(url: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongodb_down_30s_pauses_the_applier_and_loses_nothing() {
-    let ns = unique("mongodown");
+    let ns = Namespace::new("mongodown");
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let url = format!(
@@ -250,7 +231,7 @@ async fn mongodb_down_30s_pauses_the_applier_and_loses_nothing() {
     );
     let mut server = start_mongo(port, dir.path());
     wait_until("the test's MongoDB answers", LONG, || mongo_answers(&url)).await;
-    let config = with(&ns, &format!("{FAST_RETRIES}\n[mongo]\nurl = \"{url}\"\n"));
+    let config = config_with(&ns, &format!("{FAST_RETRIES}\n[mongo]\nurl = \"{url}\"\n"));
     let mongo = MongoStore::connect(&config.mongo, "tests").await.unwrap();
     let engine = start_with(config).await;
 
@@ -315,12 +296,12 @@ fn start_redis(port: u16, dir: &std::path::Path) -> Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_mid_run_the_engine_reconnects_and_finishes() {
-    let ns = unique("redisrestart");
+    let ns = Namespace::new("redisrestart");
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let url = format!("redis://127.0.0.1:{port}");
     let mut server = start_redis(port, dir.path());
-    let config = with(&ns, &format!("{FAST_RETRIES}\n[redis]\nurl = \"{url}\"\n"));
+    let config = config_with(&ns, &format!("{FAST_RETRIES}\n[redis]\nurl = \"{url}\"\n"));
     let connect = || RedisStore::connect(&config.redis, config.sync.shards);
     wait_until("the test's Redis answers", LONG, || async {
         connect().await.is_ok()
@@ -370,12 +351,12 @@ async fn redis_restarted_mid_run_the_engine_reconnects_and_finishes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_produce_errors_are_retried_without_loss() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    let ns = unique("reqerrors");
+    let ns = Namespace::new("reqerrors");
     let cluster = MockCluster::new(3).unwrap();
     for t in ["static", "dynamic", "dlq"] {
         cluster.create_topic(&format!("{ns}-{t}"), 2, 1).unwrap();
     }
-    let config = with(
+    let config = config_with(
         &ns,
         &format!(
             "{FAST_RETRIES}\n[kafka]\nbrokers = \"{}\"\ncreate_topics = false\nmessage_timeout = \"1s\"\n",

@@ -13,7 +13,7 @@ const LONG: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trip_of_ten_thousand_users() {
-    let ns = unique("roundtrip");
+    let ns = Namespace::new("roundtrip");
     let engine = start(&ns).await;
     round_trip(&engine, &ns, 10_000).await;
     let r = redis(&ns).await;
@@ -29,7 +29,7 @@ async fn round_trip_of_ten_thousand_users() {
 /// one slot, thanks to the `{shard}` hash tags.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trip_on_a_redis_cluster() {
-    let ns = unique("cluster");
+    let ns = Namespace::new("cluster");
     let url = std::env::var("DATASYNC_TEST_REDIS_CLUSTER_URL")
         .unwrap_or_else(|_| "redis://127.0.0.1:7001".into());
     let mut config = test_config(&ns);
@@ -114,7 +114,7 @@ async fn round_trip(engine: &datasync::Engine, ns: &str, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_made_while_the_first_is_in_flight_is_not_lost() {
-    let ns = unique("race");
+    let ns = Namespace::new("race");
     let engine = start(&ns).await;
     let hold = engine.hold_publishing().await;
     let first = engine.write_and_mark(&[profile("racer", 1)]).await.unwrap()[0].version;
@@ -187,7 +187,7 @@ async fn produce(ns: &str, topic_suffix: &str, events: Vec<Vec<u8>>, user: &str)
 /// is checked after every step.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn older_and_duplicate_events_in_later_windows_never_regress_a_document() {
-    let ns = unique("regress");
+    let ns = Namespace::new("regress");
     let engine = start(&ns).await;
     let mongo = mongo(&ns).await;
     let d = SyncType::DynamicBatch;
@@ -214,7 +214,11 @@ async fn older_and_duplicate_events_in_later_windows_never_regress_a_document() 
         let doc = mongo.find_user("x").await.unwrap().unwrap();
         let int = |f: &str| doc.get_i64(f).unwrap_or(0);
         assert_eq!(
-            (int("dynamicVersion"), int("staticVersion"), int("dataVersion")),
+            (
+                int("dynamicVersion"),
+                int("staticVersion"),
+                int("dataVersion")
+            ),
             (dv, sv, data),
             "after step {i} ({topic} v{version}): {doc}"
         );
@@ -234,17 +238,18 @@ async fn older_and_duplicate_events_in_later_windows_never_regress_a_document() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_set_members_added_during_the_drain_are_not_lost() {
-    let ns = unique("legacy");
+    let ns = Namespace::new("legacy");
     let engine = start(&ns).await;
     let r = redis(&ns).await;
     let legacy = format!("{ns}:legacy");
+    let raw = raw_redis().await;
     let users: Vec<String> = (0..3000).map(|i| format!("l{i}")).collect();
     // Three generations, each written then SADDed while the engine drains.
     for generation in 1..=3 {
         for chunk in users.chunks(500) {
             let writes = generation_profiles(chunk, generation);
             r.write_profiles(&writes).await.unwrap();
-            let _: i64 = fred::interfaces::SetsInterface::sadd(r.client(), &legacy, chunk.to_vec())
+            let _: i64 = fred::interfaces::SetsInterface::sadd(&raw, &legacy, chunk.to_vec())
                 .await
                 .unwrap();
         }
@@ -261,7 +266,7 @@ async fn legacy_set_members_added_during_the_drain_are_not_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_profile_is_named_and_the_rest_of_the_batch_syncs() {
-    let ns = unique("badprofile");
+    let ns = Namespace::new("badprofile");
     let engine = start(&ns).await;
     let r = redis(&ns).await;
     let mut writes: Vec<(String, String)> = (0..50)
@@ -296,7 +301,7 @@ async fn a_malformed_profile_is_named_and_the_rest_of_the_batch_syncs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_user_ids_are_refused_before_anything_is_written() {
-    let ns = unique("badids");
+    let ns = Namespace::new("badids");
     let engine = start(&ns).await;
     let err = engine
         .mark_dirty(&["a".into(), "".into()])
@@ -323,7 +328,7 @@ async fn bad_user_ids_are_refused_before_anything_is_written() {
     let r = redis(&ns).await;
     assert_eq!(pending_flags(&r).await, 0);
     let exists: i64 =
-        fred::interfaces::KeysInterface::exists(r.client(), format!("{ns}:user:a:profile"))
+        fred::interfaces::KeysInterface::exists(&raw_redis().await, format!("{ns}:user:a:profile"))
             .await
             .unwrap();
     assert_eq!(exists, 0, "nothing half-applied");

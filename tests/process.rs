@@ -80,7 +80,7 @@ async fn write_generation(
 /// service is down. After each restart nothing is lost and nothing regresses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_each_stage_then_restart_loses_nothing_and_regresses_nothing() {
-    let ns = unique("crash");
+    let ns = Namespace::new("crash");
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("datasync.toml");
     let log = dir.path().join("datasync.log");
@@ -195,7 +195,7 @@ async fn sigkill_during_each_stage_then_restart_loses_nothing_and_regresses_noth
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dlq_command_lists_and_redrives() {
-    let ns = unique("dlqcli");
+    let ns = Namespace::new("dlqcli");
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("datasync.toml");
     std::fs::write(&config, config_toml(&ns)).unwrap();

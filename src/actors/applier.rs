@@ -6,19 +6,17 @@
 
 use super::{
     Shared, StageError, ask,
-    dlq::{DeadLetter, DlqActor, Record as DlqRecord},
+    dlq::{DlqActor, Record as DlqRecord},
     guard, restart_pause,
 };
 use crate::{
     cache::AppliedCache,
-    clients::{
-        mongo::{Change, MongoStore, Outcome},
-        redis::Section,
-    },
+    clients::mongo::{Change, MongoStore, Outcome},
     config::ApplierConfig,
     faults::{HoldPoint, Stage},
     health::Backend,
-    proto::{self, SyncType, UserProfileSyncEvent},
+    model::{DeadLetter, DlqStage, Section, now_ms},
+    proto::{self, UserProfileSyncEvent},
 };
 use actix::prelude::*;
 use rdkafka::{
@@ -52,21 +50,6 @@ pub struct Collapsed {
     pub poison: Vec<(usize, String, String)>,
 }
 
-fn section_of(t: i32) -> Section {
-    if t == SyncType::StaticImmediate as i32 {
-        Section::Static
-    } else {
-        Section::Dynamic
-    }
-}
-
-pub fn section_label(s: Section) -> &'static str {
-    match s {
-        Section::Static => "static",
-        Section::Dynamic => "dynamic",
-    }
-}
-
 /// Decodes a window and keeps the newest version per user and section.
 pub fn collapse(records: &[Record]) -> Collapsed {
     let mut out = Collapsed::default();
@@ -91,7 +74,7 @@ pub fn collapse(records: &[Record]) -> Collapsed {
                 continue;
             }
         };
-        let section = section_of(event.sync_type);
+        let section = Section::of_sync_type(event.sync_type);
         let change = Change {
             user_id: event.user_id,
             section,
@@ -167,13 +150,6 @@ impl Handler<ApplyWindow> for MongoApplier {
     }
 }
 
-/// Which topic a consumer loop serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Static,
-    Dynamic,
-}
-
 /// Static windows in flight; the dynamic loop waits for none before it
 /// submits a window, so a ban is not queued behind a dynamic backlog.
 #[derive(Debug, Default)]
@@ -233,8 +209,12 @@ pub struct ConsumerLoop {
     pub redis: crate::clients::redis::RedisStore,
     pub config: ApplierConfig,
     pub shared: Shared,
-    pub role: Role,
+    /// The section whose topic this loop serves.
+    pub role: Section,
     pub gate: Arc<PriorityGate>,
+    /// The offsets of the last windows committed, committed once more,
+    /// synchronously, when the loop stops.
+    pub last_commit: std::sync::Mutex<Option<TopicPartitionList>>,
 }
 
 /// A window whose write is under way in the MongoApplier.
@@ -253,6 +233,20 @@ impl ConsumerLoop {
     /// windows at most), and finishes windows strictly in order, so offsets are
     /// committed in order and never past an unwritten window.
     pub async fn run(self) {
+        self.consume().await;
+        // The last commit again, waiting for the broker this time, so the
+        // next owner of these partitions starts after what this loop applied
+        // (never past it: only applied windows' offsets are in it).
+        let last = self.last_commit.lock().expect("not poisoned").take();
+        if let Some(tpl) = last
+            && let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync)
+        {
+            tracing::warn!(error = %e, "final offset commit failed");
+        }
+        tracing::info!(section = self.role.label(), "consumer loop stopped");
+    }
+
+    async fn consume(&self) {
         let mut in_flight: Option<InFlight> = None;
         loop {
             let window = match in_flight.as_mut() {
@@ -282,7 +276,7 @@ impl ConsumerLoop {
                     }
                 }
             };
-            if self.role == Role::Dynamic {
+            if self.role == Section::Dynamic {
                 self.gate.wait_idle(&self.shared.stats).await;
             }
             let next = self.submit(window);
@@ -298,7 +292,6 @@ impl ConsumerLoop {
             let r = (&mut f.request).await;
             self.finish(f, r).await;
         }
-        tracing::info!("mongo applier stopped");
     }
 
     /// Waits for a first record, then gathers a window. `None` once the engine
@@ -346,6 +339,7 @@ impl ConsumerLoop {
 
     /// Collapses a window and hands it to the MongoApplier.
     fn submit(&self, window: Vec<Record>) -> InFlight {
+        self.shared.faults.check(Stage::ConsumerLoop);
         let collapsed = collapse(&window);
         for (i, _, err) in &collapsed.poison {
             let r = &window[*i];
@@ -354,10 +348,10 @@ impl ConsumerLoop {
                 .poison(&format!("{}[{}]@{}: {err}", r.topic, r.partition, r.offset));
         }
         for (section, n) in &collapsed.superseded {
-            self.shared.stats.stale(section_label(*section), *n);
+            self.shared.stats.stale(section.label(), *n);
         }
         let changes = Arc::new(collapsed.changes);
-        if self.role == Role::Static {
+        if self.role == Section::Static {
             self.gate.enter();
         }
         let request = Box::pin(self.applier.send(ApplyWindow(changes.clone())));
@@ -376,27 +370,27 @@ impl ConsumerLoop {
         r: &Record,
         user_id: String,
         version: i64,
-        stage: &'static str,
+        stage: DlqStage,
         error: String,
     ) -> DeadLetter {
         let kept = match self.role {
-            Role::Static if stage == "apply" => {
+            Section::Static if stage == DlqStage::Apply => {
                 "; the change stays pending in Redis: redrive it to publish it again with a new version"
             }
             _ => "",
         };
         DeadLetter {
             detail: format!(
-                "stage {stage}: consumed from {} partition {} offset {}; not retried; the offset is committed after this record is stored{kept}",
-                r.topic, r.partition, r.offset
+                "stage {}: consumed from {} partition {} offset {}; not retried; the offset is committed after this record is stored{kept}",
+                stage.label(),
+                r.topic,
+                r.partition,
+                r.offset
             ),
             user_id,
             version,
             stage,
-            sync_type: match self.role {
-                Role::Static => "static",
-                Role::Dynamic => "dynamic",
-            },
+            section: self.role,
             original_event: r.payload.clone(),
             error,
             retry_count: 0,
@@ -435,9 +429,9 @@ impl ConsumerLoop {
     /// start applies it).
     async fn finish(&self, f: InFlight, first: WriteResult) -> bool {
         let go_on =
-            self.role != Role::Static || self.shared.faults.pass(HoldPoint::StaticWindow).await;
+            self.role != Section::Static || self.shared.faults.pass(HoldPoint::StaticWindow).await;
         let done = go_on && self.write_outcomes(f, first).await;
-        if self.role == Role::Static {
+        if self.role == Section::Static {
             self.gate.leave();
         }
         done
@@ -480,19 +474,19 @@ impl ConsumerLoop {
         health.set_up(Backend::Mongo);
         let stats = &self.shared.stats;
 
-        let now_ms = crate::actors::publisher::now_ms();
+        let now_ms = now_ms();
         let mut known = Vec::with_capacity(changes.len());
         let mut counts: HashMap<(Section, bool), u64> = HashMap::new();
         let mut dead: Vec<DeadLetter> = poison
             .into_iter()
-            .map(|(i, user, err)| self.dead_letter(&window[i], user, 0, "decode", err))
+            .map(|(i, user, err)| self.dead_letter(&window[i], user, 0, DlqStage::Decode, err))
             .collect();
         for ((c, o), &i) in changes.iter().zip(&outcomes).zip(&origins) {
             match o {
                 Outcome::Applied => {
                     *counts.entry((c.section, true)).or_default() += 1;
                     stats.flag_to_applied(
-                        section_label(c.section),
+                        c.section.label(),
                         (now_ms - c.marked_at_ms).max(0) as f64 / 1000.0,
                     );
                     known.push((c.user_id.as_str(), c.section, c.version));
@@ -508,7 +502,7 @@ impl ConsumerLoop {
                         &window[i],
                         c.user_id.clone(),
                         c.version,
-                        "apply",
+                        DlqStage::Apply,
                         err,
                     ));
                 }
@@ -516,9 +510,9 @@ impl ConsumerLoop {
         }
         for ((section, applied), n) in counts {
             if applied {
-                stats.applied(section_label(section), n);
+                stats.applied(section.label(), n);
             } else {
-                stats.stale(section_label(section), n);
+                stats.stale(section.label(), n);
             }
         }
         if !self.record_dead(dead).await {
@@ -533,7 +527,7 @@ impl ConsumerLoop {
             .filter(|(_, o)| **o == Outcome::Applied)
             .map(|(c, _)| c.user_id.as_str())
             .collect();
-        if self.role == Role::Static {
+        if self.role == Section::Static {
             // Settled in MongoDB (applied, or superseded by a newer version):
             // profile reads no longer need the pending copy. A rejected change
             // stays pending, so a DLQ redrive can publish it again.
@@ -571,10 +565,25 @@ impl ConsumerLoop {
                 return;
             }
         }
-        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync) {
-            // Not fatal: the window is applied; a replay after a restart is a
-            // no-op by the version rules.
+        // Asynchronous: the commit is sent in the background, so no thread
+        // blocks on the broker. A commit that fails is not fatal: the window is
+        // applied, and a replay after a restart is a no-op by the version rules.
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
             tracing::warn!(error = %e, "offset commit failed");
+        }
+        let mut last = self.last_commit.lock().expect("not poisoned");
+        match last.as_mut() {
+            // Keep the furthest offset of every partition seen so far.
+            Some(prev) => {
+                for e in tpl.elements() {
+                    let _ = if prev.find_partition(e.topic(), e.partition()).is_some() {
+                        prev.set_partition_offset(e.topic(), e.partition(), e.offset())
+                    } else {
+                        prev.add_partition_offset(e.topic(), e.partition(), e.offset())
+                    };
+                }
+            }
+            None => *last = Some(tpl),
         }
     }
 }
@@ -583,6 +592,7 @@ impl ConsumerLoop {
 mod tests {
     use super::*;
     use crate::actors::publisher::{Outgoing, build_event};
+    use crate::proto::SyncType;
     use mongodb::bson::doc;
     use prost::Message;
 

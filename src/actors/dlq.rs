@@ -12,11 +12,9 @@
 
 use super::{Shared, StageError, guard, restart_pause};
 use crate::{
-    clients::{
-        kafka,
-        redis::{RedisStore, Section},
-    },
+    clients::{kafka, redis::RedisStore},
     health::Backend,
+    model::{DeadLetter, Section, now_ms},
     proto::{DlqMessage, ErrorContext},
 };
 use actix::prelude::*;
@@ -27,40 +25,6 @@ use std::time::Duration;
 
 /// Records forwarded from the outbox per round.
 const FORWARD_BATCH: u64 = 500;
-
-/// One change that could not be synced.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    /// Empty when the record could not even be decoded.
-    pub user_id: String,
-    /// The change's version (0 when unknown).
-    pub version: i64,
-    /// Where it failed: `load`, `publish`, `decode`, `apply` or `immediate`.
-    pub stage: &'static str,
-    /// `static` or `dynamic` (the section the change was for).
-    pub sync_type: &'static str,
-    /// The encoded event, or the raw bytes that failed to decode.
-    pub original_event: Vec<u8>,
-    pub error: String,
-    /// Context beyond the message: the error chain and where the record was.
-    pub detail: String,
-    pub retry_count: u32,
-    /// The Kafka topic the event was bound for or read from.
-    pub topic: String,
-    pub partition: Option<i32>,
-    pub offset: Option<i64>,
-}
-
-impl DeadLetter {
-    /// The profile section the change was for.
-    pub fn section(&self) -> Section {
-        if self.sync_type == "static" {
-            Section::Static
-        } else {
-            Section::Dynamic
-        }
-    }
-}
 
 /// An open dead letter, as stored in Redis and shown by `GET /v1/dlq`. Each
 /// user has at most one open entry per section.
@@ -105,28 +69,18 @@ pub struct DlqActor {
     producer: FutureProducer,
     topic: String,
     shared: Shared,
-    forward_interval: Duration,
-    forwarding: bool,
     restarts: u32,
 }
 
 impl DlqActor {
     pub const NAME: &'static str = "DlqActor";
 
-    pub fn new(
-        redis: RedisStore,
-        producer: FutureProducer,
-        topic: String,
-        forward_interval: Duration,
-        shared: Shared,
-    ) -> Self {
+    pub fn new(redis: RedisStore, producer: FutureProducer, topic: String, shared: Shared) -> Self {
         Self {
             redis,
             producer,
             topic,
             shared,
-            forward_interval,
-            forwarding: false,
             restarts: 0,
         }
     }
@@ -137,24 +91,6 @@ impl Actor for DlqActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         restart_pause(self.restarts, ctx);
-        self.forwarding = false;
-        ctx.run_interval(self.forward_interval, |act, ctx| {
-            if act.forwarding || act.shared.cancel.is_cancelled() {
-                return;
-            }
-            act.forwarding = true;
-            let (redis, producer, topic, shared) = (
-                act.redis.clone(),
-                act.producer.clone(),
-                act.topic.clone(),
-                act.shared.clone(),
-            );
-            ctx.spawn(
-                async move { forward_parked(&redis, &producer, &topic, &shared).await }
-                    .into_actor(act)
-                    .map(|_, act, _| act.forwarding = false),
-            );
-        });
     }
 }
 
@@ -198,7 +134,7 @@ async fn record(
     let known: Vec<(String, Section)> = letters
         .iter()
         .filter(|l| !l.user_id.is_empty())
-        .map(|l| (l.user_id.clone(), l.section()))
+        .map(|l| (l.user_id.clone(), l.section))
         .collect();
     let keys: Vec<(&str, Section)> = known.iter().map(|(u, s)| (u.as_str(), *s)).collect();
     let open = shared
@@ -215,11 +151,10 @@ async fn record(
             Some((*k, e.version))
         })
         .collect();
-    let now = crate::actors::publisher::now_ms();
+    let now = now_ms();
     let mut fresh = Vec::new();
     for l in letters {
-        if !l.user_id.is_empty() && open.get(&(l.user_id.as_str(), l.section())) == Some(&l.version)
-        {
+        if !l.user_id.is_empty() && open.get(&(l.user_id.as_str(), l.section)) == Some(&l.version) {
             out.duplicates += 1;
         } else {
             fresh.push(l);
@@ -283,8 +218,8 @@ async fn record(
             let e = DlqEntry {
                 user_id: l.user_id.clone(),
                 version: l.version,
-                stage: l.stage.to_string(),
-                sync_type: l.sync_type.to_string(),
+                stage: l.stage.label().to_string(),
+                sync_type: l.section.label().to_string(),
                 error: l.error.clone(),
                 detail: l.detail.clone(),
                 retry_count: l.retry_count,
@@ -296,7 +231,7 @@ async fn record(
             };
             (
                 l.user_id.as_str(),
-                l.section(),
+                l.section,
                 serde_json::to_string(&e).expect("entries serialize"),
             )
         })
@@ -307,13 +242,12 @@ async fn record(
             redis.dlq_put(&entries)
         })
         .await?;
-    let mut by_stage: std::collections::BTreeMap<(&'static str, &'static str), u64> =
-        Default::default();
+    let mut by_stage: std::collections::BTreeMap<_, u64> = Default::default();
     for l in &fresh {
-        *by_stage.entry((l.stage, l.sync_type)).or_default() += 1;
+        *by_stage.entry((l.stage, l.section)).or_default() += 1;
     }
-    for ((stage, sync_type), n) in by_stage {
-        shared.stats.dlq_recorded(stage, sync_type, n);
+    for ((stage, section), n) in by_stage {
+        shared.stats.dlq_recorded(stage, section, n);
     }
     out.recorded = fresh.len() as u64;
     tracing::warn!(
@@ -337,6 +271,25 @@ fn record_key(l: &DeadLetter) -> String {
         )
     } else {
         l.user_id.clone()
+    }
+}
+
+/// The dead-letter forwarder, a task of its own (see [`crate::tasks`]): every
+/// `every`, refreshes the DLQ gauges and forwards parked records once Kafka
+/// answers. Runs until the engine stops.
+pub async fn run_forwarder(
+    redis: RedisStore,
+    producer: FutureProducer,
+    topic: String,
+    shared: Shared,
+    every: Duration,
+) {
+    loop {
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        forward_parked(&redis, &producer, &topic, &shared).await;
     }
 }
 

@@ -1,10 +1,8 @@
-//! ProfileLoader: reads the profiles of a page of flags from Redis, pipelined.
+//! ProfileLoader: reads the profiles of a page of flags from Redis, pipelined,
+//! and parses each into the document its event carries.
 
 use super::{Flag, Shared, StageError, guard, restart_pause};
-use crate::{
-    clients::redis::{ProfileError, RedisStore},
-    faults::Stage,
-};
+use crate::{clients::redis::RedisStore, faults::Stage, model::ProfileError};
 use actix::prelude::*;
 use mongodb::bson::Document;
 
@@ -62,7 +60,16 @@ impl Handler<Load> for ProfileLoader {
                     redis.load_profiles(&users)
                 })
                 .await?;
-            Ok(flags.into_iter().zip(profiles).collect())
+            // Parsing here, not in the Redis client: the client hands back what
+            // Redis holds, the loader decides what a profile is.
+            Ok(flags
+                .into_iter()
+                .zip(profiles)
+                .map(|(flag, raw)| {
+                    let doc = raw.and_then(|r| r.to_document(&redis.keys().profile(&flag.user_id)));
+                    (flag, doc)
+                })
+                .collect())
         })
     }
 }

@@ -17,6 +17,7 @@ pub mod loader;
 pub mod publisher;
 pub mod resolver;
 pub mod scanner;
+pub mod static_path;
 
 use crate::{
     cache::CacheError,

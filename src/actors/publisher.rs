@@ -146,7 +146,7 @@ pub fn build_event(
         profile_data: proto::pack_profile(&item.profile)
             .map_err(|e| PublishError::Encode(e.to_string()))?,
         version: item.version,
-        timestamp: now_ms(),
+        timestamp: crate::model::now_ms(),
         // The version is the flag's hybrid clock in microseconds.
         marked_at_ms: item.version / 1000,
         event_id: uuid::Uuid::new_v4().to_string(),
@@ -154,13 +154,6 @@ pub fn build_event(
         lease_epoch: item.lease_epoch,
         base_version: item.base_version,
     })
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn type_label(t: SyncType) -> &'static str {

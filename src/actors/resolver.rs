@@ -2,7 +2,7 @@
 //! MongoDB cache.
 
 use super::{Shared, StageError, guard, restart_pause};
-use crate::{cache::AppliedCache, clients::redis::Section, faults::Stage};
+use crate::{cache::AppliedCache, faults::Stage, model::Section};
 use actix::prelude::*;
 use std::collections::HashMap;
 

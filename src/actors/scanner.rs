@@ -5,20 +5,24 @@
 
 use super::{
     Flag, Shared, StageError, ask,
-    dlq::{DeadLetter, DlqActor, Record},
+    dlq::{DlqActor, Record},
+    guard,
     loader::{Load, ProfileLoader},
     publisher::{KafkaPublisher, Outgoing, Publish, PublishFailure},
     resolver::{Resolve, VersionResolver},
+    restart_pause,
+    static_path::StaticPath,
 };
 use crate::{
     clients::{
         kafka,
         mongo::MongoStore,
-        redis::{ProfileError, RedisError, RedisStore, Section},
+        redis::{RedisError, RedisStore},
     },
     config::SyncConfig,
-    faults::HoldPoint,
+    faults::{HoldPoint, Stage},
     health::Backend,
+    model::{DeadLetter, DlqStage, ProfileError, Section, now_ms, now_us},
     proto::{SyncType, UserProfileSyncEvent},
 };
 use actix::prelude::*;
@@ -76,6 +80,8 @@ impl CycleReport {
 /// Everything a cycle needs; shared by the scan loop and on-demand scans.
 pub struct Pipeline {
     pub redis: RedisStore,
+    /// Republishes pending immediate changes.
+    pub static_path: StaticPath,
     pub loader: Addr<ProfileLoader>,
     pub resolver: Addr<VersionResolver>,
     pub publisher: Addr<KafkaPublisher>,
@@ -96,40 +102,60 @@ pub struct Pipeline {
     pub cycle_lock: tokio::sync::Mutex<()>,
 }
 
+/// Serves on-demand cycles ([`ScanNow`]); the scheduled cycles run in the
+/// scan loop ([`run_loop`]), a supervised task of its own.
 pub struct ShardScanner {
     pipeline: Arc<Pipeline>,
+    restarts: u32,
 }
 
 impl ShardScanner {
     pub fn new(pipeline: Arc<Pipeline>) -> Self {
-        Self { pipeline }
+        Self {
+            pipeline,
+            restarts: 0,
+        }
     }
+}
+
+impl ShardScanner {
+    pub const NAME: &'static str = "ShardScanner";
 }
 
 impl Actor for ShardScanner {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.spawn(run_loop(self.pipeline.clone()).into_actor(self));
+        restart_pause(self.restarts, ctx);
     }
 }
 
-impl Supervised for ShardScanner {}
+impl Supervised for ShardScanner {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.restarts += 1;
+    }
+}
 
 /// Runs one cycle now (besides the scheduled ones) and reports what it did.
 #[derive(Message)]
-#[rtype(result = "CycleReport")]
+#[rtype(result = "Result<CycleReport, StageError>")]
 pub struct ScanNow;
 
 impl Handler<ScanNow> for ShardScanner {
-    type Result = ResponseFuture<CycleReport>;
+    type Result = ResponseActFuture<Self, Result<CycleReport, StageError>>;
 
     fn handle(&mut self, _: ScanNow, _: &mut Context<Self>) -> Self::Result {
-        Box::pin(run_cycle(self.pipeline.clone()))
+        let p = self.pipeline.clone();
+        guard(Self::NAME, p.shared.stats.clone(), async move {
+            Ok(run_cycle(p).await)
+        })
     }
 }
 
-async fn run_loop(p: Arc<Pipeline>) {
+/// The scheduled cycles, every `sync.interval` (or back to back in continuous
+/// mode), until the engine stops. A panic in a cycle ends the loop; its
+/// supervisor restarts it, and the flags of the interrupted pages stay.
+pub async fn run_loop(p: Arc<Pipeline>) {
     loop {
         if p.shared.cancel.is_cancelled() {
             break;
@@ -230,13 +256,6 @@ pub async fn run_cycle(p: Arc<Pipeline>) -> CycleReport {
     };
     p.shared.stats.cycle_done(age);
     report
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }
 
 /// Moves the legacy set's members into the sharded flags. Each batch is first
@@ -349,7 +368,9 @@ async fn scan_shard(p: &Pipeline, shard: u32) -> CycleReport {
             break;
         }
     }
-    shared.stats.shard_scanned(shard, now_us() as f64 / 1e6);
+    shared
+        .stats
+        .shard_scanned(shard, p.sync.shards, now_us() as f64 / 1e6);
     report
 }
 
@@ -378,6 +399,8 @@ pub async fn process_page(
     stats.flags_scanned(report.scanned);
 
     let loaded = ask(ProfileLoader::NAME, &p.loader, Load(flags)).await?;
+    // A page loaded and not yet published: where an injected panic hurts most.
+    p.shared.faults.check(Stage::Scanner);
     let mut ready = Vec::with_capacity(loaded.len());
     let mut dead = Vec::new();
     for (flag, profile) in loaded {
@@ -471,7 +494,7 @@ pub async fn process_page(
 /// Publishes the shard's accepted immediate changes that the broker never
 /// confirmed (Kafka was down, or the accepting process died), once they are
 /// older than the grace period, and those a DLQ redrive put back in line, at
-/// once; confirmed ones are marked acknowledged.
+/// once, through the same static path as the immediate API.
 async fn redrive_static(p: &Pipeline, ticket: &crate::lease::Ticket) -> Result<u64, StageError> {
     let shared = &p.shared;
     let pending = shared
@@ -481,50 +504,23 @@ async fn redrive_static(p: &Pipeline, ticket: &crate::lease::Ticket) -> Result<u
         })
         .await?;
     let cutoff = now_us() - p.static_grace.as_micros() as i64;
-    let items: Vec<Outgoing> = pending
+    let due = pending
         .into_iter()
         .filter(|c| c.redriven || c.version < cutoff)
-        .filter_map(|c| {
-            let value: serde_json::Value = serde_json::from_str(&c.json).ok()?;
-            let mongodb::bson::Bson::Document(profile) = crate::proto::json_to_bson(&value) else {
-                return None;
-            };
-            Some(Outgoing {
-                user_id: c.user_id,
-                version: c.version,
-                profile,
-                base_version: 0,
-                lease_epoch: ticket.epoch,
-            })
-        })
         .collect();
-    if items.is_empty() {
-        return Ok(0);
-    }
-    let keys: Vec<(String, i64)> = items
-        .iter()
-        .map(|i| (i.user_id.clone(), i.version))
-        .collect();
-    let publish = Publish {
-        sync_type: SyncType::StaticImmediate,
-        items,
-    };
-    let results = ask(KafkaPublisher::NAME, &p.publisher, publish).await?;
-    let done: Vec<(&str, i64)> = keys
-        .iter()
-        .zip(&results)
-        .filter(|(_, r)| r.is_ok())
-        .map(|((u, v), _)| (u.as_str(), *v))
-        .collect();
-    p.redis.static_acked(&done).await?;
-    if !done.is_empty() {
+    let results = p
+        .static_path
+        .publish(StaticPath::items(due, ticket.epoch))
+        .await?;
+    let done = results.iter().filter(|r| r.is_ok()).count() as u64;
+    if done > 0 {
         tracing::info!(
             shard = ticket.shard,
-            published = done.len(),
+            published = done,
             "pending immediate changes published"
         );
     }
-    Ok(done.len() as u64)
+    Ok(done)
 }
 
 /// The event a flag would have produced, without data: what a dead letter of
@@ -534,7 +530,7 @@ fn bare_event(p: &Pipeline, flag: &Flag) -> Vec<u8> {
         user_id: flag.user_id.clone(),
         sync_type: SyncType::DynamicBatch as i32,
         version: flag.version,
-        timestamp: crate::actors::publisher::now_ms(),
+        timestamp: now_ms(),
         marked_at_ms: flag.version / 1000,
         source_instance: p.shared.instance_id.clone(),
         ..Default::default()
@@ -552,8 +548,8 @@ fn load_dead_letter(p: &Pipeline, flag: Flag, e: &ProfileError) -> DeadLetter {
         ),
         user_id: flag.user_id,
         version: flag.version,
-        stage: "load",
-        sync_type: "dynamic",
+        stage: DlqStage::Load,
+        section: Section::Dynamic,
         retry_count: 0,
         topic: p.dynamic_topic.clone(),
         partition: None,
@@ -575,8 +571,8 @@ fn publish_dead_letter(p: &Pipeline, flag: Flag, f: PublishFailure) -> DeadLette
         ),
         user_id: flag.user_id,
         version: flag.version,
-        stage: "publish",
-        sync_type: "dynamic",
+        stage: DlqStage::Publish,
+        section: Section::Dynamic,
         retry_count: f.retries,
         topic: p.dynamic_topic.clone(),
         partition: None,

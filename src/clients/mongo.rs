@@ -2,7 +2,7 @@
 //! statements (unordered), which every server from 6.0 on understands; the
 //! driver's `Client::bulk_write` would need 8.0.
 
-use crate::{clients::redis::Section, config::MongoConfig};
+use crate::{config::MongoConfig, model::Section};
 use futures::TryStreamExt;
 use mongodb::{
     Client, Collection, Database, IndexModel,
@@ -68,13 +68,6 @@ pub struct MongoStore {
     /// The URL's write concern (`w`, `wtimeoutMS`, `journal`), sent with each
     /// `update` command: `run_command` does not add the client's own.
     write_concern: Option<Document>,
-}
-
-fn fields(section: Section) -> (&'static str, &'static str) {
-    match section {
-        Section::Static => ("staticProfile", "staticVersion"),
-        Section::Dynamic => ("dynamicProfile", "dynamicVersion"),
-    }
 }
 
 impl MongoStore {
@@ -245,7 +238,7 @@ fn outcomes_of_reply(reply: &Document, n: usize) -> Result<Vec<Outcome>, MongoEr
 
 /// The newer-wins upsert of one section.
 fn statement(c: &Change, now: DateTime) -> Document {
-    let (profile_field, version_field) = fields(c.section);
+    let (profile_field, version_field) = c.section.mongo_fields();
     doc! {
         "q": {
             "userId": &c.user_id,

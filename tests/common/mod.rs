@@ -76,6 +76,69 @@ timeout = "20s"
     )
 }
 
+/// The test config of `ns` with `extra` TOML layered over it.
+pub fn config_with(ns: &str, extra: &str) -> Config {
+    Config::from_layers(
+        &[
+            ("test".into(), config_toml(ns)),
+            ("extra".into(), extra.to_string()),
+        ],
+        std::iter::empty(),
+    )
+    .expect("test config is valid")
+}
+
+/// A test's namespace: its key prefix, topics, consumer groups and
+/// collection, all named after it. Dropping it deletes its keys and its
+/// collection, also when the test panics, so a failed test leaves nothing
+/// behind to slow the servers down.
+pub struct Namespace(String);
+
+impl Namespace {
+    pub fn new(name: &str) -> Self {
+        Self(unique(name))
+    }
+}
+
+impl std::ops::Deref for Namespace {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Namespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let ns = self.0.clone();
+        // A runtime of its own on a thread of its own: drop may run inside the
+        // test's runtime, or while it unwinds.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_secs(30), cleanup(&ns)).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// Stops a child process gracefully (SIGTERM) and reaps it.
+pub fn stop(child: &mut std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
 pub fn test_config(ns: &str) -> Config {
     Config::from_layers(&[("test".into(), config_toml(ns))], std::iter::empty())
         .expect("test config is valid")
@@ -152,13 +215,24 @@ pub fn generation_profiles(users: &[String], generation: i64) -> Vec<(String, St
         .collect()
 }
 
+/// A plain Redis client of the test's own, for setting up what the upstream
+/// or a crash would leave (raw keys, sets), and for cleaning up.
+pub async fn raw_redis() -> fred::clients::Client {
+    use fred::prelude::*;
+    let client = Builder::from_config(Config::from_url(&redis_url()).unwrap())
+        .build()
+        .unwrap();
+    client.init().await.expect("redis");
+    client
+}
+
 /// Drops the test's collection and every key of its namespace.
 pub async fn cleanup(ns: &str) {
     let _ = mongo(ns).await.collection().drop().await;
-    let r = redis(ns).await;
+    let r = raw_redis().await;
     for pattern in [format!("{ns}*"), format!("{{{ns}*")] {
         let _: Result<i64, _> = fred::interfaces::LuaInterface::eval(
-            r.client(),
+            &r,
             "local n=0 local c='0' repeat local r=redis.call('SCAN',c,'MATCH',ARGV[1],'COUNT',1000) \
              c=r[1] for _,k in ipairs(r[2]) do redis.call('DEL',k) n=n+1 end until c=='0' return n",
             Vec::<String>::new(),

@@ -54,8 +54,9 @@ async fn seed_loop(
     for chunk in writes.chunks(1000) {
         redis.write_profiles(chunk).await?;
     }
+    let raw = crate::raw_redis(&config.redis).await?;
     for chunk in ids.chunks(1000) {
-        let _: i64 = redis.client().sadd(&set, chunk.to_vec()).await?;
+        let _: i64 = raw.sadd(&set, chunk.to_vec()).await?;
     }
     let mut k = config.kafka.clone();
     k.dynamic_topic = format!("{}-seed", config.kafka.dynamic_topic);
@@ -73,12 +74,12 @@ async fn seed_loop(
     let started = Instant::now();
     let mut done = 0;
     loop {
-        let members: Vec<String> = redis.client().smembers(&set).await?;
+        let members: Vec<String> = raw.smembers(&set).await?;
         if members.is_empty() {
             break;
         }
         for user in members.iter().filter(|u| shard_of(u, total) == instance_id) {
-            let data: Option<String> = redis.client().get(redis.keys().profile(user)).await?;
+            let data: Option<String> = raw.get(redis.keys().profile(user)).await?;
             let Some(data) = data else { continue };
             producer
                 .send(
@@ -89,7 +90,7 @@ async fn seed_loop(
                 )
                 .await
                 .map_err(|(e, _)| e)?;
-            let _: i64 = redis.client().srem(&set, user.as_str()).await?;
+            let _: i64 = raw.srem(&set, user.as_str()).await?;
             if with_mongo {
                 let current = coll.find_one(doc! { "userId": user.as_str() }).await?;
                 match current.and_then(|d| d.get_i64("dataVersion").ok()) {

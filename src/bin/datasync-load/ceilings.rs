@@ -7,8 +7,9 @@ use datasync::{
     clients::{
         kafka,
         mongo::{Change, MongoStore},
-        redis::{RedisStore, Section},
+        redis::RedisStore,
     },
+    model::Section,
 };
 use fred::prelude::*;
 use mongodb::bson::doc;
@@ -46,9 +47,10 @@ async fn redis_gets(config: &Config, ops: usize, payload: &str) -> anyhow::Resul
             .collect();
         redis.write_profiles(&w).await?;
     }
+    let raw = crate::raw_redis(&config.redis).await?;
     let started = Instant::now();
     for chunk in users.chunks(1000) {
-        let pipe = redis.client().pipeline();
+        let pipe = raw.pipeline();
         for u in chunk {
             let _: () = pipe.get(redis.keys().profile(u)).await?;
         }
@@ -57,7 +59,7 @@ async fn redis_gets(config: &Config, ops: usize, payload: &str) -> anyhow::Resul
     let r = rate(ops, started.elapsed());
     let keys: Vec<String> = users.iter().map(|u| redis.keys().profile(u)).collect();
     for chunk in keys.chunks(1000) {
-        let _: i64 = redis.client().del(chunk.to_vec()).await?;
+        let _: i64 = raw.del(chunk.to_vec()).await?;
     }
     Ok(r)
 }

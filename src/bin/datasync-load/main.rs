@@ -102,12 +102,19 @@ async fn start_engines(sc: &Scenario, ns: &str, applier: bool) -> anyhow::Result
     Ok(engines)
 }
 
-/// Flags not yet published: every shard's, plus the legacy set and its draining set.
+/// Flags not yet published: every shard's, plus the legacy set's members
+/// waiting or popped and not yet acknowledged.
 async fn pending(redis: &RedisStore) -> anyhow::Result<u64> {
     let n = redis.count_flags(0..redis.shards()).await?;
-    let legacy: u64 = redis.client().scard(redis.keys().legacy()).await?;
-    let draining: u64 = redis.client().scard(redis.keys().legacy_draining()).await?;
-    Ok(n + legacy + draining)
+    Ok(n + redis.legacy_pending().await?)
+}
+
+/// A plain Redis client of the harness's own, for what the seed's code does
+/// with Redis directly (the seed baseline) and for raw ceilings.
+pub async fn raw_redis(c: &datasync::config::RedisConfig) -> anyhow::Result<fred::clients::Client> {
+    let client = Builder::from_config(fred::prelude::Config::from_url(c.url.expose())?).build()?;
+    client.init().await?;
+    Ok(client)
 }
 
 /// The publish stage alone: engines without an applier and with no scheduled
@@ -463,7 +470,7 @@ async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Result<
                 if !old.is_empty() {
                     redis.write_profiles(&old).await?;
                     let ids: Vec<String> = old.into_iter().map(|(u, _)| u).collect();
-                    let _: i64 = redis.client().sadd(redis.keys().legacy(), ids).await?;
+                    redis.legacy_add(&ids).await?;
                 }
                 sent += chunk.len() as u64;
             }

@@ -1,0 +1,203 @@
+//! Redis: the source of profiles and dirty flags, the version clocks, the
+//! leases, the dead-letter entries and the L2 cache of applied versions.
+//!
+//! [`RedisStore`] is one type with an `impl` block per concern, one file each:
+//!
+//! - [`flags`]: marking users dirty (versions from the shard clocks), reading a
+//!   shard's flags oldest-first, and the fenced compare-and-delete that clears
+//!   them once published: `scripts/mark.lua`, `scripts/clear_flags.lua`.
+//! - [`profiles`]: writing and loading the upstream's profiles.
+//! - [`legacy`]: draining the seed's `SADD` flag set.
+//! - [`static_pending`]: immediate changes accepted and not yet in MongoDB.
+//! - [`applied`]: the L2 cache of applied versions.
+//! - [`profile_cache`]: the L2 cache of composed profiles for reads.
+//! - [`leases`]: shard leases, fencing epochs and membership heartbeats.
+//! - [`dlq`]: open dead-letter entries; [`outbox`]: dead letters parked while
+//!   Kafka is away.
+//!
+//! Every multi-key operation is a Lua script over the keys of one shard (one
+//! cluster slot), kept as a file under `scripts/` whose header states its KEYS,
+//! ARGV and reply; shared fragments live in `scripts/includes/`. Scripts are
+//! loaded once and called by SHA. Every per-user read is pipelined.
+
+mod applied;
+mod dlq;
+mod flags;
+mod leases;
+mod legacy;
+mod outbox;
+mod profile_cache;
+mod profiles;
+mod static_pending;
+
+pub use legacy::LegacyPop;
+pub use profile_cache::CACHE_PLACEHOLDER;
+pub use static_pending::{PendingState, PendingStatic};
+
+use crate::{
+    config::RedisConfig,
+    model::Section,
+    shard::{Keys, shard_of},
+};
+use fred::{prelude::*, types::scripts::Script};
+use std::{collections::BTreeMap, time::Duration};
+
+/// A Lua script from `scripts/`, with the fragments it names from
+/// `scripts/includes/` put before it; built once, called by SHA.
+macro_rules! lua_script {
+    ($file:literal $(, $include:literal)*) => {
+        std::sync::LazyLock::new(|| {
+            fred::types::scripts::Script::from_lua(concat!(
+                $(include_str!(concat!("scripts/includes/", $include)), "\n",)*
+                include_str!(concat!("scripts/", $file))
+            ))
+        })
+    };
+}
+use lua_script;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    #[error("redis: {0}")]
+    Command(#[from] fred::error::Error),
+    /// The shard's lease is no longer the caller's: another instance owns it.
+    #[error("shard {shard}: lease lost; the new owner handles its flags")]
+    Fenced { shard: u32 },
+    #[error("redis returned an unexpected reply to {what}: {reply}")]
+    Reply { what: &'static str, reply: String },
+}
+
+impl crate::retry::Retryable for RedisError {
+    /// Connection trouble and timeouts pass; a bad reply does not.
+    fn is_retryable(&self) -> bool {
+        match self {
+            RedisError::Command(e) => {
+                !matches!(e.kind(), ErrorKind::InvalidArgument | ErrorKind::Parse)
+            }
+            RedisError::Reply { .. } | RedisError::Fenced { .. } => false,
+        }
+    }
+}
+
+/// The Redis side of datasync.
+#[derive(Clone)]
+pub struct RedisStore {
+    pool: Pool,
+    keys: Keys,
+    shards: u32,
+}
+
+impl RedisStore {
+    /// Connects a pool (cluster routing when configured) with reconnection.
+    pub async fn connect(c: &RedisConfig, shards: u32) -> Result<Self, RedisError> {
+        let mut url = c.url.expose().to_string();
+        if c.cluster && url.starts_with("redis://") {
+            url = url.replacen("redis://", "redis-cluster://", 1);
+        }
+        let config = Config::from_url(&url)?;
+        let pool = Builder::from_config(config)
+            .with_connection_config(|cc| {
+                cc.connection_timeout = Duration::from_secs(5);
+                cc.internal_command_timeout = Duration::from_secs(10);
+            })
+            .with_performance_config(|p| {
+                p.default_command_timeout = Duration::from_secs(30);
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+            .build_pool(c.pool_size)?;
+        pool.init().await?;
+        Ok(Self {
+            pool,
+            keys: Keys::from_config(c),
+            shards,
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn shards(&self) -> u32 {
+        self.shards
+    }
+
+    /// Runs a version-allocating script (MARK, STAGE_STATIC) once per shard, all
+    /// shards at once. Its KEYS are `first(shard)`, the shard's clock, then each
+    /// user's profile-cache key; its ARGV are `args(i)` for each user index `i`.
+    /// Returns one version per user, in input order.
+    async fn allocate_versions(
+        &self,
+        script: &Script,
+        users: &[&str],
+        first: impl Fn(u32) -> String,
+        args: impl Fn(usize) -> Vec<String>,
+    ) -> Result<Vec<i64>, RedisError> {
+        let by_shard = self.by_shard(users.iter().copied());
+        let calls = by_shard.iter().map(|(&shard, idx)| {
+            let mut keys = Vec::with_capacity(idx.len() + 2);
+            keys.push(first(shard));
+            keys.push(self.keys.clock(shard));
+            keys.extend(
+                idx.iter()
+                    .map(|&i| self.keys.profile_cache(shard, users[i])),
+            );
+            let argv: Vec<String> = idx.iter().flat_map(|&i| args(i)).collect();
+            async move {
+                let v: Vec<i64> = script
+                    .evalsha_with_reload(self.client(), keys, argv)
+                    .await?;
+                Ok::<_, RedisError>(v)
+            }
+        });
+        let results = futures::future::try_join_all(calls).await?;
+        let mut out = vec![0; users.len()];
+        for ((_, idx), versions) in by_shard.iter().zip(results) {
+            if versions.len() != idx.len() {
+                return Err(RedisError::Reply {
+                    what: "version allocation",
+                    reply: format!("{} versions for {} users", versions.len(), idx.len()),
+                });
+            }
+            for (&i, v) in idx.iter().zip(versions) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Groups item indices by the shard of their user.
+    fn by_shard<'a>(&self, users: impl Iterator<Item = &'a str>) -> BTreeMap<u32, Vec<usize>> {
+        let mut m: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, u) in users.enumerate() {
+            m.entry(shard_of(u, self.shards)).or_default().push(i);
+        }
+        m
+    }
+
+    /// PING, for readiness.
+    pub async fn ping(&self) -> Result<(), RedisError> {
+        let _: String = self.client().ping(None).await?;
+        Ok(())
+    }
+
+    /// A connection of the pool, for the commands of this module's files.
+    fn client(&self) -> &Client {
+        self.pool.next()
+    }
+}
+
+/// The hash field of one section of one user: `<user>|s` or `<user>|d` (the
+/// applied-version cache and the dead-letter hash).
+fn section_field(user: &str, section: Section) -> String {
+    format!("{user}|{}", section.tag())
+}
+
+/// The inverse of [`section_field`]; a field without a section suffix (the
+/// dead-letter form of earlier releases) is dynamic.
+fn parse_section_field(field: &str) -> (&str, Section) {
+    match field.rsplit_once('|') {
+        Some((u, "s")) => (u, Section::Static),
+        Some((u, "d")) => (u, Section::Dynamic),
+        _ => (field, Section::Dynamic),
+    }
+}

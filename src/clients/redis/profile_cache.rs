@@ -1,0 +1,79 @@
+//! The L2 cache of composed profiles (`GET /v1/profiles/{id}`), filled under a
+//! placeholder so an invalidation during the composition drops the fill.
+
+use super::{RedisError, RedisStore, lua_script};
+use crate::shard::shard_of;
+use fred::{
+    prelude::*,
+    types::{Value as RValue, scripts::Script},
+};
+use std::{sync::LazyLock, time::Duration};
+
+static CACHE_FILL: LazyLock<Script> = lua_script!("cache_fill.lua");
+
+/// Values of profile-cache keys that mark a fill in progress start with this.
+pub const CACHE_PLACEHOLDER: &str = "\u{1}fill:";
+
+impl RedisStore {
+    /// The cached composed profile of `user`, or a fill placeholder: `Ok(Some)`
+    /// is a hit; `Ok(None)` means the caller placed `placeholder` and should
+    /// fill with [`cache_fill`](Self::cache_fill).
+    pub async fn cache_get_or_lease(
+        &self,
+        user: &str,
+        placeholder: &str,
+    ) -> Result<Option<String>, RedisError> {
+        let key = self.keys.profile_cache(shard_of(user, self.shards), user);
+        let pipe = self.client().pipeline();
+        let _: () = pipe
+            .set(
+                &key,
+                placeholder,
+                Some(Expiration::PX(5_000)),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await?;
+        let _: () = pipe.get(&key).await?;
+        let (_, current): (RValue, Option<String>) = pipe.all().await?;
+        Ok(current.filter(|c| c != placeholder && !c.starts_with(CACHE_PLACEHOLDER)))
+    }
+
+    /// Stores a composed profile if no invalidation happened since the lease.
+    pub async fn cache_fill(
+        &self,
+        user: &str,
+        placeholder: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<bool, RedisError> {
+        let key = self.keys.profile_cache(shard_of(user, self.shards), user);
+        let n: i64 = CACHE_FILL
+            .evalsha_with_reload(
+                self.client(),
+                vec![key],
+                vec![
+                    placeholder.to_string(),
+                    value.to_string(),
+                    ttl.as_millis().to_string(),
+                ],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Drops cached composed profiles (after MongoDB changed).
+    pub async fn cache_invalidate(&self, users: &[&str]) -> Result<(), RedisError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let pipe = self.client().pipeline();
+        for u in users {
+            let _: () = pipe
+                .del(self.keys.profile_cache(shard_of(u, self.shards), u))
+                .await?;
+        }
+        let _: Vec<RValue> = pipe.all().await?;
+        Ok(())
+    }
+}
