@@ -54,6 +54,25 @@ impl Secret {
     }
 }
 
+/// A connection URL with its password (if any) replaced by `***`, for logs
+/// and errors.
+pub fn mask_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        None => url.to_string(),
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
@@ -75,6 +94,7 @@ pub struct Config {
     pub retry: crate::retry::RetryConfig,
     pub dlq: DlqConfig,
     pub shutdown: ShutdownConfig,
+    pub startup: StartupConfig,
     pub telemetry: TelemetryConfig,
 }
 
@@ -255,6 +275,21 @@ pub struct ShutdownConfig {
     /// Time allowed for a graceful stop.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct StartupConfig {
+    /// How long to keep trying Redis at start before giving up (without it
+    /// nothing can be accepted safely).
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
+    /// Fail at start unless Kafka and MongoDB answer within
+    /// `backends_timeout`, instead of starting degraded and connecting in the
+    /// background.
+    pub require_backends: bool,
+    /// With `require_backends`: how long to wait for them.
+    #[serde(with = "humantime_serde")]
+    pub backends_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -559,6 +594,20 @@ mod tests {
         let err = load("[sync]\npage_size = \"many\"\n", &[]).unwrap_err();
         let all = err.problems.join("\n");
         assert!(all.contains("page_size"), "{all}");
+    }
+
+    #[test]
+    fn urls_are_masked() {
+        assert_eq!(mask_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(
+            mask_url("rediss://app:s3cret@cache:6380/0"),
+            "rediss://app:***@cache:6380/0"
+        );
+        assert_eq!(
+            mask_url("mongodb://u:p@db:27017/?authSource=admin"),
+            "mongodb://u:***@db:27017/?authSource=admin"
+        );
+        assert_eq!(mask_url("127.0.0.1:9092"), "127.0.0.1:9092");
     }
 
     #[test]

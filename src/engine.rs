@@ -5,7 +5,6 @@
 //! The actors run in an actix `System` on a dedicated thread, so a host
 //! application can embed the engine from any tokio runtime.
 
-use crate::tasks::{Supervision, supervise};
 use crate::{
     actors::{
         Shared,
@@ -27,6 +26,12 @@ use crate::{
     profiles::{ComposedProfile, ProfileCacheStats, ProfileReader},
     strategy::{ImmediateSync, Receipt, SyncContext, SyncStrategy},
     telemetry::{Stats, StatsSnapshot},
+};
+use crate::{
+    backends::BringUp,
+    config::mask_url,
+    health::Backend,
+    tasks::{Supervision, supervise},
 };
 use actix::{Arbiter, Supervisor};
 use std::convert::Infallible;
@@ -59,6 +64,7 @@ pub struct Engine {
 
 struct Inner {
     config: Config,
+    ready: crate::backends::Ready,
     intake: Arc<SyncContext>,
     instance_id: String,
     redis: RedisStore,
@@ -85,6 +91,7 @@ struct Inner {
 pub struct PublishHold(#[allow(dead_code)] OwnedRwLockWriteGuard<()>);
 
 struct Started {
+    ready: crate::backends::Ready,
     intake: Arc<SyncContext>,
     profiles: Arc<ProfileReader>,
     redis: RedisStore,
@@ -147,9 +154,10 @@ impl Engine {
             Err(_) => return Err(EngineError::Aborted),
         };
         tracing::info!(instance = %instance_id, mode = ?config.instance.mode, "engine started");
-        Ok(Engine {
+        let engine = Engine {
             inner: Arc::new(Inner {
                 config,
+                ready: started.ready,
                 intake: started.intake,
                 instance_id,
                 redis: started.redis,
@@ -171,7 +179,32 @@ impl Engine {
                 system: started.system,
                 thread: Mutex::new(Some(thread)),
             }),
+        };
+        if engine.inner.config.startup.require_backends
+            && let Err(e) = crate::backends::require(
+                &engine.inner.ready,
+                &engine.inner.health,
+                &engine.inner.config,
+            )
+            .await
+        {
+            engine.shutdown(Duration::from_secs(5)).await;
+            return Err(e);
+        }
+        Ok(engine)
+    }
+
+    /// Waits until Kafka and MongoDB have answered (topics and index in
+    /// place), at most `timeout`; false if they did not in time. The engine
+    /// starts without waiting for them (see [`crate::backends`]).
+    pub async fn wait_for_backends(&self, timeout: Duration) -> bool {
+        let ready = &self.inner.ready;
+        let cancel = &self.inner.cancel;
+        tokio::time::timeout(timeout, async {
+            ready.wait(Backend::Kafka, cancel).await && ready.wait(Backend::Mongo, cancel).await
         })
+        .await
+        .unwrap_or(false)
     }
 
     pub fn config(&self) -> &Config {
@@ -415,12 +448,20 @@ async fn start_actors(
     shared: Shared,
     hold: Arc<RwLock<()>>,
 ) -> Result<Started, EngineError> {
-    let redis = RedisStore::connect(&config.redis, config.sync.shards).await?;
-    let mongo = MongoStore::connect(&config.mongo, &shared.instance_id).await?;
-    if config.kafka.create_topics {
-        kafka::ensure_topics(&config.kafka).await?;
-    }
+    // Redis first, and required; Kafka and MongoDB come up in the background.
+    let redis = crate::backends::connect_redis(&config).await?;
+    let mongo = MongoStore::connect_without_index(&config.mongo, &shared.instance_id).await?;
     let producer = kafka::producer(&config.kafka, &shared.instance_id)?;
+    let ready = BringUp {
+        kafka: config.kafka.clone(),
+        producer: producer.clone(),
+        mongo: mongo.clone(),
+        mongo_url: mask_url(config.mongo.url.expose()),
+        health: shared.health.clone(),
+        retry: config.retry.clone(),
+        cancel: shared.cancel.clone(),
+    }
+    .start();
     let cache = AppliedCache::new(
         config.cache.l1_capacity,
         config.cache.l1_ttl,
@@ -564,36 +605,67 @@ async fn start_actors(
                 window.window_max_wait = config.applier.static_window_wait;
             }
             let (done_tx, done_rx) = oneshot::channel();
-            // A fresh consumer at every (re)start: it resumes from the group's
-            // committed offsets, so a window in flight when the loop died is
-            // read again, never skipped.
+            // A fresh consumer at every (re)start, once its topic exists and
+            // the unique index is there: it resumes from the group's committed
+            // offsets, so a window in flight when the loop died is read again,
+            // never skipped.
             let make = {
                 let (kafka, group, topic) = (config.kafka.clone(), group.clone(), topic.clone());
-                let (dlq, cache, profiles, redis, shared, gate) = (
+                let (dlq, cache, profiles, redis, shared, gate, ready) = (
                     dlq.clone(),
                     cache.clone(),
                     profiles.clone(),
                     redis.clone(),
                     shared.clone(),
                     gate.clone(),
+                    ready.clone(),
                 );
-                move || -> Result<_, rdkafka::error::KafkaError> {
-                    let consumer = kafka::consumer(&kafka, &group, &shared.instance_id)?;
-                    rdkafka::consumer::Consumer::subscribe(&consumer, &[topic.as_str()])?;
-                    Ok(ConsumerLoop {
-                        consumer,
-                        applier: applier.clone(),
-                        dlq: dlq.clone(),
-                        cache: cache.clone(),
-                        profiles: profiles.clone(),
-                        redis: redis.clone(),
-                        config: window.clone(),
-                        shared: shared.clone(),
-                        role,
-                        gate: gate.clone(),
-                        last_commit: Default::default(),
-                    }
-                    .run())
+                move || {
+                    let (kafka, group, topic) = (kafka.clone(), group.clone(), topic.clone());
+                    let (applier, dlq, cache, profiles, redis, config, shared, gate, ready) = (
+                        applier.clone(),
+                        dlq.clone(),
+                        cache.clone(),
+                        profiles.clone(),
+                        redis.clone(),
+                        window.clone(),
+                        shared.clone(),
+                        gate.clone(),
+                        ready.clone(),
+                    );
+                    Ok::<_, Infallible>(async move {
+                        if !ready.wait(Backend::Kafka, &shared.cancel).await
+                            || !ready.wait(Backend::Mongo, &shared.cancel).await
+                        {
+                            return;
+                        }
+                        let consumer = match kafka::consumer(&kafka, &group, &shared.instance_id)
+                            .and_then(|c| {
+                                rdkafka::consumer::Consumer::subscribe(&c, &[topic.as_str()])
+                                    .map(|()| c)
+                            }) {
+                            Ok(c) => c,
+                            Err(e) => {
+                                tracing::error!(error = %e, %topic, "cannot create the consumer");
+                                return;
+                            }
+                        };
+                        ConsumerLoop {
+                            consumer,
+                            applier,
+                            dlq,
+                            cache,
+                            profiles,
+                            redis,
+                            config,
+                            shared,
+                            role,
+                            gate,
+                            last_commit: Default::default(),
+                        }
+                        .run()
+                        .await
+                    })
                 }
             };
             let name = match role {
@@ -610,6 +682,7 @@ async fn start_actors(
     }
 
     Ok(Started {
+        ready,
         intake,
         profiles,
         redis,

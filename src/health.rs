@@ -97,6 +97,19 @@ impl Health {
         Some(took)
     }
 
+    /// Updates the reason of a backend that is down (the time it went down
+    /// is kept).
+    pub fn replace_reason(&self, b: Backend, reason: impl std::fmt::Display) {
+        if let Some(mut d) = self.down.get_mut(&b) {
+            d.reason = reason.to_string();
+        }
+    }
+
+    /// Why a backend is down, if it is.
+    pub fn reason(&self, b: Backend) -> Option<String> {
+        self.down.get(&b).map(|d| d.reason.clone())
+    }
+
     pub fn is_down(&self, b: Backend) -> bool {
         self.down.contains_key(&b)
     }

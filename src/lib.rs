@@ -41,6 +41,7 @@
 //! builds.
 
 pub mod actors;
+pub mod backends;
 pub mod cache;
 pub mod clients;
 pub mod config;

@@ -26,6 +26,11 @@ enum Command {
         /// A TOML file overriding config/default.toml.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Exit with an error unless Kafka and MongoDB answer within
+        /// `startup.backends_timeout`, instead of starting degraded (the same
+        /// as `startup.require_backends = true`).
+        #[arg(long)]
+        require_backends: bool,
     },
     /// Inspect the configuration.
     Config {
@@ -164,16 +169,20 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("error: {e:#}");
+                    eprintln!("error: {}", datasync::error::report(e.as_ref()));
                     ExitCode::FAILURE
                 }
             }
         }
-        Command::Run { config } => {
-            let config = match load(config.as_ref()) {
+        Command::Run {
+            config,
+            require_backends,
+        } => {
+            let mut config = match load(config.as_ref()) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            config.startup.require_backends |= require_backends;
             datasync::telemetry::init_logging(
                 &config.telemetry.log_format,
                 &config.telemetry.log_filter,
@@ -183,8 +192,9 @@ fn main() -> ExitCode {
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
+                    let e = datasync::error::report(e.as_ref());
                     tracing::error!(error = %e, "datasync stopped with an error");
-                    eprintln!("error: {e:#}");
+                    eprintln!("error: {e}");
                     ExitCode::FAILURE
                 }
             }

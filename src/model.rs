@@ -201,28 +201,16 @@ impl RawProfile {
     /// The profile as a BSON document (what events carry); `key` names the
     /// Redis key in errors.
     pub fn to_document(&self, key: &str) -> Result<Document, ProfileError> {
-        match self {
-            RawProfile::Json(bytes) => {
-                let v: serde_json::Value =
-                    serde_json::from_slice(bytes).map_err(|e| ProfileError::BadJson {
-                        key: key.to_string(),
-                        reason: e.to_string(),
-                    })?;
-                match crate::proto::json_to_bson(&v) {
-                    Bson::Document(d) => Ok(d),
-                    _ => Err(ProfileError::NotAnObject {
-                        key: key.to_string(),
-                    }),
-                }
-            }
-            RawProfile::Hash(map) => Ok(map
-                .iter()
-                .map(|(k, v)| (k.clone(), Bson::String(v.clone())))
-                .collect()),
+        match crate::proto::json_to_bson(&self.to_json(key)?) {
+            Bson::Document(d) => Ok(d),
+            _ => Err(ProfileError::NotAnObject {
+                key: key.to_string(),
+            }),
         }
     }
 
-    /// The profile as a JSON object (what reads answer).
+    /// The profile as a JSON object (what reads answer). A hash's values are
+    /// strings.
     pub fn to_json(&self, key: &str) -> Result<serde_json::Value, ProfileError> {
         match self {
             RawProfile::Json(bytes) => {

@@ -175,10 +175,16 @@ pub fn process_usage() -> ProcessUsage {
 
 /// Starts logging to stderr. `filter` is a tracing-subscriber filter; RUST_LOG
 /// overrides it.
+/// Colour is used only when stderr is a terminal: a log written to a file or a
+/// pipe is plain text (or JSON).
 pub fn init_logging(format: &str, filter: &str) {
+    use std::io::IsTerminal;
     use tracing_subscriber::{EnvFilter, fmt};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = if format == "json" {
         builder.json().try_init()
     } else {

@@ -186,41 +186,6 @@ async fn kafka_down_30s_dead_letters_run_out_users_and_everything_syncs_after() 
     finish(engine, &ns).await;
 }
 
-fn secantusd() -> String {
-    format!(
-        "{}/.stack/venv/bin/secantusd-py",
-        env!("CARGO_MANIFEST_DIR")
-    )
-}
-
-fn start_mongo(port: u16, dir: &std::path::Path) -> Child {
-    Command::new(secantusd())
-        .args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--storage-path",
-        ])
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("secantusd-py (run scripts/stack.sh up first)")
-}
-
-async fn mongo_answers(url: &str) -> bool {
-    let c = datasync::config::MongoConfig {
-        url: datasync::config::Secret::new(url),
-        database: "datasync_test".into(),
-        collection: "ping".into(),
-    };
-    match MongoStore::connect(&c, "probe").await {
-        Ok(m) => m.ping().await.is_ok(),
-        Err(_) => false,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongodb_down_30s_pauses_the_applier_and_loses_nothing() {
     let ns = Namespace::new("mongodown");

@@ -66,19 +66,31 @@ pub async fn ensure_topics(c: &KafkaConfig) -> Result<(), KafkaError> {
         .into_iter()
         .map(|t| NewTopic::new(t, c.partitions, TopicReplication::Fixed(1)))
         .collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(ADMIN_TIMEOUT))
+        .request_timeout(Some(ADMIN_TIMEOUT));
     for result in admin.create_topics(&topics, &opts).await? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => {
-                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
-                    tracing::error!(%topic, ?code, "cannot create topic");
-                });
-            }
+            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
         }
     }
     Ok(())
 }
+
+/// A Kafka error in words for people: librdkafka's admin timeouts say how
+/// long was waited.
+pub fn describe(e: &KafkaError) -> String {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::OperationTimedOut) => {
+            format!("operation timed out after {ADMIN_TIMEOUT:?}")
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// How long a topic creation may take.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long one record may wait for room in librdkafka's local queue.
 const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -101,6 +101,11 @@ impl MongoStore {
         })
     }
 
+    /// `database.collection`, for logs.
+    pub fn namespace(&self) -> String {
+        format!("{}.{}", self.db.name(), self.collection)
+    }
+
     pub fn collection(&self) -> Collection<Document> {
         self.db.collection(&self.collection)
     }

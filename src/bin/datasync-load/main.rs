@@ -97,7 +97,14 @@ async fn start_engines(sc: &Scenario, ns: &str, applier: bool) -> anyhow::Result
     for i in 0..sc.instances {
         let mut c = engine_config(sc, ns, i)?;
         c.applier.enabled = applier;
-        engines.push(Engine::start(c).await.context("starting an engine")?);
+        let engine = Engine::start(c).await.context("starting an engine")?;
+        // The engine starts before Kafka and MongoDB answer; the run must not.
+        anyhow::ensure!(
+            engine.wait_for_backends(Duration::from_secs(120)).await,
+            "kafka or mongodb did not answer within 120s: {:?}",
+            engine.readiness().await.reasons
+        );
+        engines.push(engine);
     }
     Ok(engines)
 }
