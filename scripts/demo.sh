@@ -32,6 +32,10 @@ interval = "1s"
 [http]
 bind = "127.0.0.1:$port"
 TOML
+case "${DATASYNC_MONGO_SERVER:-py}" in
+  rs) echo "MongoDB-wire server: SecantusDB's Rust build on $DATASYNC_TEST_MONGO_URL (about 10,000 bulk upserts/s here: a few seconds for 5,000 users)" ;;
+  *) echo "MongoDB-wire server: SecantusDB's Python server on $DATASYNC_TEST_MONGO_URL (about 1,600-2,000 bulk upserts/s on an empty store: a few seconds for 5,000 users; it slows down as its history grows, so run scripts/stack.sh reset to start it empty; DATASYNC_MONGO_SERVER=rs scripts/stack.sh reset for the faster Rust build)" ;;
+esac
 target/debug/datasync config check --config "$config"
 target/debug/datasync run --config "$config" 2>".stack/$run_id.log" &
 pid=$!

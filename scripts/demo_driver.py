@@ -75,6 +75,8 @@ def main():
     coll = pymongo.MongoClient(a.mongo)[a.database][a.collection]
     users = [f"user-{i}" for i in range(a.users)]
 
+    print("   (published: events acknowledged by Kafka; applied: events counted once their whole")
+    print("    applier window is written, so it can lag the MongoDB count by up to one window)")
     print(f"1) writing and flagging {len(users)} profiles through POST /v1/sync/dirty")
     t = time.time()
     push(a.api, users, 1)

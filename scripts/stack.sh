@@ -5,6 +5,9 @@
 #   scripts/stack.sh up       install what is missing, start what is not running
 #                             (including a three-master Redis Cluster, below)
 #   scripts/stack.sh cluster  start only the local Redis Cluster
+#   scripts/stack.sh reset    stop what this script started, drop the MongoDB-wire
+#                             server's storage, and start everything again empty
+#                             (the server slows down as its history grows)
 #   scripts/stack.sh down     stop what this script started
 #   scripts/stack.sh status   say what answers on each port
 #   scripts/stack.sh env      print the endpoints as shell exports
@@ -212,11 +215,24 @@ export DATASYNC_TEST_REDIS_CLUSTER_URL=redis://127.0.0.1:${REDIS_CLUSTER_PORTS%%
 EOF
 }
 
+reset() {
+  down
+  for port in "$REDIS_PORT" "$MONGO_PORT" "$KAFKA_PORT"; do
+    if port_open "$port"; then
+      log "reset: port $port still answers (a server this script did not start); it is reused as it is"
+    fi
+  done
+  rm -rf "$state/mongo-$MONGO_SERVER" "$state/redis"
+  log "reset: storage of mongo-$MONGO_SERVER dropped"
+  up
+}
+
 case "${1:-}" in
   up) up ;;
+  reset) reset ;;
   cluster) cluster_up; print_env ;;
   down) down ;;
   status) status ;;
   env) print_env ;;
-  *) echo "usage: $0 up|cluster|down|status|env" >&2; exit 2 ;;
+  *) echo "usage: $0 up|reset|cluster|down|status|env" >&2; exit 2 ;;
 esac

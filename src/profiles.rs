@@ -12,13 +12,20 @@
 //! the profile was being composed, the fill is dropped, so a stale composition is
 //! never cached. The L1 of this process is invalidated by its own writes; other
 //! processes' L1 entries live at most `cache.profile_l1_ttl` (default 1 s).
+//!
+//! While Redis is unreachable (seed 002's fallback), reads are served from
+//! MongoDB alone and marked `possibly_stale`: changes accepted but not yet
+//! applied are missing. Such answers are not cached; once Redis is back, the
+//! next read composes and caches as usual.
 
 use crate::{
     clients::{
         mongo::{MongoError, MongoStore},
         redis::{CACHE_PLACEHOLDER, RedisError, RedisStore},
     },
+    model::fields,
     proto::bson_to_json,
+    retry::Retryable,
 };
 use moka::future::Cache;
 use serde::{Deserialize, Serialize};
@@ -51,6 +58,10 @@ pub struct ComposedProfile {
     pub data_version: i64,
     /// Sections taken from Redis because MongoDB does not have them yet.
     pub pending: Vec<String>,
+    /// Redis was unreachable: this is MongoDB's document alone, and changes
+    /// not yet applied are missing from it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub possibly_stale: bool,
 }
 
 /// Hit counters of the profile caches.
@@ -62,6 +73,9 @@ pub struct ProfileCacheStats {
     /// (L1 + L2 hits) / reads; 0 before the first read.
     pub hit_rate: f64,
     pub l1_entries: u64,
+    /// Reads served from MongoDB alone while Redis was unreachable.
+    #[serde(default)]
+    pub stale_reads: u64,
 }
 
 pub struct ProfileReader {
@@ -69,7 +83,8 @@ pub struct ProfileReader {
     redis: RedisStore,
     mongo: MongoStore,
     l2_ttl: Duration,
-    counts: [AtomicU64; 3],
+    /// L1 hits, L2 hits, misses, reads served from MongoDB alone.
+    counts: [AtomicU64; 4],
 }
 
 impl ProfileReader {
@@ -87,7 +102,7 @@ impl ProfileReader {
     }
 
     pub fn stats(&self) -> ProfileCacheStats {
-        let [l1, l2, miss] = [0, 1, 2].map(|i| self.counts[i].load(Relaxed));
+        let [l1, l2, miss, stale] = [0, 1, 2, 3].map(|i| self.counts[i].load(Relaxed));
         let reads = l1 + l2 + miss;
         ProfileCacheStats {
             l1_hits: l1,
@@ -99,11 +114,31 @@ impl ProfileReader {
                 (l1 + l2) as f64 / reads as f64
             },
             l1_entries: self.l1.entry_count(),
+            stale_reads: stale,
         }
     }
 
     /// The composed profile of `user`, `None` if no source knows the user.
+    /// While Redis is unreachable, MongoDB's document alone, marked
+    /// `possibly_stale`.
     pub async fn get(&self, user: &str) -> Result<Option<Arc<ComposedProfile>>, ProfileReadError> {
+        match self.get_composed(user).await {
+            Err(ProfileReadError::Redis(e)) if e.is_retryable() => {
+                tracing::debug!(error = %e, "redis unreachable; profile read served from mongodb");
+                self.counts[3].fetch_add(1, Relaxed);
+                Ok(self.from_mongo(user).await?.map(|mut p| {
+                    p.possibly_stale = true;
+                    Arc::new(p)
+                }))
+            }
+            other => other,
+        }
+    }
+
+    async fn get_composed(
+        &self,
+        user: &str,
+    ) -> Result<Option<Arc<ComposedProfile>>, ProfileReadError> {
         if let Some(p) = self.l1.get(user).await {
             self.counts[0].fetch_add(1, Relaxed);
             return Ok(Some(p));
@@ -133,9 +168,29 @@ impl ProfileReader {
         Ok(Some(p))
     }
 
+    /// MongoDB's document as a composed profile (no Redis overlay).
+    async fn from_mongo(&self, user: &str) -> Result<Option<ComposedProfile>, ProfileReadError> {
+        let Some(d) = self.mongo.find_user(user).await? else {
+            return Ok(None);
+        };
+        let field = |k: &str| d.get(k).map(bson_to_json).unwrap_or(Value::Null);
+        let num = |k: &str| d.get(k).and_then(|b| b.as_i64()).unwrap_or(0);
+        Ok(Some(ComposedProfile {
+            user_id: user.to_string(),
+            static_profile: field(fields::STATIC_PROFILE),
+            static_version: num(fields::STATIC_VERSION),
+            dynamic_profile: field(fields::DYNAMIC_PROFILE),
+            dynamic_version: num(fields::DYNAMIC_VERSION),
+            data_version: num(fields::DATA_VERSION),
+            pending: Vec::new(),
+            possibly_stale: false,
+        }))
+    }
+
     async fn compose(&self, user: &str) -> Result<Option<ComposedProfile>, ProfileReadError> {
-        let doc = self.mongo.find_user(user).await?;
-        let mut p = ComposedProfile {
+        let doc = self.from_mongo(user).await?;
+        let known = doc.is_some();
+        let mut p = doc.unwrap_or_else(|| ComposedProfile {
             user_id: user.to_string(),
             static_profile: Value::Null,
             static_version: 0,
@@ -143,16 +198,8 @@ impl ProfileReader {
             dynamic_version: 0,
             data_version: 0,
             pending: Vec::new(),
-        };
-        if let Some(d) = &doc {
-            let field = |k: &str| d.get(k).map(bson_to_json).unwrap_or(Value::Null);
-            let num = |k: &str| d.get(k).and_then(|b| b.as_i64()).unwrap_or(0);
-            p.static_profile = field("staticProfile");
-            p.dynamic_profile = field("dynamicProfile");
-            p.static_version = num("staticVersion");
-            p.dynamic_version = num("dynamicVersion");
-            p.data_version = num("dataVersion");
-        }
+            possibly_stale: false,
+        });
         if let Some(v) = self.redis.flag_of(user).await?
             && v > p.dynamic_version
             && let Some(Ok(raw)) = self.redis.load_profiles(&[user.to_string()]).await?.pop()
@@ -170,7 +217,7 @@ impl ProfileReader {
             p.static_version = v;
             p.pending.push("static".into());
         }
-        if doc.is_none() && p.pending.is_empty() {
+        if !known && p.pending.is_empty() {
             return Ok(None);
         }
         Ok(Some(p))

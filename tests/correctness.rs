@@ -435,3 +435,36 @@ async fn an_epoch_lost_in_a_failover_is_never_issued_again() {
     assert!(e2 > e1, "epoch {e2} was already issued (last issued {e1})");
     cleanup(&ns).await;
 }
+
+/// A bulk update the server refuses for what it carries (one document over
+/// MongoDB's 16 MB limit) is written again statement by statement: only the
+/// oversized change is rejected (to be dead-lettered), the others apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_too_large_is_rejected_alone_and_the_rest_apply() {
+    let ns = Namespace::new("toolarge");
+    let store = mongo(&ns).await;
+    let change = |user: &str, profile: mongodb::bson::Document| Change {
+        user_id: user.into(),
+        section: Section::Dynamic,
+        version: 5,
+        profile,
+        event_id: "e".into(),
+        marked_at_ms: 0,
+    };
+    let huge = "x".repeat(17 * 1024 * 1024);
+    let outcomes = store
+        .apply(&[
+            change("a", doc! { "gen": 1 }),
+            change("b", doc! { "pad": huge }),
+            change("c", doc! { "gen": 1 }),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(outcomes[0], datasync::clients::mongo::Outcome::Applied);
+    assert!(
+        matches!(&outcomes[1], datasync::clients::mongo::Outcome::Rejected(_)),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[2], datasync::clients::mongo::Outcome::Applied);
+    assert_eq!(count_docs(&store, doc! {}).await, 2);
+}

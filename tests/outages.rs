@@ -259,6 +259,53 @@ fn start_redis(port: u16, dir: &std::path::Path) -> Child {
         .expect("redis-server (run scripts/stack.sh up first)")
 }
 
+/// Seed 002: profile reads fall back to MongoDB while Redis is away (marked
+/// possibly stale, not cached), and compose from both again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profile_reads_fall_back_to_mongodb_while_redis_is_away() {
+    let ns = Namespace::new("readfallback");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let mut server = start_redis(port, dir.path());
+    let config = config_with(&ns, &format!("{FAST_RETRIES}\n[redis]\nurl = \"{url}\"\n"));
+    let connect = || RedisStore::connect(&config.redis, config.sync.shards);
+    wait_until("the test's Redis answers", LONG, || async {
+        connect().await.is_ok()
+    })
+    .await;
+    let engine = start_with(config.clone()).await;
+    let mongo = mongo(&ns).await;
+    engine
+        .write_and_mark(&[profile("reader", 1)])
+        .await
+        .unwrap();
+    wait_until("the profile applied", LONG, || async {
+        count_docs(&mongo, doc! { "dynamicProfile.gen": 1i64 }).await == 1
+    })
+    .await;
+    let p = engine.profile("reader").await.unwrap().unwrap();
+    assert!(!p.possibly_stale);
+
+    stop(&mut server);
+    wait_until("the read served from MongoDB", LONG, || async {
+        match engine.profile("reader").await {
+            Ok(Some(p)) => p.possibly_stale && p.dynamic_profile["gen"] == 1,
+            _ => false,
+        }
+    })
+    .await;
+    assert!(engine.profile_cache_stats().stale_reads >= 1);
+
+    let mut server = start_redis(port, dir.path());
+    wait_until("reads compose from both again", LONG, || async {
+        matches!(engine.profile("reader").await, Ok(Some(p)) if !p.possibly_stale)
+    })
+    .await;
+    finish(engine, &ns).await;
+    stop(&mut server);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_mid_run_the_engine_reconnects_and_finishes() {
     let ns = Namespace::new("redisrestart");

@@ -27,16 +27,78 @@ pub enum MongoError {
     /// rolled back, so nothing of the window counts as applied.
     #[error("mongodb write concern not satisfied (code {code}): {message}")]
     WriteConcern { code: i32, message: String },
+    /// A statement failed with an error that passes by itself (a write
+    /// conflict, a primary stepping down): the window is retried.
+    #[error("mongodb transient error (code {code}): {message}")]
+    Transient { code: i32, message: String },
+}
+
+/// How a MongoDB server error code is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeClass {
+    /// Passes by itself: retry (WriteConflict, not-primary, shutdown,
+    /// network and timeout codes: the driver's retryable-write codes).
+    Transient,
+    /// Will not pass by retrying, and is not the data's fault
+    /// (authentication, authorization): retried anyway, so nothing is
+    /// dropped, while readiness names it for an operator.
+    Configuration,
+    /// The data itself is refused (too large, invalid, failed validation):
+    /// that change is dead-lettered, the rest go on.
+    Data,
+}
+
+/// Classifies a server error code (unknown codes count as data errors in a
+/// statement's `writeErrors`, where the server has judged that statement).
+pub fn classify_code(code: i32) -> CodeClass {
+    match code {
+        6 | 7 | 89 | 91 | 112 | 134 | 189 | 262 | 9001 | 10107 | 11600 | 11602 | 13435 | 13436
+        | 50 | 24 | 46 => CodeClass::Transient,
+        13 | 18 | 8000 | 31 | 11 => CodeClass::Configuration,
+        _ => CodeClass::Data,
+    }
+}
+
+/// Whether a driver error may pass by itself.
+fn driver_error_is_transient(e: &mongodb::error::Error) -> bool {
+    use mongodb::error::ErrorKind;
+    if e.contains_label("RetryableWriteError") || e.contains_label("TransientTransactionError") {
+        return true;
+    }
+    match e.kind.as_ref() {
+        ErrorKind::Authentication { .. }
+        | ErrorKind::InvalidArgument { .. }
+        | ErrorKind::BsonSerialization(_) => false,
+        ErrorKind::Command(c) => classify_code(c.code) == CodeClass::Transient,
+        // Connections, server selection, timeouts, pools.
+        _ => true,
+    }
+}
+
+/// Whether a command failed because of what it carried (a document or a
+/// batch too large, a value refused): writing its statements one by one
+/// isolates the bad ones.
+fn refused_for_its_data(e: &MongoError) -> bool {
+    use mongodb::error::ErrorKind;
+    match e {
+        MongoError::Driver(d) => match d.kind.as_ref() {
+            ErrorKind::Command(c) => classify_code(c.code) == CodeClass::Data,
+            ErrorKind::BsonSerialization(_) => true,
+            _ => false,
+        },
+        _ => false,
+    }
 }
 
 impl crate::retry::Retryable for MongoError {
     /// Driver errors (connection, timeouts, server selection) may pass; a reply
     /// this code cannot read will not.
     fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            MongoError::Driver(_) | MongoError::WriteConcern { .. }
-        )
+        match self {
+            MongoError::Driver(e) => driver_error_is_transient(e),
+            MongoError::WriteConcern { .. } | MongoError::Transient { .. } => true,
+            MongoError::Reply(_) => false,
+        }
     }
 }
 
@@ -150,7 +212,26 @@ impl MongoStore {
     /// so those statements are tried once more; a second duplicate means stale.
     pub async fn apply(&self, changes: &[Change]) -> Result<Vec<Outcome>, MongoError> {
         let now = DateTime::now();
-        let mut outcomes = self.update_many(changes, now).await?;
+        let mut outcomes = match self.update_many(changes, now).await {
+            Ok(o) => o,
+            // The whole command was refused for what it carried: one statement
+            // at a time, so only the bad ones are rejected.
+            Err(e) if changes.len() > 1 && refused_for_its_data(&e) => {
+                tracing::warn!(error = %e, statements = changes.len(), "bulk update refused; writing its statements one by one");
+                let mut out = Vec::with_capacity(changes.len());
+                for c in changes {
+                    out.push(match self.update_many(std::slice::from_ref(c), now).await {
+                        Ok(mut o) => o.remove(0),
+                        Err(e) if refused_for_its_data(&e) => {
+                            Outcome::Rejected(crate::error::report(&e))
+                        }
+                        Err(e) => return Err(e),
+                    });
+                }
+                out
+            }
+            Err(e) => return Err(e),
+        };
         let retry: Vec<usize> = outcomes
             .iter()
             .enumerate()
@@ -231,10 +312,16 @@ fn outcomes_of_reply(reply: &Document, n: usize) -> Result<Vec<Outcome>, MongoEr
                     "writeError index {index} out of range"
                 )));
             };
-            *slot = if code_of(e) == DUPLICATE_KEY {
+            let code = code_of(e);
+            let message = e.get_str("errmsg").unwrap_or("unknown").to_string();
+            *slot = if code == DUPLICATE_KEY {
                 Outcome::Stale
+            } else if classify_code(code) != CodeClass::Data {
+                // Not this statement's fault: the whole window is retried
+                // (its applied statements are then stale no-ops).
+                return Err(MongoError::Transient { code, message });
             } else {
-                Outcome::Rejected(e.get_str("errmsg").unwrap_or("unknown").to_string())
+                Outcome::Rejected(message)
             };
         }
     }
@@ -289,6 +376,48 @@ mod tests {
         );
         assert!(crate::retry::Retryable::is_retryable(&err));
         assert!(err.to_string().contains("Primary stepped down"), "{err}");
+    }
+
+    #[test]
+    fn codes_are_classified() {
+        for transient in [112, 189, 11600, 11602, 10107, 91, 6, 7, 89, 9001, 262] {
+            assert_eq!(
+                classify_code(transient),
+                CodeClass::Transient,
+                "{transient}"
+            );
+        }
+        for config in [13, 18] {
+            assert_eq!(classify_code(config), CodeClass::Configuration, "{config}");
+        }
+        for data in [2, 121, 10334, 17419] {
+            assert_eq!(classify_code(data), CodeClass::Data, "{data}");
+        }
+    }
+
+    #[test]
+    fn a_write_conflict_retries_the_window_instead_of_dead_lettering() {
+        let reply = doc! {
+            "n": 1, "ok": 1.0,
+            "writeErrors": [{ "index": 1, "code": 112, "errmsg": "WriteConflict" }],
+        };
+        let err = outcomes_of_reply(&reply, 2).unwrap_err();
+        assert!(
+            matches!(err, MongoError::Transient { code: 112, .. }),
+            "{err}"
+        );
+        assert!(crate::retry::Retryable::is_retryable(&err));
+        let validation = doc! {
+            "n": 1, "ok": 1.0,
+            "writeErrors": [{ "index": 1, "code": 121, "errmsg": "Document failed validation" }],
+        };
+        assert_eq!(
+            outcomes_of_reply(&validation, 2).unwrap(),
+            vec![
+                Outcome::Applied,
+                Outcome::Rejected("Document failed validation".into())
+            ]
+        );
     }
 
     #[test]

@@ -7,6 +7,9 @@ use plotters::prelude::*;
 use serde::Serialize;
 use std::{fmt::Write as _, path::Path};
 
+/// Rates in the throughput chart are taken over this many seconds.
+const RATE_WINDOW_S: f64 = 2.0;
+
 /// One sample of the engines' counters.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Sample {
@@ -221,11 +224,20 @@ impl Report {
             let root = SVGBackend::with_string(&mut out, (900, 400)).into_drawing_area();
             root.fill(&WHITE)?;
             let s = &self.run.samples;
+            // Counters move in steps (a page, a window), so a rate between two
+            // samples half a second apart aliases into a sawtooth: each point
+            // is the rate over the last RATE_WINDOW_S seconds instead.
             let rates = |f: fn(&Sample) -> u64| -> Vec<(f64, f64)> {
-                s.windows(2)
-                    .map(|w| {
-                        let dt = (w[1].t_s - w[0].t_s).max(1e-3);
-                        (w[1].t_s, (f(&w[1]) - f(&w[0])) as f64 / dt)
+                let mut from = 0;
+                s.iter()
+                    .enumerate()
+                    .skip(1)
+                    .map(|(i, now)| {
+                        while from + 1 < i && now.t_s - s[from + 1].t_s >= RATE_WINDOW_S {
+                            from += 1;
+                        }
+                        let dt = (now.t_s - s[from].t_s).max(1e-3);
+                        (now.t_s, (f(now) - f(&s[from])) as f64 / dt)
                     })
                     .collect()
             };
@@ -241,6 +253,13 @@ impl Report {
                 .fold(1.0, f64::max)
                 * 1.1;
             let mut chart = ChartBuilder::on(&root)
+                .caption(
+                    format!(
+                        "Throughput over time ({}; rates over {RATE_WINDOW_S:.0} s)",
+                        self.scenario.name
+                    ),
+                    ("sans-serif", 18),
+                )
                 .margin(10)
                 .x_label_area_size(35)
                 .y_label_area_size(70)
@@ -248,7 +267,7 @@ impl Report {
             chart
                 .configure_mesh()
                 .x_desc("seconds")
-                .y_desc("per second")
+                .y_desc("changes per second")
                 .draw()?;
             for (name, points, color) in series {
                 chart
@@ -274,7 +293,15 @@ impl Report {
             let b = &self.run.latency_buckets;
             let max_x = b.last().map(|x| x.0).unwrap_or(1).max(1) as f64;
             let max_y = b.iter().map(|x| x.1).max().unwrap_or(1).max(1) as f64 * 1.1;
+            let l = &self.run.latency;
             let mut chart = ChartBuilder::on(&root)
+                .caption(
+                    format!(
+                        "Flag → applied latency ({}; {} changes)",
+                        self.scenario.name, l.count
+                    ),
+                    ("sans-serif", 18),
+                )
                 .margin(10)
                 .x_label_area_size(35)
                 .y_label_area_size(70)
@@ -288,6 +315,26 @@ impl Report {
                 b.iter().map(|&(x, y)| (x as f64, y as f64)),
                 RED.stroke_width(2),
             ))?;
+            // The percentiles, as vertical markers with their values.
+            for (name, ms, color) in [
+                ("p50", l.p50_ms, BLUE),
+                ("p95", l.p95_ms, GREEN),
+                ("p99", l.p99_ms, BLACK),
+            ] {
+                let x = (ms as f64).min(max_x);
+                chart
+                    .draw_series(LineSeries::new(
+                        [(x, 0.0), (x, max_y * 0.9)],
+                        color.stroke_width(1),
+                    ))?
+                    .label(format!("{name} {ms} ms"))
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
             root.present()?;
         }
         Ok(out)

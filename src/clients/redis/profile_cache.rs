@@ -10,6 +10,7 @@ use fred::{
 use std::{sync::LazyLock, time::Duration};
 
 static CACHE_FILL: LazyLock<Script> = lua_script!("cache_fill.lua");
+static CACHE_LEASE: LazyLock<Script> = lua_script!("cache_lease.lua");
 
 /// Values of profile-cache keys that mark a fill in progress start with this.
 pub const CACHE_PLACEHOLDER: &str = "\u{1}fill:";
@@ -24,18 +25,20 @@ impl RedisStore {
         placeholder: &str,
     ) -> Result<Option<String>, RedisError> {
         let key = self.keys.profile_cache(shard_of(user, self.shards), user);
-        let pipe = self.client().pipeline();
-        let _: () = pipe
-            .set(
-                &key,
-                placeholder,
-                Some(Expiration::PX(5_000)),
-                Some(SetOptions::NX),
-                false,
+        // A read has somewhere else to go (MongoDB): fail at once while the
+        // connection is down instead of waiting for the reconnection.
+        let fail_fast = self.client().with_options(&Options {
+            fail_fast: true,
+            timeout: Some(Duration::from_secs(1)),
+            ..Default::default()
+        });
+        let current: Option<String> = CACHE_LEASE
+            .evalsha_with_reload(
+                &fail_fast,
+                vec![key],
+                vec![placeholder.to_string(), "5000".into()],
             )
             .await?;
-        let _: () = pipe.get(&key).await?;
-        let (_, current): (RValue, Option<String>) = pipe.all().await?;
         Ok(current.filter(|c| c != placeholder && !c.starts_with(CACHE_PLACEHOLDER)))
     }
 
