@@ -61,10 +61,65 @@ fn a_tiny_scenario_runs_and_writes_every_report() {
     assert_eq!(json["run"]["changes"], 600);
     assert_eq!(json["run"]["documents"], 300);
     assert!(json["run"]["latency"]["count"].as_u64().unwrap() > 0);
+    let baseline = &json["baseline"];
+    for figure in [
+        "end_to_end_users_per_s",
+        "end_to_end_sequential_users_per_s",
+        "producer_side_users_per_s",
+    ] {
+        assert!(
+            baseline[figure].as_f64().unwrap() > 0.0,
+            "{figure}: {baseline}"
+        );
+    }
     let immediate = &json["run"]["immediate"];
     assert!(immediate["requests"].as_u64().unwrap() > 0, "{immediate}");
     assert_eq!(immediate["failed"], 0);
     assert!(immediate["to_ack"]["count"].as_u64().unwrap() > 0);
+}
+
+/// `rate = "half_peak"` measures the peak first in the same run, then runs
+/// at half of it, and reports both.
+#[test]
+fn a_half_peak_scenario_measures_the_peak_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("half.toml");
+    std::fs::write(
+        &scenario,
+        "name = \"half\"\nseed = 2\nusers = 300\nrate = \"half_peak\"\nduration_secs = 2\n\
+         publish_only_users = 0\nbaseline_users = 0\nceiling_ops = 0\ntimeout_secs = 300\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_datasync-load"))
+        .arg(&scenario)
+        .arg("--out")
+        .arg(dir.path())
+        .env("DATASYNC__REDIS__URL", common::redis_url())
+        .env("DATASYNC__MONGO__URL", common::mongo_url())
+        .env("DATASYNC__KAFKA__BROKERS", common::kafka_brokers())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with("load-half-"))
+        .expect("a report folder");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.path().join("report.json")).unwrap())
+            .unwrap();
+    let peak = json["peak"]["changes_per_s"].as_f64().expect("a peak run");
+    assert!(peak > 0.0);
+    assert!(
+        stdout.contains("the run below is at half of it"),
+        "{stdout}"
+    );
+    assert!(json["run"]["verified"].as_bool().unwrap(), "{stdout}");
 }
 
 #[test]
@@ -91,6 +146,18 @@ fn an_invalid_scenario_is_refused_with_the_reason() {
         err.contains("external.apis: external mode needs at least one API URL"),
         "{err}"
     );
+    std::fs::write(
+        &scenario,
+        "name = \"bad\"\nseed = 1\nusers = 5\nrate = \"fast\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_datasync-load"))
+        .arg(&scenario)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rate: `fast` is neither"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -452,8 +452,9 @@ async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Result<
         let mut batch_no = 0;
         for (round, (order, legacy)) in plan.into_iter().enumerate() {
             for (chunk, flags) in order.chunks(500).zip(legacy.chunks(500)) {
-                if sc.rate > 0 {
-                    let due = started + Duration::from_secs_f64(sent as f64 / sc.rate as f64);
+                if sc.rate.per_s() > 0 {
+                    let due =
+                        started + Duration::from_secs_f64(sent as f64 / sc.rate.per_s() as f64);
                     tokio::time::sleep_until(due.into()).await;
                 }
                 let mut api = Vec::new();
@@ -643,7 +644,7 @@ async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Result<
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     datasync::telemetry::init_logging("text", "warn");
-    let sc = Scenario::load(&cli.scenario)?;
+    let mut sc = Scenario::load(&cli.scenario)?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
@@ -669,6 +670,25 @@ async fn main() -> anyhow::Result<()> {
     if sc.publish_only_users > 0 {
         eprintln!("publish stage alone ({} flags)…", sc.publish_only_users);
         report.publish_only = Some(publish_only(&sc, &ns).await?);
+    }
+    if sc.rate == scenario::Rate::HalfPeak {
+        // The peak first, in this run, on this machine: one round as fast as
+        // the engine takes it; then the measured run at half of it.
+        let mut peak_sc = sc.clone();
+        peak_sc.rate = scenario::Rate::Max;
+        peak_sc.rounds = 1;
+        peak_sc.immediate_rate = 0;
+        let peak_ns = format!("{ns}-peak");
+        eprintln!("peak: {} users, as fast as possible…", sc.users);
+        let peak = end_to_end(&peak_sc, &peak_ns, &engine_config(&peak_sc, &peak_ns, 0)?).await?;
+        sc.rate = scenario::Rate::Fixed((peak.changes_per_s / 2.0).max(1.0) as u64);
+        sc.resolve_rounds();
+        eprintln!(
+            "peak {:.0} changes/s; running at {} changes/s",
+            peak.changes_per_s,
+            sc.rate.per_s()
+        );
+        report.peak = Some(peak);
     }
     eprintln!("end to end: {} users × {} rounds…", sc.users, sc.rounds);
     report.run = end_to_end(&sc, &ns, &config).await?;

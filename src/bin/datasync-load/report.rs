@@ -75,6 +75,9 @@ pub struct Report {
     pub ceilings: Option<Ceilings>,
     pub baseline: Option<Baseline>,
     pub publish_only: Option<PublishOnly>,
+    /// With `rate = "half_peak"`: the run at full speed that measured the
+    /// peak, before the run at half of it.
+    pub peak: Option<Run>,
     pub run: Run,
     pub ratios: serde_json::Map<String, serde_json::Value>,
 }
@@ -139,8 +142,10 @@ impl Report {
         if let Some(b) = &self.baseline {
             let _ = writeln!(
                 s,
-                "seed loop     end-to-end {:.0} users/s | producer side {:.0} users/s",
-                b.end_to_end_users_per_s, b.producer_side_users_per_s
+                "seed loop     end-to-end {:.0} users/s (producer and consumer as two services; {:.0} users/s in one sequential loop) | producer side {:.0} users/s",
+                b.end_to_end_users_per_s,
+                b.end_to_end_sequential_users_per_s,
+                b.producer_side_users_per_s
             );
         }
         if let Some(p) = &self.publish_only {
@@ -148,6 +153,13 @@ impl Report {
                 s,
                 "publish only  {} flags in {:.2}s = {:.0} flags/s | RSS {:.0} MB pending, peak {:.0} MB",
                 p.users, p.seconds, p.flags_per_s, p.rss_before_mb, p.peak_rss_mb
+            );
+        }
+        if let Some(p) = &self.peak {
+            let _ = writeln!(
+                s,
+                "peak          {} changes in {:.2}s = {:.0} changes/s (as fast as possible) | p99 {} ms; the run below is at half of it",
+                p.changes, p.seconds, p.changes_per_s, p.latency.p99_ms
             );
         }
         let _ = writeln!(

@@ -20,9 +20,11 @@ pub struct Scenario {
     /// (rounds = rate × duration / users, at least one).
     #[serde(default)]
     pub duration_secs: Option<u64>,
-    /// Target changes per second; 0 = as fast as the engine takes them.
+    /// Target changes per second; 0 = as fast as the engine takes them;
+    /// `"half_peak"` = measure the peak first in the same run (one round as
+    /// fast as possible), then run at half of it.
     #[serde(default)]
-    pub rate: u64,
+    pub rate: Rate,
     /// Approximate size of each profile's JSON.
     #[serde(default = "default_profile_bytes")]
     pub profile_bytes: usize,
@@ -61,6 +63,58 @@ pub struct Scenario {
     pub external: Option<External>,
 }
 
+/// A scenario's target rate.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Rate {
+    /// As fast as the engine takes changes.
+    #[default]
+    Max,
+    /// Changes per second.
+    Fixed(u64),
+    /// Half of the peak measured first in the same run.
+    HalfPeak,
+}
+
+impl Rate {
+    /// Changes per second, 0 for as fast as possible (a `HalfPeak` is
+    /// resolved to a fixed rate before the run).
+    pub fn per_s(self) -> u64 {
+        match self {
+            Rate::Fixed(r) => r,
+            Rate::Max | Rate::HalfPeak => 0,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Name(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(0) => Ok(Rate::Max),
+            Raw::Number(n) => Ok(Rate::Fixed(n)),
+            Raw::Name(s) if s == "half_peak" => Ok(Rate::HalfPeak),
+            Raw::Name(s) => Err(serde::de::Error::custom(format!(
+                "rate: `{s}` is neither a number of changes per second nor \"half_peak\""
+            ))),
+        }
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Rate::Max => s.serialize_u64(0),
+            Rate::Fixed(n) => s.serialize_u64(*n),
+            Rate::HalfPeak => s.serialize_str("half_peak"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct External {
@@ -95,10 +149,15 @@ impl Scenario {
         let mut s: Scenario =
             toml::from_str(&text).with_context(|| format!("scenario {}", path.display()))?;
         s.validate()?;
-        if let Some(d) = s.duration_secs {
-            s.rounds = ((s.rate * d) as usize / s.users).max(1);
-        }
+        s.resolve_rounds();
         Ok(s)
+    }
+
+    /// With a fixed rate and a duration, the rounds that last about that long.
+    pub fn resolve_rounds(&mut self) {
+        if let (Some(d), Rate::Fixed(r)) = (self.duration_secs, self.rate) {
+            self.rounds = ((r * d) as usize / self.users).max(1);
+        }
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -106,7 +165,7 @@ impl Scenario {
         if self.users == 0 {
             problems.push("users: must be at least 1");
         }
-        if self.duration_secs.is_some() && self.rate == 0 {
+        if self.duration_secs.is_some() && self.rate == Rate::Max {
             problems.push(
                 "duration_secs: needs a rate above 0 (as fast as possible has no fixed duration)",
             );
