@@ -8,8 +8,9 @@
 //! that ended unexpectedly makes readiness `unavailable`, naming it, until it
 //! runs again (see [`crate::tasks`]).
 
+use crate::telemetry::{BackendDown, BackendUp, names};
 use dashmap::DashMap;
-use metrics::{gauge, histogram};
+use metrics::gauge;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -31,9 +32,6 @@ impl Backend {
         }
     }
 }
-
-pub const BACKEND_UP: &str = "datasync_backend_up";
-pub const OUTAGE_SECONDS: &str = "datasync_backend_outage_seconds";
 
 #[derive(Debug, Clone)]
 struct Down {
@@ -61,7 +59,7 @@ pub struct Health {
 impl Health {
     pub fn new() -> Self {
         for b in Backend::ALL {
-            gauge!(BACKEND_UP, "backend" => b.name()).set(1.0);
+            gauge!(names::BACKEND_UP, "backend" => b.name()).set(1.0);
         }
         Self::default()
     }
@@ -70,8 +68,11 @@ impl Health {
     pub fn set_down(&self, b: Backend, reason: impl std::fmt::Display) {
         if !self.down.contains_key(&b) {
             let reason = reason.to_string();
-            tracing::warn!(backend = b.name(), %reason, "backend marked down; new work paused");
-            gauge!(BACKEND_UP, "backend" => b.name()).set(0.0);
+            BackendDown {
+                backend: b.name(),
+                reason: &reason,
+            }
+            .emit();
             self.down.entry(b).or_insert(Down {
                 since: Instant::now(),
                 reason,
@@ -83,9 +84,11 @@ impl Health {
     pub fn set_up(&self, b: Backend) -> Option<Duration> {
         let (_, d) = self.down.remove(&b)?;
         let took = d.since.elapsed();
-        tracing::info!(backend = b.name(), outage = ?took, "backend recovered");
-        gauge!(BACKEND_UP, "backend" => b.name()).set(1.0);
-        histogram!(OUTAGE_SECONDS, "backend" => b.name()).record(took.as_secs_f64());
+        BackendUp {
+            backend: b.name(),
+            outage: took,
+        }
+        .emit();
         let mut recovered = self.recovered.lock().expect("not poisoned");
         if recovered.len() == OUTAGES_KEPT {
             recovered.pop_front();

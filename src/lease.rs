@@ -26,10 +26,9 @@
 use crate::{
     clients::redis::RedisStore,
     config::{Config, ShardMode},
-    telemetry::names,
+    telemetry::{LeaseChange, LeaseChanged, LeasesHeld},
 };
 use dashmap::DashMap;
-use metrics::{counter, gauge};
 use serde::Serialize;
 use std::{
     sync::{
@@ -244,7 +243,11 @@ impl LeaseKeeper {
 
     async fn tick(&self) -> Result<(), crate::clients::redis::RedisError> {
         let members = self.redis().heartbeat(&self.instance_id, self.ttl).await?;
-        gauge!(names::MEMBERS).set(members.len() as f64);
+        LeasesHeld {
+            shards: self.ownership.held.len(),
+            members: Some(members.len()),
+        }
+        .emit();
         self.members
             .lock()
             .expect("not poisoned")
@@ -266,8 +269,12 @@ impl LeaseKeeper {
                 }
                 Ok(false) => {
                     self.ownership.held.remove(&shard);
-                    counter!(names::LEASE_CHANGES, "event" => "lost").increment(1);
-                    tracing::warn!(shard, epoch = lease.epoch, "lease lost to another instance");
+                    LeaseChanged {
+                        shard,
+                        epoch: lease.epoch,
+                        change: LeaseChange::Lost,
+                    }
+                    .emit();
                 }
                 Err(e) => tracing::warn!(shard, error = %e, "cannot renew lease"),
             }
@@ -319,8 +326,12 @@ impl LeaseKeeper {
                 continue;
             }
             if let Ok(true) = self.redis().lease_release(shard, &lease.value).await {
-                counter!(names::LEASE_CHANGES, "event" => "released").increment(1);
-                tracing::info!(shard, epoch = lease.epoch, "lease released for rebalancing");
+                LeaseChanged {
+                    shard,
+                    epoch: lease.epoch,
+                    change: LeaseChange::Released,
+                }
+                .emit();
             }
         }
 
@@ -356,8 +367,12 @@ impl LeaseKeeper {
                     .await?
                 {
                     taken += 1;
-                    counter!(names::LEASE_CHANGES, "event" => "acquired").increment(1);
-                    tracing::info!(shard, epoch, "lease acquired");
+                    LeaseChanged {
+                        shard,
+                        epoch,
+                        change: LeaseChange::Acquired,
+                    }
+                    .emit();
                     self.ownership.held.insert(
                         shard,
                         Lease {
@@ -370,7 +385,11 @@ impl LeaseKeeper {
                 }
             }
         }
-        gauge!(names::SHARDS_OWNED).set(self.ownership.held.len() as f64);
+        LeasesHeld {
+            shards: self.ownership.held.len(),
+            members: None,
+        }
+        .emit();
         Ok(())
     }
 
@@ -390,7 +409,11 @@ impl LeaseKeeper {
             let _ = self.redis().lease_release(shard, &lease.value).await;
         }
         let _ = self.redis().leave(&self.instance_id).await;
-        gauge!(names::SHARDS_OWNED).set(0.0);
+        LeasesHeld {
+            shards: 0,
+            members: None,
+        }
+        .emit();
         tracing::info!("leases released");
     }
 }
