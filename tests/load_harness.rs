@@ -5,6 +5,36 @@ mod common;
 
 use std::process::Command;
 
+/// Runs the harness on `scenario` against the test stack, writing under `out`.
+fn run_harness(scenario: &std::path::Path, out: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_datasync-load"))
+        .arg(scenario)
+        .arg("--out")
+        .arg(out)
+        .env("DATASYNC__REDIS__URL", common::redis_url())
+        .env("DATASYNC__MONGO__URL", common::mongo_url())
+        .env("DATASYNC__KAFKA__BROKERS", common::kafka_brokers())
+        .output()
+        .unwrap()
+}
+
+/// The report folder of the run named `name` under `dir`, as JSON.
+fn report_of(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, serde_json::Value) {
+    let run = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("load-{name}-"))
+        })
+        .expect("a report folder")
+        .path();
+    let json =
+        serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
+    (run, json)
+}
+
 #[test]
 fn a_tiny_scenario_runs_and_writes_every_report() {
     let dir = tempfile::tempdir().unwrap();
@@ -16,15 +46,7 @@ fn a_tiny_scenario_runs_and_writes_every_report() {
          [engine.sync]\npage_size = 100\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_datasync-load"))
-        .arg(&scenario)
-        .arg("--out")
-        .arg(dir.path())
-        .env("DATASYNC__REDIS__URL", common::redis_url())
-        .env("DATASYNC__MONGO__URL", common::mongo_url())
-        .env("DATASYNC__KAFKA__BROKERS", common::kafka_brokers())
-        .output()
-        .unwrap();
+    let out = run_harness(&scenario, dir.path());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -42,22 +64,15 @@ fn a_tiny_scenario_runs_and_writes_every_report() {
     ] {
         assert!(stdout.contains(ratio), "missing {ratio}: {stdout}");
     }
-    let run = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .find(|e| e.file_name().to_string_lossy().starts_with("load-tiny-"))
-        .expect("a report folder");
+    let (run, json) = report_of(dir.path(), "tiny");
     for f in [
         "report.json",
         "report.html",
         "throughput.svg",
         "latency.svg",
     ] {
-        assert!(run.path().join(f).exists(), "{f} missing");
+        assert!(run.join(f).exists(), "{f} missing");
     }
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.path().join("report.json")).unwrap())
-            .unwrap();
     assert_eq!(json["run"]["changes"], 600);
     assert_eq!(json["run"]["documents"], 300);
     assert!(json["run"]["latency"]["count"].as_u64().unwrap() > 0);
@@ -90,29 +105,14 @@ fn a_half_peak_scenario_measures_the_peak_first() {
          publish_only_users = 0\nbaseline_users = 0\nceiling_ops = 0\ntimeout_secs = 300\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_datasync-load"))
-        .arg(&scenario)
-        .arg("--out")
-        .arg(dir.path())
-        .env("DATASYNC__REDIS__URL", common::redis_url())
-        .env("DATASYNC__MONGO__URL", common::mongo_url())
-        .env("DATASYNC__KAFKA__BROKERS", common::kafka_brokers())
-        .output()
-        .unwrap();
+    let out = run_harness(&scenario, dir.path());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let run = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .find(|e| e.file_name().to_string_lossy().starts_with("load-half-"))
-        .expect("a report folder");
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.path().join("report.json")).unwrap())
-            .unwrap();
+    let (_, json) = report_of(dir.path(), "half");
     let peak = json["peak"]["changes_per_s"].as_f64().expect("a peak run");
     assert!(peak > 0.0);
     assert!(

@@ -259,21 +259,29 @@ fn start_redis(port: u16, dir: &std::path::Path) -> Child {
         .expect("redis-server (run scripts/stack.sh up first)")
 }
 
+/// A Redis server of the test's own (AOF on, so a restart keeps the data),
+/// and the test config of `ns` pointed at it, once it answers.
+async fn own_redis(ns: &str) -> (Child, tempfile::TempDir, u16, datasync::Config) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let server = start_redis(port, dir.path());
+    let config = config_with(ns, &format!("{FAST_RETRIES}\n[redis]\nurl = \"{url}\"\n"));
+    wait_until("the test's Redis answers", LONG, || async {
+        RedisStore::connect(&config.redis, config.sync.shards)
+            .await
+            .is_ok()
+    })
+    .await;
+    (server, dir, port, config)
+}
+
 /// Seed 002: profile reads fall back to MongoDB while Redis is away (marked
 /// possibly stale, not cached), and compose from both again once it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn profile_reads_fall_back_to_mongodb_while_redis_is_away() {
     let ns = Namespace::new("readfallback");
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let url = format!("redis://127.0.0.1:{port}");
-    let mut server = start_redis(port, dir.path());
-    let config = config_with(&ns, &format!("{FAST_RETRIES}\n[redis]\nurl = \"{url}\"\n"));
-    let connect = || RedisStore::connect(&config.redis, config.sync.shards);
-    wait_until("the test's Redis answers", LONG, || async {
-        connect().await.is_ok()
-    })
-    .await;
+    let (mut server, dir, port, config) = own_redis(&ns).await;
     let engine = start_with(config.clone()).await;
     let mongo = mongo(&ns).await;
     engine
@@ -309,16 +317,8 @@ async fn profile_reads_fall_back_to_mongodb_while_redis_is_away() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_mid_run_the_engine_reconnects_and_finishes() {
     let ns = Namespace::new("redisrestart");
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let url = format!("redis://127.0.0.1:{port}");
-    let mut server = start_redis(port, dir.path());
-    let config = config_with(&ns, &format!("{FAST_RETRIES}\n[redis]\nurl = \"{url}\"\n"));
+    let (mut server, dir, port, config) = own_redis(&ns).await;
     let connect = || RedisStore::connect(&config.redis, config.sync.shards);
-    wait_until("the test's Redis answers", LONG, || async {
-        connect().await.is_ok()
-    })
-    .await;
     let engine = start_with(config.clone()).await;
     let mongo = mongo(&ns).await;
 

@@ -115,34 +115,56 @@ async fn mongodb_down_at_start_comes_up_degraded_and_syncs_once_it_answers() {
     let _ = server.wait();
 }
 
+/// Runs `datasync run` on `config` (TOML) with `args` and `env`, expecting it
+/// to fail on its own within `bound`; answers its stderr and its `error:` line.
+fn run_expecting_failure(
+    config: &str,
+    args: &[&str],
+    env: &[(&str, String)],
+    bound: Duration,
+) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("datasync.toml");
+    std::fs::write(&path, config).unwrap();
+    let started = Instant::now();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_datasync"));
+    cmd.arg("run")
+        .args(args)
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{stderr}");
+    assert!(took < bound, "took {took:?}");
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line in:\n{stderr}"))
+        .to_string();
+    assert_eq!(repeats_a_cause(&error), None, "{error}");
+    (stderr, error)
+}
+
 #[test]
 fn require_backends_fails_fast_naming_the_broker() {
     let ns = Namespace::new("requirekafka");
     let port = free_port();
-    let extra = "[startup]\nbackends_timeout = \"3s\"\n";
-    let text = config_toml(&ns).replace(
+    let config = config_toml(&ns).replace(
         &format!("brokers = \"{}\"", kafka_brokers()),
         &format!("brokers = \"127.0.0.1:{port}\""),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("datasync.toml");
-    std::fs::write(&path, format!("{text}\n{extra}")).unwrap();
-    let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_datasync"))
-        .args(["run", "--require-backends", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .output()
-        .unwrap();
-    let took = started.elapsed();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(took < Duration::from_secs(30), "took {took:?}");
-    let error = stderr
-        .lines()
-        .find(|l| l.starts_with("error: "))
-        .unwrap_or_else(|| panic!("no error line in:\n{stderr}"));
+    let (stderr, error) = run_expecting_failure(
+        &format!("{config}\n[startup]\nbackends_timeout = \"3s\"\n"),
+        &["--require-backends"],
+        &[],
+        Duration::from_secs(30),
+    );
     assert!(
         error.contains(&format!(
             "kafka at 127.0.0.1:{port} did not answer within 3s"
@@ -153,7 +175,6 @@ fn require_backends_fails_fast_naming_the_broker() {
         error.contains("creating topics") || error.contains("cannot create topics"),
         "{error}"
     );
-    assert_eq!(repeats_a_cause(error), None, "{error}");
     assert!(
         !stderr.contains('\u{1b}'),
         "colour codes in a piped log:\n{stderr}"
@@ -166,35 +187,16 @@ fn redis_down_at_start_fails_within_its_timeout_naming_it_once() {
     let port = free_port();
     // The file names the real Redis; the environment layer, read last,
     // points at a closed port.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("datasync.toml");
-    std::fs::write(
-        &path,
-        format!("{}\n[startup]\nredis_timeout = \"1s\"\n", config_toml(&ns)),
-    )
-    .unwrap();
-    let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_datasync"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("DATASYNC__REDIS__URL", format!("redis://127.0.0.1:{port}"))
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .output()
-        .unwrap();
-    let took = started.elapsed();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(took < Duration::from_secs(20), "took {took:?}");
-    let error = stderr
-        .lines()
-        .find(|l| l.starts_with("error: "))
-        .unwrap_or_else(|| panic!("no error line in:\n{stderr}"));
+    let (_, error) = run_expecting_failure(
+        &format!("{}\n[startup]\nredis_timeout = \"1s\"\n", config_toml(&ns)),
+        &[],
+        &[("DATASYNC__REDIS__URL", format!("redis://127.0.0.1:{port}"))],
+        Duration::from_secs(20),
+    );
     assert!(
         error.starts_with(&format!(
             "error: cannot reach redis at redis://127.0.0.1:{port} within 1s"
         )),
         "{error}"
     );
-    assert_eq!(repeats_a_cause(error), None, "{error}");
 }
