@@ -105,9 +105,9 @@ impl BringUp {
         // each has answered.
         let (kafka_what, mongo_what) = (self.kafka_what(), self.mongo_what());
         self.health
-            .set_down(Backend::Kafka, format!("{kafka_what}: no answer yet"));
+            .set_starting(Backend::Kafka, format!("{kafka_what}: no answer yet"));
         self.health
-            .set_down(Backend::Mongo, format!("{mongo_what}: no answer yet"));
+            .set_starting(Backend::Mongo, format!("{mongo_what}: no answer yet"));
         let this = Arc::new(self);
         let k = this.clone();
         actix::spawn(async move { k.bring_up_kafka(&kafka_what, kafka_tx).await });

@@ -80,6 +80,16 @@ impl Health {
         }
     }
 
+    /// Marks `b` down at start, before it was ever reached: not an outage to
+    /// warn about, only a reason for readiness until it answers.
+    pub fn set_starting(&self, b: Backend, reason: impl std::fmt::Display) {
+        gauge!(names::BACKEND_UP, "backend" => b.name()).set(0.0);
+        self.down.entry(b).or_insert(Down {
+            since: Instant::now(),
+            reason: reason.to_string(),
+        });
+    }
+
     /// Marks `b` up; returns how long it was down, if it was.
     pub fn set_up(&self, b: Backend) -> Option<Duration> {
         let (_, d) = self.down.remove(&b)?;

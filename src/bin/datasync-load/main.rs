@@ -447,11 +447,17 @@ async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Result<
         plan.push((order.clone(), legacy));
     }
     let driver_done = std::sync::atomic::AtomicBool::new(false);
+    // At a fixed rate, about 20 batches a second, so the marked rate is smooth
+    // (a 500-user batch every 0.7 s makes any short-window rate jump).
+    let batch = match sc.rate.per_s() {
+        0 => 500,
+        r => (r as usize / 20).clamp(1, 500),
+    };
     let driver = async {
         let mut sent = 0u64;
         let mut batch_no = 0;
         for (round, (order, legacy)) in plan.into_iter().enumerate() {
-            for (chunk, flags) in order.chunks(500).zip(legacy.chunks(500)) {
+            for (chunk, flags) in order.chunks(batch).zip(legacy.chunks(batch)) {
                 if sc.rate.per_s() > 0 {
                     let due =
                         started + Duration::from_secs_f64(sent as f64 / sc.rate.per_s() as f64);
