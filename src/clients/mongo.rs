@@ -222,9 +222,7 @@ impl MongoStore {
                 for c in changes {
                     out.push(match self.update_many(std::slice::from_ref(c), now).await {
                         Ok(mut o) => o.remove(0),
-                        Err(e) if refused_for_its_data(&e) => {
-                            Outcome::Rejected(crate::error::report(&e))
-                        }
+                        Err(e) if refused_for_its_data(&e) => Outcome::Rejected(e.to_string()),
                         Err(e) => return Err(e),
                     });
                 }

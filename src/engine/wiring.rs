@@ -1,0 +1,329 @@
+//! The wiring: connects the clients, starts the actors on their own arbiters
+//! under supervisors, and spawns the supervised tasks (the scan loop, the
+//! consumer loops, the lease keeper, the dead-letter forwarder). Runs once,
+//! on the engine's actor thread.
+
+use super::*;
+
+/// What the actor thread hands back to [`Engine::start`].
+pub(super) struct Started {
+    pub(super) ready: crate::backends::Ready,
+    pub(super) intake: Arc<SyncContext>,
+    pub(super) profiles: Arc<ProfileReader>,
+    pub(super) redis: RedisStore,
+    pub(super) mongo: MongoStore,
+    pub(super) cache: AppliedCache,
+    pub(super) ownership: Arc<Ownership>,
+    pub(super) members: Arc<Mutex<Vec<String>>>,
+    pub(super) leases_done: oneshot::Receiver<()>,
+    pub(super) pipeline: Arc<Pipeline>,
+    pub(super) scanner: actix::Addr<ShardScanner>,
+    pub(super) publisher: actix::Addr<KafkaPublisher>,
+    pub(super) applier_done: Vec<oneshot::Receiver<()>>,
+    pub(super) system: actix::System,
+}
+
+pub(super) async fn start_actors(
+    config: Config,
+    shared: Shared,
+    hold: Arc<RwLock<()>>,
+) -> Result<Started, EngineError> {
+    // Redis first, and required; Kafka and MongoDB come up in the background.
+    let redis = crate::backends::connect_redis(&config).await?;
+    let mongo = MongoStore::connect_without_index(&config.mongo, &shared.instance_id).await?;
+    let producer = kafka::producer(&config.kafka, &shared.instance_id)?;
+    let ready = BringUp {
+        kafka: config.kafka.clone(),
+        producer: producer.clone(),
+        mongo: mongo.clone(),
+        mongo_url: mask_url(config.mongo.url.expose()),
+        health: shared.health.clone(),
+        retry: config.retry.clone(),
+        cancel: shared.cancel.clone(),
+    }
+    .start();
+    let cache = AppliedCache::new(
+        config.cache.l1_capacity,
+        config.cache.l1_ttl,
+        redis.clone(),
+        mongo.clone(),
+    );
+    let mb = config.mailbox.clone();
+    let profiles = Arc::new(ProfileReader::new(
+        &config.cache,
+        redis.clone(),
+        mongo.clone(),
+    ));
+
+    let supervision = Supervision {
+        health: shared.health.clone(),
+        stats: shared.stats.clone(),
+        cancel: shared.cancel.clone(),
+    };
+    let ownership = Arc::new(Ownership::new(&config));
+    let members = Arc::new(Mutex::new(Vec::new()));
+    let leases_done = start_lease_keeper(&config, &shared, &ownership, &members, &supervision)?;
+
+    let loader = {
+        let (redis, shared) = (redis.clone(), shared.clone());
+        Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
+            ctx.set_mailbox_capacity(mb.loader);
+            ProfileLoader::new(redis, shared)
+        })
+    };
+    let resolver = {
+        let (cache, shared) = (cache.clone(), shared.clone());
+        Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
+            ctx.set_mailbox_capacity(mb.resolver);
+            VersionResolver::new(cache, shared)
+        })
+    };
+    let publisher = {
+        let (kafka, producer, shared) = (config.kafka.clone(), producer.clone(), shared.clone());
+        Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
+            ctx.set_mailbox_capacity(mb.publisher);
+            KafkaPublisher::new(producer, &kafka, shared, hold)
+        })
+    };
+    let dlq = {
+        let (redis, producer, topic, shared) = (
+            redis.clone(),
+            producer.clone(),
+            config.kafka.dlq_topic.clone(),
+            shared.clone(),
+        );
+        Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
+            ctx.set_mailbox_capacity(mb.dlq);
+            DlqActor::new(redis, producer, topic, shared)
+        })
+    };
+    {
+        let (redis, producer, topic, every, shared) = (
+            redis.clone(),
+            producer.clone(),
+            config.kafka.dlq_topic.clone(),
+            config.dlq.forward_interval,
+            shared.clone(),
+        );
+        actix::spawn(supervise("dlq forwarder", supervision.clone(), move || {
+            Ok::<_, Infallible>(dlq::run_forwarder(
+                redis.clone(),
+                producer.clone(),
+                topic.clone(),
+                shared.clone(),
+                every,
+            ))
+        }));
+    }
+    let static_path = StaticPath {
+        redis: redis.clone(),
+        publisher: publisher.clone(),
+        dlq: dlq.clone(),
+        topic: config.kafka.static_topic.clone(),
+    };
+    let intake = Arc::new(SyncContext {
+        redis: redis.clone(),
+        profiles: profiles.clone(),
+        stats: shared.stats.clone(),
+        static_path: static_path.clone(),
+    });
+    let pipeline = Arc::new(Pipeline {
+        redis: redis.clone(),
+        static_path,
+        loader,
+        resolver,
+        publisher: publisher.clone(),
+        dlq: dlq.clone(),
+        producer,
+        mongo: mongo.clone(),
+        dynamic_topic: config.kafka.dynamic_topic.clone(),
+        static_grace: config.kafka.message_timeout,
+        shared: shared.clone(),
+        sync: config.sync.clone(),
+        ownership: ownership.clone(),
+        cycle_lock: tokio::sync::Mutex::new(()),
+    });
+    let scanner = {
+        let pipeline = pipeline.clone();
+        Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
+            ctx.set_mailbox_capacity(mb.scanner);
+            ShardScanner::new(pipeline)
+        })
+    };
+    {
+        let pipeline = pipeline.clone();
+        actix::spawn(supervise("scan loop", supervision.clone(), move || {
+            Ok::<_, Infallible>(run_loop(pipeline.clone()))
+        }));
+    }
+
+    // Two consumer loops, each with its own MongoApplier: static changes (their
+    // own consumer group, small windows) go first; the dynamic loop waits while
+    // a static window is being written.
+    let mut applier_done = Vec::new();
+    if config.applier.enabled {
+        let gate = Arc::new(PriorityGate::default());
+        let static_group = format!("{}-static", config.kafka.consumer_group);
+        for (role, topic, group) in [
+            (Section::Static, &config.kafka.static_topic, &static_group),
+            (
+                Section::Dynamic,
+                &config.kafka.dynamic_topic,
+                &config.kafka.consumer_group,
+            ),
+        ] {
+            let applier = {
+                let (mongo, shared) = (mongo.clone(), shared.clone());
+                Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
+                    ctx.set_mailbox_capacity(mb.applier);
+                    MongoApplier::new(mongo, shared)
+                })
+            };
+            let mut window = config.applier.clone();
+            if role == Section::Static {
+                window.window_max_events = window.window_max_events.min(500);
+                window.window_max_wait = config.applier.static_window_wait;
+            }
+            let (done_tx, done_rx) = oneshot::channel();
+            // A fresh consumer at every (re)start, once its topic exists and
+            // the unique index is there: it resumes from the group's committed
+            // offsets, so a window in flight when the loop died is read again,
+            // never skipped.
+            let make = {
+                let (kafka, group, topic) = (config.kafka.clone(), group.clone(), topic.clone());
+                let (dlq, cache, profiles, redis, shared, gate, ready) = (
+                    dlq.clone(),
+                    cache.clone(),
+                    profiles.clone(),
+                    redis.clone(),
+                    shared.clone(),
+                    gate.clone(),
+                    ready.clone(),
+                );
+                move || {
+                    let (kafka, group, topic) = (kafka.clone(), group.clone(), topic.clone());
+                    let (applier, dlq, cache, profiles, redis, config, shared, gate, ready) = (
+                        applier.clone(),
+                        dlq.clone(),
+                        cache.clone(),
+                        profiles.clone(),
+                        redis.clone(),
+                        window.clone(),
+                        shared.clone(),
+                        gate.clone(),
+                        ready.clone(),
+                    );
+                    Ok::<_, Infallible>(async move {
+                        if !ready.wait(Backend::Kafka, &shared.cancel).await
+                            || !ready.wait(Backend::Mongo, &shared.cancel).await
+                        {
+                            return;
+                        }
+                        let consumer = match kafka::consumer(&kafka, &group, &shared.instance_id)
+                            .and_then(|c| {
+                                rdkafka::consumer::Consumer::subscribe(&c, &[topic.as_str()])
+                                    .map(|()| c)
+                            }) {
+                            Ok(c) => c,
+                            Err(e) => {
+                                tracing::error!(error = %e, %topic, "cannot create the consumer");
+                                return;
+                            }
+                        };
+                        ConsumerLoop {
+                            consumer,
+                            applier,
+                            dlq,
+                            cache,
+                            profiles,
+                            redis,
+                            config,
+                            shared,
+                            role,
+                            gate,
+                            last_commit: Default::default(),
+                        }
+                        .run()
+                        .await
+                    })
+                }
+            };
+            let name = match role {
+                Section::Static => "static consumer loop",
+                Section::Dynamic => "dynamic consumer loop",
+            };
+            let supervision = supervision.clone();
+            actix::spawn(async move {
+                supervise(name, supervision, make).await;
+                let _ = done_tx.send(());
+            });
+            applier_done.push(done_rx);
+        }
+    }
+
+    Ok(Started {
+        ready,
+        intake,
+        profiles,
+        redis,
+        mongo,
+        cache,
+        ownership,
+        members,
+        leases_done,
+        pipeline,
+        scanner,
+        publisher,
+        applier_done,
+        system: actix::System::current(),
+    })
+}
+
+/// Starts the lease keeper on a thread of its own, with its own runtime and
+/// Redis connections, so that nothing else the engine runs (a slow commit, a
+/// busy actor thread) can delay a renewal past half the TTL. Supervised like
+/// the other tasks; its token stays the same across restarts, so the leases it
+/// holds stay its own. The receiver fires once it has released its leases.
+fn start_lease_keeper(
+    config: &Config,
+    shared: &Shared,
+    ownership: &Arc<Ownership>,
+    members: &Arc<Mutex<Vec<String>>>,
+    supervision: &Supervision,
+) -> Result<oneshot::Receiver<()>, EngineError> {
+    let (tx, rx) = oneshot::channel();
+    let (redis_config, shards) = (config.redis.clone(), config.sync.shards);
+    let keeper = LeaseKeeper {
+        redis: None,
+        ownership: ownership.clone(),
+        instance_id: shared.instance_id.clone(),
+        token: LeaseKeeper::token_for(&shared.instance_id),
+        ttl: config.lease.ttl,
+        cancel: shared.cancel.clone(),
+        faults: shared.faults.clone(),
+        members: members.clone(),
+    };
+    let supervision = supervision.clone();
+    std::thread::Builder::new()
+        .name("datasync-leases".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a current-thread runtime builds");
+            rt.block_on(supervise("lease keeper", supervision, || {
+                let (mut keeper, redis_config) = (keeper.clone(), redis_config.clone());
+                Ok::<_, Infallible>(async move {
+                    match RedisStore::connect(&redis_config, shards).await {
+                        Ok(r) => {
+                            keeper.redis = Some(r);
+                            keeper.run().await;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "lease keeper cannot reach redis"),
+                    }
+                })
+            }));
+            let _ = tx.send(());
+        })?;
+    Ok(rx)
+}
