@@ -436,9 +436,10 @@ async fn an_epoch_lost_in_a_failover_is_never_issued_again() {
     cleanup(&ns).await;
 }
 
-/// A bulk update the server refuses for what it carries (one document over
-/// MongoDB's 16 MB limit) is written again statement by statement: only the
-/// oversized change is rejected (to be dead-lettered), the others apply.
+/// One change too large for any command (50 MB, over the 48 MB message
+/// limit, so the whole bulk is refused) is rejected alone, to be
+/// dead-lettered, once the window is written statement by statement; the
+/// others in its window apply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_document_too_large_is_rejected_alone_and_the_rest_apply() {
     let ns = Namespace::new("toolarge");
@@ -451,7 +452,7 @@ async fn a_document_too_large_is_rejected_alone_and_the_rest_apply() {
         event_id: "e".into(),
         marked_at_ms: 0,
     };
-    let huge = "x".repeat(17 * 1024 * 1024);
+    let huge = "x".repeat(50 * 1024 * 1024);
     let outcomes = store
         .apply(&[
             change("a", doc! { "gen": 1 }),
@@ -467,4 +468,33 @@ async fn a_document_too_large_is_rejected_alone_and_the_rest_apply() {
     );
     assert_eq!(outcomes[2], datasync::clients::mongo::Outcome::Applied);
     assert_eq!(count_docs(&store, doc! {}).await, 2);
+}
+
+/// A window larger than one command may carry (four 13 MB documents, 52 MB
+/// against the 48 MB message limit) is written as several commands, cut by
+/// size, and every change applies: a window of large profiles does not block
+/// the applier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_update_over_the_message_limit_is_split_and_applies() {
+    let ns = Namespace::new("bigbulk");
+    let store = mongo(&ns).await;
+    let pad = "y".repeat(13 * 1024 * 1024);
+    let changes: Vec<Change> = (0..4)
+        .map(|i| Change {
+            user_id: format!("big{i}"),
+            section: Section::Dynamic,
+            version: 5,
+            profile: doc! { "pad": &pad },
+            event_id: "e".into(),
+            marked_at_ms: 0,
+        })
+        .collect();
+    let outcomes = store.apply(&changes).await.unwrap();
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| *o == datasync::clients::mongo::Outcome::Applied),
+        "{outcomes:?}"
+    );
+    assert_eq!(count_docs(&store, doc! {}).await, 4);
 }

@@ -13,6 +13,9 @@ use std::collections::HashMap;
 
 /// Statements per `update` command (the server accepts up to 100,000 and 48 MB).
 const STATEMENTS_PER_COMMAND: usize = 1000;
+/// Bytes of statements per `update` command: well under the 16 MB a command
+/// document may take on the server.
+const COMMAND_BYTES: usize = 8 * 1024 * 1024;
 /// MongoDB's duplicate-key error code.
 const DUPLICATE_KEY: i32 = 11000;
 
@@ -83,6 +86,8 @@ fn refused_for_its_data(e: &MongoError) -> bool {
     match e {
         MongoError::Driver(d) => match d.kind.as_ref() {
             ErrorKind::Command(c) => classify_code(c.code) == CodeClass::Data,
+            // The driver refuses a message over the server's maximum size.
+            ErrorKind::InvalidArgument { message, .. } => message.contains("over maximum"),
             ErrorKind::BsonSerialization(_) => true,
             _ => false,
         },
@@ -212,24 +217,7 @@ impl MongoStore {
     /// so those statements are tried once more; a second duplicate means stale.
     pub async fn apply(&self, changes: &[Change]) -> Result<Vec<Outcome>, MongoError> {
         let now = DateTime::now();
-        let mut outcomes = match self.update_many(changes, now).await {
-            Ok(o) => o,
-            // The whole command was refused for what it carried: one statement
-            // at a time, so only the bad ones are rejected.
-            Err(e) if changes.len() > 1 && refused_for_its_data(&e) => {
-                tracing::warn!(error = %e, statements = changes.len(), "bulk update refused; writing its statements one by one");
-                let mut out = Vec::with_capacity(changes.len());
-                for c in changes {
-                    out.push(match self.update_many(std::slice::from_ref(c), now).await {
-                        Ok(mut o) => o.remove(0),
-                        Err(e) if refused_for_its_data(&e) => Outcome::Rejected(e.to_string()),
-                        Err(e) => return Err(e),
-                    });
-                }
-                out
-            }
-            Err(e) => return Err(e),
-        };
+        let mut outcomes = self.update_many(changes, now).await?;
         let retry: Vec<usize> = outcomes
             .iter()
             .enumerate()
@@ -251,17 +239,68 @@ impl MongoStore {
         now: DateTime,
     ) -> Result<Vec<Outcome>, MongoError> {
         let mut outcomes = Vec::with_capacity(changes.len());
-        for chunk in changes.chunks(STATEMENTS_PER_COMMAND) {
-            let statements: Vec<Document> = chunk.iter().map(|c| statement(c, now)).collect();
-            let mut command =
-                doc! { "update": &self.collection, "updates": statements, "ordered": false };
-            if let Some(wc) = &self.write_concern {
-                command.insert("writeConcern", wc.clone());
+        let (mut from, mut bytes) = (0, 0);
+        let mut statements: Vec<Document> = Vec::new();
+        for (i, c) in changes.iter().enumerate() {
+            let s = statement(c, now);
+            // The size the statement takes in the command (the profile is
+            // most of it), so a command stays well under the server's 16 MB.
+            let size = mongodb::bson::to_vec(&s).map(|v| v.len()).unwrap_or(0);
+            if !statements.is_empty()
+                && (statements.len() == STATEMENTS_PER_COMMAND || bytes + size > COMMAND_BYTES)
+            {
+                let group = std::mem::take(&mut statements);
+                outcomes.extend(self.update_command(&changes[from..i], group, now).await?);
+                (from, bytes) = (i, 0);
             }
-            let reply = self.db.run_command(command).await?;
-            outcomes.extend(outcomes_of_reply(&reply, chunk.len())?);
+            statements.push(s);
+            bytes += size;
+        }
+        if !statements.is_empty() {
+            outcomes.extend(
+                self.update_command(&changes[from..], statements, now)
+                    .await?,
+            );
         }
         Ok(outcomes)
+    }
+
+    /// One `update` command with the statements of `changes`; an outcome
+    /// each. A command refused whole for what it carries (a statement too
+    /// large for any command) is written again one statement at a time, so
+    /// only the bad statements are rejected.
+    async fn update_command(
+        &self,
+        changes: &[Change],
+        statements: Vec<Document>,
+        now: DateTime,
+    ) -> Result<Vec<Outcome>, MongoError> {
+        match self.run_update(statements).await {
+            Err(e) if refused_for_its_data(&e) => {
+                tracing::warn!(error = %e, statements = changes.len(), "bulk update refused; writing its statements one by one");
+                let mut out = Vec::with_capacity(changes.len());
+                for c in changes {
+                    out.push(match self.run_update(vec![statement(c, now)]).await {
+                        Ok(mut o) => o.remove(0),
+                        Err(e) if refused_for_its_data(&e) => Outcome::Rejected(e.to_string()),
+                        Err(e) => return Err(e),
+                    });
+                }
+                Ok(out)
+            }
+            other => other,
+        }
+    }
+
+    async fn run_update(&self, statements: Vec<Document>) -> Result<Vec<Outcome>, MongoError> {
+        let n = statements.len();
+        let mut command =
+            doc! { "update": &self.collection, "updates": statements, "ordered": false };
+        if let Some(wc) = &self.write_concern {
+            command.insert("writeConcern", wc.clone());
+        }
+        let reply = self.db.run_command(command).await?;
+        outcomes_of_reply(&reply, n)
     }
 
     /// One user's document, for tests and reads.
