@@ -40,10 +40,28 @@ pub struct PriorityGate {
 /// changes cannot starve the dynamic path.
 const MAX_PRIORITY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// A static window in flight at the gate; leaving is dropping it, so a
+/// window dropped by a loop that died (a panic unwinds through it) leaves the
+/// gate too, and the dynamic loop is not slowed for good.
+pub struct GateTicket(Arc<PriorityGate>);
+
+impl Drop for GateTicket {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
 impl PriorityGate {
-    fn enter(&self) {
+    /// Enters a static window.
+    pub fn enter(self: &Arc<Self>) -> GateTicket {
         self.in_flight
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        GateTicket(self.clone())
+    }
+
+    /// Static windows in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn leave(&self) {
@@ -102,6 +120,8 @@ struct InFlight {
     origins: Vec<usize>,
     poison: Vec<(usize, String, String)>,
     request: std::pin::Pin<Box<actix::dev::Request<MongoApplier, ApplyWindow>>>,
+    /// Static windows hold the priority gate until they are finished.
+    _gate: Option<GateTicket>,
 }
 
 type WriteResult = Result<Result<Vec<Outcome>, StageError>, actix::MailboxError>;
@@ -229,9 +249,7 @@ impl ConsumerLoop {
             self.shared.stats.stale(section.label(), *n);
         }
         let changes = Arc::new(collapsed.changes);
-        if self.role == Section::Static {
-            self.gate.enter();
-        }
+        let gate = (self.role == Section::Static).then(|| self.gate.enter());
         let request = Box::pin(self.applier.send(ApplyWindow(changes.clone())));
         InFlight {
             window,
@@ -239,6 +257,7 @@ impl ConsumerLoop {
             origins: collapsed.origins,
             poison: collapsed.poison,
             request,
+            _gate: gate,
         }
     }
 
@@ -308,11 +327,9 @@ impl ConsumerLoop {
     async fn finish(&self, f: InFlight, first: WriteResult) -> bool {
         let go_on =
             self.role != Section::Static || self.shared.faults.pass(HoldPoint::StaticWindow).await;
-        let done = go_on && self.write_outcomes(f, first).await;
-        if self.role == Section::Static {
-            self.gate.leave();
-        }
-        done
+        // The window (and with it a static window's gate ticket) is dropped
+        // once its outcomes are recorded.
+        go_on && self.write_outcomes(f, first).await
     }
 
     async fn write_outcomes(&self, f: InFlight, first: WriteResult) -> bool {
@@ -463,5 +480,25 @@ impl ConsumerLoop {
             }
             None => *last = Some(tpl),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dropped_static_window_leaves_the_gate() {
+        let gate = Arc::new(PriorityGate::default());
+        let a = gate.enter();
+        let b = gate.enter();
+        assert_eq!(gate.in_flight(), 2);
+        drop(a);
+        // A loop that panics drops its windows while unwinding.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _held = b;
+            panic!("the static loop dies");
+        }));
+        assert_eq!(gate.in_flight(), 0);
     }
 }
