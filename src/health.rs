@@ -37,6 +37,8 @@ impl Backend {
 struct Down {
     since: Instant,
     reason: String,
+    /// Not reached yet since start: answering is not a recovery.
+    starting: bool,
 }
 
 /// One outage seen and over.
@@ -76,6 +78,7 @@ impl Health {
             self.down.entry(b).or_insert(Down {
                 since: Instant::now(),
                 reason,
+                starting: false,
             });
         }
     }
@@ -87,6 +90,7 @@ impl Health {
         self.down.entry(b).or_insert(Down {
             since: Instant::now(),
             reason: reason.to_string(),
+            starting: true,
         });
     }
 
@@ -94,6 +98,11 @@ impl Health {
     pub fn set_up(&self, b: Backend) -> Option<Duration> {
         let (_, d) = self.down.remove(&b)?;
         let took = d.since.elapsed();
+        if d.starting {
+            gauge!(names::BACKEND_UP, "backend" => b.name()).set(1.0);
+            tracing::info!(backend = b.name(), after = ?took, "backend reached");
+            return Some(took);
+        }
         BackendUp {
             backend: b.name(),
             outage: took,

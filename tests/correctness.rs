@@ -404,6 +404,25 @@ async fn a_flag_clear_closes_only_the_dead_letters_it_earned() {
         .await
         .unwrap();
     assert!(!open("w", Section::Dynamic).await);
+    // A MongoDB rejection at the version just published stays open: the
+    // publish that cleared the flag does not prove the change applied.
+    let q = r.mark(&["q".to_string()]).await.unwrap()[0].1;
+    let rejected = json!({
+        "user_id": "q", "version": q, "stage": "apply", "sync_type": "dynamic",
+        "error": "e", "detail": "d", "retry_count": 0, "failed_at_ms": 1,
+        "instance_id": "i", "topic": "t",
+    })
+    .to_string();
+    r.dlq_put(&[("q", Section::Dynamic, rejected)])
+        .await
+        .unwrap();
+    r.clear_flags(shard_of("q"), &[("q".into(), q)], None)
+        .await
+        .unwrap();
+    assert!(
+        open("q", Section::Dynamic).await,
+        "an apply-stage dead letter closed by a publish"
+    );
     // A dead letter newer than the cleared flag stays.
     r.clear_flags(shard_of("z"), &[("z".into(), versions[2])], None)
         .await

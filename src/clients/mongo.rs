@@ -85,7 +85,11 @@ fn refused_for_its_data(e: &MongoError) -> bool {
     use mongodb::error::ErrorKind;
     match e {
         MongoError::Driver(d) => match d.kind.as_ref() {
-            ErrorKind::Command(c) => classify_code(c.code) == CodeClass::Data,
+            // Too large: a document (10334 BSONObjectTooLarge, 17419/17420
+            // document or update too large) or the command itself. Any other
+            // code failing a whole command is not the data's fault: the
+            // window is retried rather than dead-lettered.
+            ErrorKind::Command(c) => matches!(c.code, 10334 | 17419 | 17420),
             // The driver refuses a message over the server's maximum size.
             ErrorKind::InvalidArgument { message, .. } => message.contains("over maximum"),
             ErrorKind::BsonSerialization(_) => true,

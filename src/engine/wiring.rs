@@ -241,7 +241,6 @@ pub(super) async fn start_actors(
                             shared,
                             role,
                             gate,
-                            last_commit: Default::default(),
                         }
                         .run()
                         .await

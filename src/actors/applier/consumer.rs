@@ -108,9 +108,6 @@ pub struct ConsumerLoop {
     /// The section whose topic this loop serves.
     pub role: Section,
     pub gate: Arc<PriorityGate>,
-    /// The offsets of the last windows committed, committed once more,
-    /// synchronously, when the loop stops.
-    pub last_commit: std::sync::Mutex<Option<TopicPartitionList>>,
 }
 
 /// A window whose write is under way in the MongoApplier.
@@ -132,15 +129,6 @@ impl ConsumerLoop {
     /// committed in order and never past an unwritten window.
     pub async fn run(self) {
         self.consume().await;
-        // The last commit again, waiting for the broker this time, so the
-        // next owner of these partitions starts after what this loop applied
-        // (never past it: only applied windows' offsets are in it).
-        let last = self.last_commit.lock().expect("not poisoned").take();
-        if let Some(tpl) = last
-            && let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync)
-        {
-            tracing::warn!(error = %e, "final offset commit failed");
-        }
         tracing::info!(section = self.role.label(), "consumer loop stopped");
     }
 
@@ -461,24 +449,12 @@ impl ConsumerLoop {
             }
         }
         // Asynchronous: the commit is sent in the background, so no thread
-        // blocks on the broker. A commit that fails is not fatal: the window is
-        // applied, and a replay after a restart is a no-op by the version rules.
+        // blocks on the broker (closing the consumer completes the ones in
+        // flight). A commit that fails or is lost is not fatal: the window is
+        // applied, and its replay after a restart is a no-op by the version
+        // rules.
         if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
             tracing::warn!(error = %e, "offset commit failed");
-        }
-        let mut last = self.last_commit.lock().expect("not poisoned");
-        match last.as_mut() {
-            // Keep the furthest offset of every partition seen so far.
-            Some(prev) => {
-                for e in tpl.elements() {
-                    let _ = if prev.find_partition(e.topic(), e.partition()).is_some() {
-                        prev.set_partition_offset(e.topic(), e.partition(), e.offset())
-                    } else {
-                        prev.add_partition_offset(e.topic(), e.partition(), e.offset())
-                    };
-                }
-            }
-            None => *last = Some(tpl),
         }
     }
 }

@@ -17,6 +17,6 @@ for i = 1, #ARGV, 2 do
       n = n + 1
     end
   end
-  close_dead_letter(KEYS[2], ARGV[i] .. '|s', v)
+  close_dead_letter(KEYS[2], ARGV[i] .. '|s', v, nil)
 end
 return n
