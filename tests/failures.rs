@@ -107,12 +107,7 @@ async fn one_poison_profile_among_a_thousand_goes_to_the_dlq_and_redrives() {
     assert!(r2.redriven[0].1 > e.version, "{r2:?}");
     assert_eq!(r2.not_open, vec!["nobody".to_string()]);
     wait_until("p500 synced at the redriven version", LONG, || async {
-        mongo
-            .find_user("p500")
-            .await
-            .unwrap()
-            .and_then(|d| d.get_i64("dynamicVersion").ok())
-            == Some(r2.redriven[0].1)
+        version_of(&mongo, "p500", datasync::model::Section::Dynamic).await == r2.redriven[0].1
     })
     .await;
     wait_until("no open dead letter", LONG, || async {

@@ -223,12 +223,7 @@ async fn dead_letters_are_listed_and_redriven_with_the_admin_token() {
     let mongo = mongo(&ns).await;
     wait_until("ghost synced", Duration::from_secs(60), || async {
         engine.scan_now().await.unwrap();
-        mongo
-            .find_user("ghost")
-            .await
-            .unwrap()
-            .and_then(|d| d.get_i64("dynamicVersion").ok())
-            == Some(flagged)
+        version_of(&mongo, "ghost", datasync::model::Section::Dynamic).await == flagged
     })
     .await;
     wait_until("the entry closed", Duration::from_secs(60), || async {

@@ -15,11 +15,7 @@ use std::time::Duration;
 const LONG: Duration = Duration::from_secs(240);
 
 async fn static_version(m: &datasync::clients::mongo::MongoStore, user: &str) -> i64 {
-    m.find_user(user)
-        .await
-        .unwrap()
-        .and_then(|d| d.get_i64("staticVersion").ok())
-        .unwrap_or(0)
+    version_of(m, user, datasync::model::Section::Static).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

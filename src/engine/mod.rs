@@ -16,22 +16,20 @@ use crate::{
         scanner::{CycleReport, Pipeline, ScanNow, ShardScanner, run_loop},
         static_path::StaticPath,
     },
+    backends::BringUp,
     cache::{AppliedCache, CacheStats},
     clients::{kafka, mongo::MongoStore, redis::RedisStore},
     config::Config,
+    config::mask_url,
     faults::Faults,
+    health::Backend,
     health::Health,
     lease::{LeaseKeeper, Ownership, ShardInfo, ShardsReport, parse_lease},
     model::{Section, validate_user_ids},
     profiles::{ComposedProfile, ProfileCacheStats, ProfileReader},
     strategy::{ImmediateSync, Receipt, SyncContext, SyncStrategy},
-    telemetry::{Stats, StatsSnapshot},
-};
-use crate::{
-    backends::BringUp,
-    config::mask_url,
-    health::Backend,
     tasks::{Supervision, supervise},
+    telemetry::{Stats, StatsSnapshot},
 };
 use actix::{Arbiter, Supervisor};
 use std::convert::Infallible;

@@ -182,6 +182,17 @@ pub async fn mongo(ns: &str) -> MongoStore {
         .expect("mongo")
 }
 
+/// A user's stored version of one section (`staticVersion` or
+/// `dynamicVersion`); 0 when the user or the section is not there.
+pub async fn version_of(m: &MongoStore, user: &str, section: datasync::model::Section) -> i64 {
+    let (_, field) = section.mongo_fields();
+    m.find_user(user)
+        .await
+        .unwrap()
+        .and_then(|d| d.get_i64(field).ok())
+        .unwrap_or(0)
+}
+
 pub async fn count_docs(m: &MongoStore, filter: Document) -> u64 {
     m.collection().count_documents(filter).await.expect("count")
 }

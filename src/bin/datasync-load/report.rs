@@ -3,7 +3,7 @@
 
 use crate::{baseline::Baseline, ceilings::Ceilings};
 use datasync::telemetry::LatencySummary;
-use plotters::prelude::*;
+use plotters::{coord::types::RangedCoordf64, prelude::*};
 use serde::Serialize;
 use std::{fmt::Write as _, path::Path};
 
@@ -287,11 +287,7 @@ impl Report {
                     .label(name)
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
             }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()?;
+            draw_legend(&mut chart)?;
             root.present()?;
         }
         Ok(out)
@@ -342,15 +338,27 @@ impl Report {
                     .label(format!("{name} {ms} ms"))
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
             }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()?;
+            draw_legend(&mut chart)?;
             root.present()?;
         }
         Ok(out)
     }
+}
+
+/// The legend box of a chart, the same on every chart of the report.
+fn draw_legend<'a, DB: DrawingBackend + 'a>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("chart legend: {e}"))?;
+    Ok(())
 }
 
 fn html_escape(s: &str) -> String {
