@@ -37,6 +37,13 @@ pub enum EngineError {
         "{reason}; the change (version {version}) is kept and will be published when Kafka answers"
     )]
     NotPublished { version: i64, reason: String },
+    /// Another job of the same kind is running (one at a time per key
+    /// prefix unless forced).
+    #[error("a {kind} job is already running: {id} (pass \"force\": true to run another)")]
+    JobBusy { kind: &'static str, id: String },
+    /// No job of that kind with that id (or it expired after its retention).
+    #[error("no {kind} job `{id}`")]
+    NoSuchJob { kind: &'static str, id: String },
     /// `startup.require_backends`: Kafka or MongoDB did not answer in time.
     #[error("backends did not answer at start: {}", .0.join("; "))]
     BackendsUnavailable(Vec<String>),

@@ -28,6 +28,14 @@
 //! 7. What fails for good becomes a dead letter ([`actors::dlq`]), with its
 //!    flag kept; an operator lists and redrives it.
 //!
+//! Deletes take the same road: `POST /v1/sync/delete` records a versioned
+//! delete beside the flag (`scripts/delete.lua`), the scanner publishes a
+//! delete event, and the applier keeps a tombstone. [`jobs`] heals: a full
+//! resync flags users again, the consistency check compares Redis with
+//! MongoDB and repairs drift, and the tombstone purge ends tombstones after
+//! their retention; all of them re-enter the pipeline through the same
+//! scripts and version rules.
+//!
 //! Around them: [`model`] (the domain words every layer shares: sections,
 //! changes, dead letters, the clock), [`error`], [`config`] (the typed, layered
 //! configuration), [`retry`] (the retry policy), [`health`] (backends and
@@ -50,6 +58,7 @@ pub mod error;
 pub mod faults;
 pub mod health;
 pub mod http;
+pub mod jobs;
 pub mod lease;
 pub mod model;
 pub mod profiles;

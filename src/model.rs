@@ -48,15 +48,6 @@ impl Section {
         }
     }
 
-    /// The section of an event's `sync_type` field.
-    pub fn of_sync_type(t: i32) -> Section {
-        if t == SyncType::StaticImmediate as i32 {
-            Section::Static
-        } else {
-            Section::Dynamic
-        }
-    }
-
     /// The section a label names (`static`; anything else is dynamic, which
     /// is what entries written before labels existed were).
     pub fn of_label(label: &str) -> Section {
@@ -86,6 +77,14 @@ pub mod fields {
     pub const DATA_VERSION: &str = "dataVersion";
     pub const UPDATED_AT: &str = "updatedAt";
     pub const LAST_EVENT_ID: &str = "lastEventId";
+    /// A tombstone: the user was deleted and no section newer than the
+    /// delete exists.
+    pub const DELETED: &str = "deleted";
+    /// The version of the newest delete applied.
+    pub const DELETED_VERSION: &str = "deletedVersion";
+    /// When the document became a tombstone (purged after
+    /// `sync.tombstone_retention`).
+    pub const DELETED_AT: &str = "deletedAt";
 }
 
 /// A user's profile to write and flag.
@@ -160,8 +159,10 @@ pub struct DeadLetter {
     /// The change's version (0 when unknown).
     pub version: i64,
     pub stage: DlqStage,
-    /// The section the change was for.
+    /// The section the change was for (a delete's is dynamic).
     pub section: Section,
+    /// The change was a delete.
+    pub delete: bool,
     /// The encoded event, or the raw bytes that failed to decode.
     pub original_event: Vec<u8>,
     pub error: String,
@@ -311,7 +312,6 @@ mod tests {
     #[test]
     fn sections_map_both_ways() {
         for s in [Section::Static, Section::Dynamic] {
-            assert_eq!(Section::of_sync_type(s.sync_type() as i32), s);
             assert_eq!(Section::of_label(s.label()), s);
         }
         assert_eq!(

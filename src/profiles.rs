@@ -13,6 +13,10 @@
 //! never cached. The L1 of this process is invalidated by its own writes; other
 //! processes' L1 entries live at most `cache.profile_l1_ttl` (default 1 s).
 //!
+//! A deleted user (a tombstone in MongoDB, or a delete recorded in Redis and
+//! not yet applied) has no profile: reads answer none, unless a change newer
+//! than the delete brought the user back.
+//!
 //! While Redis is unreachable (seed 002's fallback), reads are served from
 //! MongoDB alone and marked `possibly_stale`: changes accepted but not yet
 //! applied are missing. Such answers are not cached; once Redis is back, the
@@ -62,6 +66,13 @@ pub struct ComposedProfile {
     /// not yet applied are missing from it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub possibly_stale: bool,
+}
+
+impl ComposedProfile {
+    /// No section: an unknown user, or a deleted one (a tombstone).
+    fn is_empty(&self) -> bool {
+        self.static_profile.is_null() && self.dynamic_profile.is_null()
+    }
 }
 
 /// Hit counters of the profile caches.
@@ -126,10 +137,14 @@ impl ProfileReader {
             Err(ProfileReadError::Redis(e)) if e.is_retryable() => {
                 tracing::debug!(error = %e, "redis unreachable; profile read served from mongodb");
                 self.counts[3].fetch_add(1, Relaxed);
-                Ok(self.from_mongo(user).await?.map(|mut p| {
-                    p.possibly_stale = true;
-                    Arc::new(p)
-                }))
+                Ok(self
+                    .from_mongo(user)
+                    .await?
+                    .filter(|p| !p.is_empty())
+                    .map(|mut p| {
+                        p.possibly_stale = true;
+                        Arc::new(p)
+                    }))
             }
             other => other,
         }
@@ -189,7 +204,6 @@ impl ProfileReader {
 
     async fn compose(&self, user: &str) -> Result<Option<ComposedProfile>, ProfileReadError> {
         let doc = self.from_mongo(user).await?;
-        let known = doc.is_some();
         let mut p = doc.unwrap_or_else(|| ComposedProfile {
             user_id: user.to_string(),
             static_profile: Value::Null,
@@ -200,6 +214,17 @@ impl ProfileReader {
             pending: Vec::new(),
             possibly_stale: false,
         });
+        // A delete not yet applied hides every section older than it.
+        if let Some(d) = self.redis.recorded_delete_of(user).await? {
+            if d > p.static_version {
+                p.static_profile = Value::Null;
+                p.static_version = d;
+            }
+            if d > p.dynamic_version {
+                p.dynamic_profile = Value::Null;
+                p.dynamic_version = d;
+            }
+        }
         if let Some(v) = self.redis.flag_of(user).await?
             && v > p.dynamic_version
             && let Some(Ok(raw)) = self.redis.load_profiles(&[user.to_string()]).await?.pop()
@@ -217,10 +242,7 @@ impl ProfileReader {
             p.static_version = v;
             p.pending.push("static".into());
         }
-        if !known && p.pending.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(p))
+        Ok((!p.is_empty()).then_some(p))
     }
 
     /// Drops this process's L1 entry of `user`.

@@ -88,9 +88,76 @@ impl Keys {
         format!("{}:pcache:{{{shard}}}:{user_id}", self.prefix)
     }
 
+    /// Hash of a shard's deletes not yet published: user id → the delete's
+    /// version. Written with the flag by the delete script; removed (compare
+    /// and delete) once the delete event is on the broker.
+    pub fn deleted(&self, shard: u32) -> String {
+        format!("{}:deleted:{{{shard}}}", self.prefix)
+    }
+
+    /// A background job's record (JSON): resync or consistency check. Every
+    /// job key carries the `{jobs}` hash tag, so a job's scripts stay in one
+    /// cluster slot.
+    pub fn job(&self, kind: &str, id: &str) -> String {
+        format!("{}:{{jobs}}:{kind}:{id}", self.prefix)
+    }
+
+    /// Sorted set of a kind's jobs: member = job id, score = creation (Unix ms).
+    pub fn jobs(&self, kind: &str) -> String {
+        format!("{}:{{jobs}}:{kind}", self.prefix)
+    }
+
+    /// The id of the job of a kind that is running (one at a time per prefix
+    /// unless forced).
+    pub fn job_lock(&self, kind: &str) -> String {
+        format!("{}:{{jobs}}:{kind}:active", self.prefix)
+    }
+
+    /// The lease of the instance running a job: its instance id, with a TTL
+    /// renewed at each checkpoint. A running job whose lease expired is taken
+    /// over and resumed from its checkpoint.
+    pub fn job_lease(&self, kind: &str, id: &str) -> String {
+        format!("{}:{{jobs}}:{kind}:{id}:lease", self.prefix)
+    }
+
+    /// Set when a job is asked to stop; its runner sees it at the next
+    /// checkpoint.
+    pub fn job_cancel(&self, kind: &str, id: &str) -> String {
+        format!("{}:{{jobs}}:{kind}:{id}:cancel", self.prefix)
+    }
+
     /// The profile the upstream wrote.
     pub fn profile(&self, user_id: &str) -> String {
         self.profile_template.replace("{id}", user_id)
+    }
+
+    /// A SCAN `MATCH` pattern for every profile key: the template with `{id}`
+    /// as `*` and glob characters of the rest escaped.
+    pub fn profile_pattern(&self) -> String {
+        let (head, tail) = self.template_parts();
+        let escape = |s: &str| {
+            s.chars().fold(String::new(), |mut out, c| {
+                if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                    out.push('\\');
+                }
+                out.push(c);
+                out
+            })
+        };
+        format!("{}*{}", escape(head), escape(tail))
+    }
+
+    /// The user id a profile key holds, if the key matches the template.
+    pub fn user_of_profile_key<'a>(&self, key: &'a str) -> Option<&'a str> {
+        let (head, tail) = self.template_parts();
+        let id = key.strip_prefix(head)?.strip_suffix(tail)?;
+        (!id.is_empty()).then_some(id)
+    }
+
+    fn template_parts(&self) -> (&str, &str) {
+        self.profile_template
+            .split_once("{id}")
+            .unwrap_or((self.profile_template.as_str(), ""))
     }
 
     /// The seed's legacy flag set.
@@ -141,6 +208,18 @@ mod tests {
             counts.iter().all(|&c| (800..1200).contains(&c)),
             "{counts:?}"
         );
+    }
+
+    #[test]
+    fn profile_keys_map_back_to_users() {
+        let k = Keys::new("datasync", "user:{id}:profile", "flags");
+        assert_eq!(k.profile_pattern(), "user:*:profile");
+        assert_eq!(k.user_of_profile_key("user:42:profile"), Some("42"));
+        assert_eq!(k.user_of_profile_key("user::profile"), None);
+        assert_eq!(k.user_of_profile_key("session:42"), None);
+        let odd = Keys::new("d", "p[1]*{id}", "flags");
+        assert_eq!(odd.profile_pattern(), "p\\[1\\]\\**");
+        assert_eq!(odd.user_of_profile_key("p[1]*u-7"), Some("u-7"));
     }
 
     #[test]

@@ -58,6 +58,23 @@ impl SyncContext {
             .collect())
     }
 
+    /// Deletes users: their Redis profiles go, and a delete is flagged with
+    /// a version from each user's shard clock; the applier turns their
+    /// documents into tombstones. A change newer than the delete brings a
+    /// user back.
+    pub async fn delete(&self, user_ids: &[String]) -> Result<Vec<Marked>, EngineError> {
+        validate_user_ids(user_ids.iter().map(String::as_str)).map_err(EngineError::Invalid)?;
+        let deleted = self.redis.delete(user_ids).await?;
+        for u in user_ids {
+            self.profiles.invalidate_local(u).await;
+        }
+        self.stats.users_deleted(deleted.len() as u64);
+        Ok(deleted
+            .into_iter()
+            .map(|(user_id, version)| Marked { user_id, version })
+            .collect())
+    }
+
     /// Writes each profile to Redis, then flags it. Nothing is written unless
     /// every entry is valid; if flagging fails the call fails, so the caller
     /// retries (the profiles written are simply written again).

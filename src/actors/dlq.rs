@@ -33,8 +33,9 @@ pub struct DlqEntry {
     pub user_id: String,
     pub version: i64,
     pub stage: String,
-    /// `static` or `dynamic`: the section the change was for (entries written
-    /// before this field existed are dynamic).
+    /// `static`, `dynamic` or `delete`: the section the change was for, or a
+    /// delete (carried on the dynamic path, so its entry is the user's
+    /// dynamic one). Entries written before this field existed are dynamic.
     #[serde(default = "dynamic_label")]
     pub sync_type: String,
     pub error: String,
@@ -219,7 +220,12 @@ async fn record(
                 user_id: l.user_id.clone(),
                 version: l.version,
                 stage: l.stage.label().to_string(),
-                sync_type: l.section.label().to_string(),
+                sync_type: if l.delete {
+                    "delete"
+                } else {
+                    l.section.label()
+                }
+                .to_string(),
                 error: l.error.clone(),
                 detail: l.detail.clone(),
                 retry_count: l.retry_count,
@@ -407,15 +413,22 @@ pub struct Redriven {
     pub superseded: Vec<String>,
 }
 
+/// Whether a stored entry is a delete's.
+fn is_delete(json: &str) -> bool {
+    serde_json::from_str::<DlqEntry>(json).is_ok_and(|e| e.sync_type == "delete")
+}
+
 /// Redrives open dead letters and closes their entries. A dynamic one re-flags
 /// the user (a new version from the shard clock, so the normal path and its
-/// version rules apply: the profile is loaded again from Redis). A static one
+/// version rules apply: the profile is loaded again from Redis); a delete's
+/// deletes the user again, with a new version. A static one
 /// puts the user's pending immediate change back in line with a new version;
 /// the scanner publishes it at its next pass. Redriving first means a crash in
 /// between leaves the entry open, never a user dropped.
 pub async fn redrive(redis: &RedisStore, target: RedriveTarget) -> Result<Redriven, StageError> {
     let mut out = Redriven::default();
     let mut dynamic: Vec<String> = Vec::new();
+    let mut deletes: Vec<String> = Vec::new();
     let mut static_: Vec<String> = Vec::new();
     match target {
         RedriveTarget::Users(ids) => {
@@ -431,8 +444,12 @@ pub async fn redrive(redis: &RedisStore, target: RedriveTarget) -> Result<Redriv
             let open = redis.dlq_entries(&keys).await?;
             for (id, pair) in ids.iter().zip(open.chunks(2)) {
                 let (d, st) = (pair[0].is_some(), pair[1].is_some());
-                if d {
-                    dynamic.push(id.clone());
+                if let Some(json) = &pair[0] {
+                    if is_delete(json) {
+                        deletes.push(id.clone());
+                    } else {
+                        dynamic.push(id.clone());
+                    }
                 }
                 if st {
                     static_.push(id.clone());
@@ -444,8 +461,9 @@ pub async fn redrive(redis: &RedisStore, target: RedriveTarget) -> Result<Redriv
         }
         RedriveTarget::All => {
             for shard in 0..redis.shards() {
-                for (user, section, _) in redis.dlq_shard(shard).await? {
+                for (user, section, json) in redis.dlq_shard(shard).await? {
                     match section {
+                        Section::Dynamic if is_delete(&json) => deletes.push(user),
                         Section::Dynamic => dynamic.push(user),
                         Section::Static => static_.push(user),
                     }
@@ -453,14 +471,20 @@ pub async fn redrive(redis: &RedisStore, target: RedriveTarget) -> Result<Redriv
             }
         }
     }
-    for chunk in dynamic.chunks(1000) {
-        let marked = redis.mark(chunk).await?;
-        let keys: Vec<(&str, Section)> = chunk
-            .iter()
-            .map(|u| (u.as_str(), Section::Dynamic))
-            .collect();
-        redis.dlq_remove(&keys).await?;
-        out.redriven.extend(marked);
+    for (users, delete) in [(&dynamic, false), (&deletes, true)] {
+        for chunk in users.chunks(1000) {
+            let marked = if delete {
+                redis.delete(chunk).await?
+            } else {
+                redis.mark(chunk).await?
+            };
+            let keys: Vec<(&str, Section)> = chunk
+                .iter()
+                .map(|u| (u.as_str(), Section::Dynamic))
+                .collect();
+            redis.dlq_remove(&keys).await?;
+            out.redriven.extend(marked);
+        }
     }
     for chunk in static_.chunks(1000) {
         let users: Vec<&str> = chunk.iter().map(String::as_str).collect();

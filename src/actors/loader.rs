@@ -1,8 +1,9 @@
 //! ProfileLoader: reads the profiles of a page of flags from Redis, pipelined,
-//! and parses each into the document its event carries.
+//! and parses each into the document its event carries; and the deletes
+//! recorded for the page's users, which are published as delete events.
 
 use super::{Flag, Shared, StageError, guard, restart_pause};
-use crate::{clients::redis::RedisStore, faults::Stage, model::ProfileError};
+use crate::{clients::redis::RedisStore, faults::Stage, model::ProfileError, shard::shard_of};
 use actix::prelude::*;
 use mongodb::bson::Document;
 
@@ -38,38 +39,87 @@ impl Supervised for ProfileLoader {
     }
 }
 
-/// Loads one profile per flag. Per-user problems come back per user; a Redis
-/// failure (after the retry policy) fails the whole page.
+/// One flag, loaded.
+#[derive(Debug)]
+pub struct Loaded {
+    pub flag: Flag,
+    /// The user's delete recorded and not yet published, at most the flag's
+    /// version: the flag's own (the flag is the delete), or an older one a
+    /// later mark flagged over (both must be published).
+    pub delete: Option<i64>,
+    /// The profile; `None` when the flag is the delete itself.
+    pub profile: Option<Result<Document, ProfileError>>,
+}
+
+/// Loads one profile per flag, and the deletes recorded for its users. A
+/// flag whose user was deleted again after the flag was read is left out:
+/// its score moved on, and the next page publishes the delete. Per-user
+/// problems come back per user; a Redis failure (after the retry policy)
+/// fails the whole page.
 #[derive(Message)]
-#[rtype(result = "Result<Vec<(Flag, Result<Document, ProfileError>)>, StageError>")]
+#[rtype(result = "Result<Vec<Loaded>, StageError>")]
 pub struct Load(pub Vec<Flag>);
 
 impl Handler<Load> for ProfileLoader {
-    type Result =
-        ResponseActFuture<Self, Result<Vec<(Flag, Result<Document, ProfileError>)>, StageError>>;
+    type Result = ResponseActFuture<Self, Result<Vec<Loaded>, StageError>>;
 
     fn handle(&mut self, Load(flags): Load, _: &mut Context<Self>) -> Self::Result {
         let redis = self.redis.clone();
         let shared = self.shared.clone();
         guard(Self::NAME, shared.stats.clone(), async move {
             shared.faults.check(Stage::Loader);
-            let users: Vec<String> = flags.iter().map(|f| f.user_id.clone()).collect();
+            let Some(first) = flags.first() else {
+                return Ok(Vec::new());
+            };
+            // A page is one shard's.
+            let shard = shard_of(&first.user_id, redis.shards());
+            let users: Vec<&str> = flags.iter().map(|f| f.user_id.as_str()).collect();
+            let deletes = shared
+                .retry
+                .run("read recorded deletes", &shared.cancel, || {
+                    redis.recorded_deletes(shard, &users)
+                })
+                .await?;
+            let mut out = Vec::with_capacity(flags.len());
+            let mut to_load = Vec::new();
+            for (flag, delete) in flags.into_iter().zip(deletes) {
+                match delete {
+                    Some(d) if d > flag.version => continue,
+                    Some(d) if d == flag.version => out.push(Loaded {
+                        flag,
+                        delete,
+                        profile: None,
+                    }),
+                    _ => {
+                        to_load.push(out.len());
+                        out.push(Loaded {
+                            flag,
+                            delete,
+                            profile: None,
+                        });
+                    }
+                }
+            }
+            let ids: Vec<String> = to_load
+                .iter()
+                .map(|&i| out[i].flag.user_id.clone())
+                .collect();
+            if ids.is_empty() {
+                return Ok(out);
+            }
             let profiles = shared
                 .retry
                 .run("load profiles", &shared.cancel, || {
-                    redis.load_profiles(&users)
+                    redis.load_profiles(&ids)
                 })
                 .await?;
             // Parsing here, not in the Redis client: the client hands back what
             // Redis holds, the loader decides what a profile is.
-            Ok(flags
-                .into_iter()
-                .zip(profiles)
-                .map(|(flag, raw)| {
-                    let doc = raw.and_then(|r| r.to_document(&redis.keys().profile(&flag.user_id)));
-                    (flag, doc)
-                })
-                .collect())
+            for (&i, raw) in to_load.iter().zip(profiles) {
+                let key = redis.keys().profile(&out[i].flag.user_id);
+                out[i].profile = Some(raw.and_then(|r| r.to_document(&key)));
+            }
+            Ok(out)
         })
     }
 }

@@ -160,6 +160,7 @@ fn type_label(t: SyncType) -> &'static str {
     match t {
         SyncType::StaticImmediate => "static",
         SyncType::DynamicBatch => "dynamic",
+        SyncType::UserDelete => "delete",
     }
 }
 
@@ -170,7 +171,9 @@ impl Handler<Publish> for KafkaPublisher {
         let producer = self.producer.clone();
         let topic = match msg.sync_type {
             SyncType::StaticImmediate => self.static_topic.clone(),
-            SyncType::DynamicBatch => self.dynamic_topic.clone(),
+            // A delete shares the dynamic topic (and, keyed by user, its
+            // partition) with the user's dynamic changes.
+            SyncType::DynamicBatch | SyncType::UserDelete => self.dynamic_topic.clone(),
         };
         let shared = self.shared.clone();
         let hold = self.hold.clone();

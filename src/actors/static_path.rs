@@ -101,6 +101,7 @@ impl StaticPath {
                     version: *version,
                     stage: DlqStage::Immediate,
                     section: Section::Static,
+                    delete: false,
                     original_event: f.event.clone(),
                     error: f.error.to_string(),
                     detail: format!(

@@ -7,6 +7,9 @@
 use serde::{Deserialize, Serialize};
 use std::{fmt, path::Path, time::Duration};
 
+mod healing;
+pub use healing::{ConsistencyConfig, MissingProfile, ResyncConfig};
+
 /// The embedded defaults.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
@@ -96,6 +99,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub startup: StartupConfig,
     pub telemetry: TelemetryConfig,
+    pub resync: ResyncConfig,
+    pub consistency: ConsistencyConfig,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -193,6 +198,15 @@ pub struct SyncConfig {
     /// Pause after an empty cycle in continuous mode.
     #[serde(with = "humantime_serde")]
     pub idle_backoff: Duration,
+    /// A flagged user whose profile key is missing: a dead letter, or a delete.
+    pub missing_profile: MissingProfile,
+    /// Tombstones (deleted users' documents) are purged this long after the
+    /// delete.
+    #[serde(with = "humantime_serde")]
+    pub tombstone_retention: Duration,
+    /// How often the purge runs; zero = never.
+    #[serde(with = "humantime_serde")]
+    pub tombstone_purge_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -490,6 +504,8 @@ impl Config {
             "lease.ttl: must be at least 300ms",
         );
         self.retry.validate(&mut p);
+        self.resync.validate(&mut p);
+        self.consistency.validate(&mut p);
         p
     }
 

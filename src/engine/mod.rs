@@ -24,6 +24,7 @@ use crate::{
     faults::Faults,
     health::Backend,
     health::Health,
+    jobs::keeper::Jobs,
     lease::{LeaseKeeper, Ownership, ShardInfo, ShardsReport, parse_lease},
     model::{Section, validate_user_ids},
     profiles::{ComposedProfile, ProfileCacheStats, ProfileReader},
@@ -46,6 +47,7 @@ pub use crate::{
     model::{Marked, ProfileWrite},
 };
 
+mod healing;
 mod wiring;
 use wiring::start_actors;
 
@@ -65,6 +67,7 @@ pub struct Engine {
 
 struct Inner {
     config: Config,
+    jobs: Jobs,
     ready: crate::backends::Ready,
     intake: Arc<SyncContext>,
     instance_id: String,
@@ -141,6 +144,7 @@ impl Engine {
         let engine = Engine {
             inner: Arc::new(Inner {
                 config,
+                jobs: started.jobs,
                 ready: started.ready,
                 intake: started.intake,
                 instance_id,
@@ -244,6 +248,12 @@ impl Engine {
     /// Flags users whose profiles are already in Redis.
     pub async fn mark_dirty(&self, user_ids: &[String]) -> Result<Vec<Marked>, EngineError> {
         self.inner.intake.mark(user_ids).await
+    }
+
+    /// Deletes users (see [`SyncContext::delete`]): answers the delete
+    /// versions.
+    pub async fn delete(&self, user_ids: &[String]) -> Result<Vec<Marked>, EngineError> {
+        self.inner.intake.delete(user_ids).await
     }
 
     /// Writes each profile to Redis, then flags it. Nothing is written unless

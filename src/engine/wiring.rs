@@ -1,12 +1,14 @@
 //! The wiring: connects the clients, starts the actors on their own arbiters
 //! under supervisors, and spawns the supervised tasks (the scan loop, the
-//! consumer loops, the lease keeper, the dead-letter forwarder). Runs once,
+//! consumer loops, the lease keeper, the dead-letter forwarder, the job
+//! keeper and the tombstone purge). Runs once,
 //! on the engine's actor thread.
 
 use super::*;
 
 /// What the actor thread hands back to [`Engine::start`].
 pub(super) struct Started {
+    pub(super) jobs: Jobs,
     pub(super) ready: crate::backends::Ready,
     pub(super) intake: Arc<SyncContext>,
     pub(super) profiles: Arc<ProfileReader>,
@@ -260,7 +262,45 @@ pub(super) async fn start_actors(
         }
     }
 
+    let jobs = Jobs {
+        redis: redis.clone(),
+        mongo: mongo.clone(),
+        stats: shared.stats.clone(),
+        cancel: shared.cancel.clone(),
+        config: config.clone(),
+        ownership: ownership.clone(),
+        instance_id: shared.instance_id.clone(),
+        arbiter: Arbiter::current(),
+    };
+    {
+        let jobs = jobs.clone();
+        actix::spawn(supervise("job keeper", supervision.clone(), move || {
+            Ok::<_, Infallible>(jobs.clone().run_keeper())
+        }));
+    }
+    if !config.sync.tombstone_purge_interval.is_zero() {
+        let (mongo, stats, cancel) = (mongo.clone(), shared.stats.clone(), shared.cancel.clone());
+        let (retention, every) = (
+            config.sync.tombstone_retention,
+            config.sync.tombstone_purge_interval,
+        );
+        actix::spawn(supervise(
+            "tombstone purge",
+            supervision.clone(),
+            move || {
+                Ok::<_, Infallible>(crate::jobs::purge::run(
+                    mongo.clone(),
+                    stats.clone(),
+                    cancel.clone(),
+                    retention,
+                    every,
+                ))
+            },
+        ));
+    }
+
     Ok(Started {
+        jobs,
         ready,
         intake,
         profiles,

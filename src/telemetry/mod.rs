@@ -55,6 +55,17 @@ pub mod names {
     pub const PUBLISH_RETRIES: &str = "datasync_publish_retries_total";
     pub const PRIORITY_WAITS: &str = "datasync_applier_priority_waits_total";
     pub const LEGACY_RECOVERED: &str = "datasync_legacy_flags_recovered_total";
+    pub const USERS_DELETED: &str = "datasync_users_deleted_total";
+    pub const TOMBSTONES_PURGED: &str = "datasync_tombstones_purged_total";
+    pub const RESYNC_FLAGGED: &str = "datasync_resync_flagged_total";
+    /// Label `kind`: missing, different, orphan, stuck_flag, static_pending.
+    pub const CONSISTENCY_FINDINGS: &str = "datasync_consistency_findings_total";
+    pub const CONSISTENCY_REPAIRED: &str = "datasync_consistency_repaired_total";
+    pub const CONSISTENCY_RUNS: &str = "datasync_consistency_runs_total";
+    /// Unix seconds of the last finished check (the alert on a check that
+    /// has not run reads it).
+    pub const CONSISTENCY_LAST_RUN: &str = "datasync_consistency_last_run_timestamp_seconds";
+    pub const CONSISTENCY_DURATION: &str = "datasync_consistency_check_seconds";
 }
 
 /// The actors, as named in metrics and logs.
@@ -112,6 +123,11 @@ fn register_zeroes() {
         names::CYCLES,
         names::PRIORITY_WAITS,
         names::LEGACY_RECOVERED,
+        names::USERS_DELETED,
+        names::TOMBSTONES_PURGED,
+        names::RESYNC_FLAGGED,
+        names::CONSISTENCY_REPAIRED,
+        names::CONSISTENCY_RUNS,
     ] {
         counter!(name).increment(0);
     }
@@ -133,7 +149,10 @@ fn register_zeroes() {
     gauge!(names::DLQ_OPEN).set(0.0);
     gauge!(names::DLQ_OUTBOX).set(0.0);
     gauge!(names::OLDEST_FLAG_AGE).set(0.0);
-    for t in ["static", "dynamic"] {
+    for kind in crate::jobs::consistency::KINDS {
+        counter!(names::CONSISTENCY_FINDINGS, "kind" => kind).increment(0);
+    }
+    for t in ["static", "dynamic", "delete"] {
         counter!(names::EVENTS_PUBLISHED, "type" => t).increment(0);
         counter!(names::PUBLISH_FAILURES, "type" => t).increment(0);
         counter!(names::PUBLISH_RETRIES, "type" => t).increment(0);

@@ -76,6 +76,16 @@ engine_counters! {
     priority_waits,
     /// Legacy members flagged again because their drainer never acknowledged them.
     legacy_recovered,
+    /// Users deleted (POST /v1/sync/delete, a delete redrive, an orphan repair).
+    users_deleted,
+    /// Tombstones purged after sync.tombstone_retention.
+    tombstones_purged,
+    /// Users flagged again by resync jobs.
+    resync_flagged,
+    /// Consistency findings, every kind.
+    consistency_findings,
+    /// Users flagged again (or orphans deleted) by consistency repairs.
+    consistency_repaired,
 }
 
 /// Lets a log line through at most once a second; counts what it held back.
@@ -138,6 +148,41 @@ fn shard_label(shard: u32, shards: u32) -> (String, std::ops::Range<u32>) {
 impl Stats {
     pub fn snapshot(&self) -> StatsSnapshot {
         self.c.snapshot()
+    }
+
+    pub fn users_deleted(&self, n: u64) {
+        self.c.users_deleted.fetch_add(n, Relaxed);
+        counter!(names::USERS_DELETED).increment(n);
+    }
+
+    pub fn tombstones_purged(&self, n: u64) {
+        self.c.tombstones_purged.fetch_add(n, Relaxed);
+        counter!(names::TOMBSTONES_PURGED).increment(n);
+    }
+
+    pub fn resync_flagged(&self, n: u64) {
+        self.c.resync_flagged.fetch_add(n, Relaxed);
+        counter!(names::RESYNC_FLAGGED).increment(n);
+    }
+
+    /// One finished consistency check: findings per kind, repairs, when it
+    /// finished (Unix seconds) and how long it took.
+    pub fn consistency_checked(
+        &self,
+        findings: &[(&'static str, u64)],
+        repaired: u64,
+        finished_at_s: f64,
+        seconds: f64,
+    ) {
+        for &(kind, n) in findings {
+            self.c.consistency_findings.fetch_add(n, Relaxed);
+            counter!(names::CONSISTENCY_FINDINGS, "kind" => kind).increment(n);
+        }
+        self.c.consistency_repaired.fetch_add(repaired, Relaxed);
+        counter!(names::CONSISTENCY_REPAIRED).increment(repaired);
+        counter!(names::CONSISTENCY_RUNS).increment(1);
+        gauge!(names::CONSISTENCY_LAST_RUN).set(finished_at_s);
+        histogram!(names::CONSISTENCY_DURATION).record(seconds);
     }
 
     pub fn flags_marked(&self, n: u64) {

@@ -12,7 +12,7 @@ use crate::{
         dlq::{DlqActor, Record as DlqRecord},
     },
     cache::AppliedCache,
-    clients::mongo::{Change, Outcome},
+    clients::mongo::{Change, Op, Outcome},
     config::ApplierConfig,
     faults::{HoldPoint, Stage},
     health::Backend,
@@ -233,8 +233,8 @@ impl ConsumerLoop {
                 .stats
                 .poison(&format!("{}[{}]@{}: {err}", r.topic, r.partition, r.offset));
         }
-        for (section, n) in &collapsed.superseded {
-            self.shared.stats.stale(section.label(), *n);
+        for (label, n) in &collapsed.superseded {
+            self.shared.stats.stale(label, *n);
         }
         let changes = Arc::new(collapsed.changes);
         let gate = (self.role == Section::Static).then(|| self.gate.enter());
@@ -276,6 +276,7 @@ impl ConsumerLoop {
             version,
             stage,
             section: self.role,
+            delete: false,
             original_event: r.payload.clone(),
             error,
             retry_count: 0,
@@ -359,7 +360,7 @@ impl ConsumerLoop {
 
         let now_ms = now_ms();
         let mut known = Vec::with_capacity(changes.len());
-        let mut counts: HashMap<(Section, bool), u64> = HashMap::new();
+        let mut counts: HashMap<(&str, bool), u64> = HashMap::new();
         let mut dead: Vec<DeadLetter> = poison
             .into_iter()
             .map(|(i, user, err)| self.dead_letter(&window[i], user, 0, DlqStage::Decode, err))
@@ -367,35 +368,37 @@ impl ConsumerLoop {
         for ((c, o), &i) in changes.iter().zip(&outcomes).zip(&origins) {
             match o {
                 Outcome::Applied => {
-                    *counts.entry((c.section, true)).or_default() += 1;
+                    *counts.entry((c.label(), true)).or_default() += 1;
                     stats.flag_to_applied(
-                        c.section.label(),
+                        c.label(),
                         (now_ms - c.marked_at_ms).max(0) as f64 / 1000.0,
                     );
-                    known.push((c.user_id.as_str(), c.section, c.version));
+                    known.extend(applied_versions(c));
                 }
                 Outcome::Stale => {
-                    *counts.entry((c.section, false)).or_default() += 1;
-                    known.push((c.user_id.as_str(), c.section, c.version));
+                    *counts.entry((c.label(), false)).or_default() += 1;
+                    known.extend(applied_versions(c));
                 }
                 Outcome::Rejected(e) => {
                     let err = format!("user `{}`: {e}", c.user_id);
                     stats.apply_failed(&err);
-                    dead.push(self.dead_letter(
+                    let mut letter = self.dead_letter(
                         &window[i],
                         c.user_id.clone(),
                         c.version,
                         DlqStage::Apply,
                         err,
-                    ));
+                    );
+                    letter.delete = c.op == Op::Delete;
+                    dead.push(letter);
                 }
             }
         }
-        for ((section, applied), n) in counts {
+        for ((label, applied), n) in counts {
             if applied {
-                stats.applied(section.label(), n);
+                stats.applied(label, n);
             } else {
-                stats.stale(section.label(), n);
+                stats.stale(label, n);
             }
         }
         if !self.record_dead(dead).await {
@@ -456,6 +459,17 @@ impl ConsumerLoop {
         if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
             tracing::warn!(error = %e, "offset commit failed");
         }
+    }
+}
+
+/// The applied versions MongoDB holds at least, once a change is applied or
+/// found stale: its section's, or both sections' for a delete.
+fn applied_versions(c: &Change) -> Vec<(&str, Section, i64)> {
+    match c.op {
+        Op::Set(_) => vec![(c.user_id.as_str(), c.section, c.version)],
+        Op::Delete => [Section::Static, Section::Dynamic]
+            .map(|s| (c.user_id.as_str(), s, c.version))
+            .to_vec(),
     }
 }
 

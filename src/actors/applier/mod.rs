@@ -14,10 +14,10 @@ pub use consumer::{ConsumerLoop, PriorityGate};
 
 use super::{Shared, StageError, guard, restart_pause};
 use crate::{
-    clients::mongo::{Change, MongoStore, Outcome},
+    clients::mongo::{Change, MongoStore, Op, Outcome},
     faults::Stage,
     model::Section,
-    proto::{self, UserProfileSyncEvent},
+    proto::{self, SyncType, UserProfileSyncEvent},
 };
 use actix::prelude::*;
 use std::{
@@ -41,17 +41,32 @@ pub struct Collapsed {
     pub changes: Vec<Change>,
     /// For each change, the index of its record in the window.
     pub origins: Vec<usize>,
-    /// Events superseded inside the window by a newer one of the same section.
-    pub superseded: Vec<(Section, u64)>,
+    /// Events superseded inside the window by a newer one of the same kind,
+    /// by [`Change::label`].
+    pub superseded: Vec<(&'static str, u64)>,
     /// Records that did not decode: index in the window, user (if known), error.
     pub poison: Vec<(usize, String, String)>,
 }
 
-/// Decodes a window and keeps the newest version per user and section.
+/// The section and operation an event carries; an unknown sync type or a
+/// profile that does not unpack is an error naming it.
+fn kind_of(event: &UserProfileSyncEvent) -> Result<(Section, Op), String> {
+    let profile = || proto::unpack_profile(&event.profile_data).map_err(|e| e.to_string());
+    match SyncType::try_from(event.sync_type) {
+        Ok(SyncType::StaticImmediate) => Ok((Section::Static, Op::Set(profile()?))),
+        Ok(SyncType::DynamicBatch) => Ok((Section::Dynamic, Op::Set(profile()?))),
+        Ok(SyncType::UserDelete) => Ok((Section::Dynamic, Op::Delete)),
+        Err(_) => Err(format!("unknown sync_type {}", event.sync_type)),
+    }
+}
+
+/// Decodes a window and keeps the newest version per user and kind (static,
+/// dynamic, delete): the three commute under the version rules, so their
+/// order in the bulk write does not matter.
 pub fn collapse(records: &[Record]) -> Collapsed {
     let mut out = Collapsed::default();
-    let mut newest: BTreeMap<(String, Section), (Change, usize)> = BTreeMap::new();
-    let mut superseded: HashMap<Section, u64> = HashMap::new();
+    let mut newest: BTreeMap<(String, &'static str), (Change, usize)> = BTreeMap::new();
+    let mut superseded: HashMap<&'static str, u64> = HashMap::new();
     for (i, r) in records.iter().enumerate() {
         let event = match UserProfileSyncEvent::decode_bytes(&r.payload) {
             Ok(e) => e,
@@ -60,8 +75,8 @@ pub fn collapse(records: &[Record]) -> Collapsed {
                 continue;
             }
         };
-        let profile = match proto::unpack_profile(&event.profile_data) {
-            Ok(p) => p,
+        let (section, op) = match kind_of(&event) {
+            Ok(k) => k,
             Err(e) => {
                 out.poison.push((
                     i,
@@ -71,21 +86,21 @@ pub fn collapse(records: &[Record]) -> Collapsed {
                 continue;
             }
         };
-        let section = Section::of_sync_type(event.sync_type);
         let change = Change {
             user_id: event.user_id,
             section,
             version: event.version,
-            profile,
+            op,
             event_id: event.event_id,
             marked_at_ms: event.marked_at_ms,
         };
-        match newest.entry((change.user_id.clone(), section)) {
+        let label = change.label();
+        match newest.entry((change.user_id.clone(), label)) {
             std::collections::btree_map::Entry::Vacant(v) => {
                 v.insert((change, i));
             }
             std::collections::btree_map::Entry::Occupied(mut o) => {
-                *superseded.entry(section).or_default() += 1;
+                *superseded.entry(label).or_default() += 1;
                 if change.version > o.get().0.version {
                     o.insert((change, i));
                 }
@@ -151,7 +166,6 @@ impl Handler<ApplyWindow> for MongoApplier {
 mod tests {
     use super::*;
     use crate::actors::publisher::{Outgoing, build_event};
-    use crate::proto::SyncType;
     use mongodb::bson::doc;
     use prost::Message;
 
@@ -172,37 +186,54 @@ mod tests {
     }
 
     #[test]
-    fn collapse_keeps_newest_per_user_and_section_sorted() {
+    fn collapse_keeps_newest_per_user_and_kind_sorted() {
         let d = SyncType::DynamicBatch;
         let s = SyncType::StaticImmediate;
+        let del = SyncType::UserDelete;
+        let mut unknown = record("c", 1, d);
+        let mut event = UserProfileSyncEvent::decode_bytes(&unknown.payload).unwrap();
+        event.sync_type = 7;
+        unknown.payload = event.encode_to_vec();
         let records = vec![
             record("b", 5, d),
             record("a", 3, d),
             record("b", 9, d),
             record("b", 7, d),
             record("a", 4, s),
+            record("a", 6, del),
+            record("a", 2, del),
             Record {
                 topic: "t".into(),
                 partition: 1,
                 offset: 0,
                 payload: vec![0xff, 0x01],
             },
+            unknown,
         ];
         let c = collapse(&records);
         let got: Vec<_> = c
             .changes
             .iter()
-            .map(|c| (c.user_id.as_str(), c.section, c.version))
+            .map(|c| (c.user_id.as_str(), c.label(), c.version))
             .collect();
         assert_eq!(
             got,
             vec![
-                ("a", Section::Static, 4),
-                ("a", Section::Dynamic, 3),
-                ("b", Section::Dynamic, 9)
+                ("a", "delete", 6),
+                ("a", "dynamic", 3),
+                ("a", "static", 4),
+                ("b", "dynamic", 9)
             ]
         );
-        assert_eq!(c.superseded, vec![(Section::Dynamic, 2)]);
-        assert_eq!(c.poison.len(), 1);
+        assert_eq!(c.changes[0].op, Op::Delete);
+        let mut superseded = c.superseded.clone();
+        superseded.sort();
+        assert_eq!(superseded, vec![("delete", 1), ("dynamic", 2)]);
+        assert_eq!(c.poison.len(), 2);
+        assert!(
+            c.poison[1].2.contains("unknown sync_type 7"),
+            "{:?}",
+            c.poison
+        );
     }
 }

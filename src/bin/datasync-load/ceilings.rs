@@ -6,7 +6,7 @@ use datasync::{
     Config,
     clients::{
         kafka,
-        mongo::{Change, MongoStore},
+        mongo::{Change, MongoStore, Op},
         redis::RedisStore,
     },
     model::Section,
@@ -111,7 +111,7 @@ async fn mongo_upserts(config: &Config, ops: usize, profile_bytes: usize) -> any
             user_id: format!("user-{i:08}"),
             section: Section::Dynamic,
             version: 1,
-            profile: doc! { "pad": padding(profile_bytes, i as u64) },
+            op: Op::Set(doc! { "pad": padding(profile_bytes, i as u64) }),
             event_id: String::new(),
             marked_at_ms: 0,
         })

@@ -18,7 +18,7 @@ impl RedisStore {
             .allocate_versions(
                 &MARK,
                 &ids,
-                |shard| self.keys.dirty(shard),
+                |shard| vec![self.keys.dirty(shard)],
                 |i| vec![users[i].clone()],
             )
             .await?;
@@ -95,6 +95,43 @@ impl RedisStore {
             return Err(RedisError::Fenced { shard });
         }
         Ok(n as u64)
+    }
+
+    /// The flag versions of users (any shards), pipelined; `None` where a
+    /// user is not flagged.
+    pub async fn flags_of(&self, users: &[String]) -> Result<Vec<Option<i64>>, RedisError> {
+        if users.is_empty() {
+            return Ok(vec![]);
+        }
+        let pipe = self.client().pipeline();
+        for u in users {
+            let _: () = pipe
+                .zscore(self.keys.dirty(shard_of(u, self.shards)), u.as_str())
+                .await?;
+        }
+        let v: Vec<Option<f64>> = pipe.all().await?;
+        Ok(v.into_iter().map(|v| v.map(|v| v as i64)).collect())
+    }
+
+    /// Flags of one shard older than `before` (a version): how many, and the
+    /// oldest `limit` users.
+    pub async fn flags_before(
+        &self,
+        shard: u32,
+        before: i64,
+        limit: usize,
+    ) -> Result<(u64, Vec<String>), RedisError> {
+        let key = self.keys.dirty(shard);
+        let max = format!("({before}");
+        let n: u64 = self
+            .client()
+            .zcount(&key, f64::NEG_INFINITY, before as f64 - 1.0)
+            .await?;
+        let users: Vec<String> = self
+            .client()
+            .zrangebyscore(&key, "-inf", max.as_str(), false, Some((0, limit as i64)))
+            .await?;
+        Ok((n, users))
     }
 
     /// The flag version of a user, if it is flagged.

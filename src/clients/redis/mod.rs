@@ -6,11 +6,15 @@
 //! - [`flags`]: marking users dirty (versions from the shard clocks), reading a
 //!   shard's flags oldest-first, and the fenced compare-and-delete that clears
 //!   them once published: `scripts/mark.lua`, `scripts/clear_flags.lua`.
-//! - [`profiles`]: writing and loading the upstream's profiles.
+//! - [`deletes`]: deleting users (a versioned delete, flagged like a mark).
+//! - [`profiles`]: writing and loading the upstream's profiles, and walking
+//!   their keys.
 //! - [`legacy`]: draining the seed's `SADD` flag set.
 //! - [`static_pending`]: immediate changes accepted and not yet in MongoDB.
 //! - [`applied`]: the L2 cache of applied versions.
 //! - [`profile_cache`]: the L2 cache of composed profiles for reads.
+//! - [`jobs`]: background jobs' records, locks and leases (resync,
+//!   consistency checks).
 //! - [`leases`]: shard leases, fencing epochs and membership heartbeats.
 //! - [`dlq`]: open dead-letter entries; [`outbox`]: dead letters parked while
 //!   Kafka is away.
@@ -21,8 +25,10 @@
 //! loaded once and called by SHA. Every per-user read is pipelined.
 
 mod applied;
+mod deletes;
 mod dlq;
 mod flags;
+mod jobs;
 mod leases;
 mod legacy;
 mod outbox;
@@ -30,8 +36,10 @@ mod profile_cache;
 mod profiles;
 mod static_pending;
 
+pub use jobs::Checkpoint;
 pub use legacy::LegacyPop;
 pub use profile_cache::CACHE_PLACEHOLDER;
+pub use profiles::ScanCursor;
 pub use static_pending::{PendingState, PendingStatic};
 
 use crate::{
@@ -121,21 +129,21 @@ impl RedisStore {
         self.shards
     }
 
-    /// Runs a version-allocating script (MARK, STAGE_STATIC) once per shard, all
-    /// shards at once. Its KEYS are `first(shard)`, the shard's clock, then each
-    /// user's profile-cache key; its ARGV are `args(i)` for each user index `i`.
-    /// Returns one version per user, in input order.
+    /// Runs a version-allocating script (MARK, DELETE, STAGE_STATIC) once per
+    /// shard, all shards at once. Its KEYS are `lead(shard)`, the shard's
+    /// clock, then each user's profile-cache key; its ARGV are `args(i)` for
+    /// each user index `i`. Returns one version per user, in input order.
     async fn allocate_versions(
         &self,
         script: &Script,
         users: &[&str],
-        first: impl Fn(u32) -> String,
+        lead: impl Fn(u32) -> Vec<String>,
         args: impl Fn(usize) -> Vec<String>,
     ) -> Result<Vec<i64>, RedisError> {
         let by_shard = self.by_shard(users.iter().copied());
         let calls = by_shard.iter().map(|(&shard, idx)| {
-            let mut keys = Vec::with_capacity(idx.len() + 2);
-            keys.push(first(shard));
+            let mut keys = lead(shard);
+            keys.reserve(idx.len() + 1);
             keys.push(self.keys.clock(shard));
             keys.extend(
                 idx.iter()

@@ -1,4 +1,5 @@
-//! The upstream's profiles: a JSON object string or a hash per user.
+//! The upstream's profiles: a JSON object string or a hash per user; and
+//! walking their keys (resync, consistency checks).
 
 use super::{RedisError, RedisStore};
 use crate::model::{ProfileError, RawProfile};
@@ -69,5 +70,128 @@ impl RedisStore {
             }
         }
         Ok(out)
+    }
+}
+
+/// Where a walk over the profile keys is: the SCAN cursor of one node (a
+/// cluster's primaries are walked one after another, in address order).
+/// Written as `"<node>:<cursor>"`; `"0:0"` is the start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScanCursor {
+    pub node: usize,
+    pub cursor: String,
+}
+
+impl ScanCursor {
+    pub fn start() -> Self {
+        Self {
+            node: 0,
+            cursor: "0".into(),
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        let (node, cursor) = s.split_once(':')?;
+        let node = node.parse().ok()?;
+        cursor.parse::<u64>().ok()?;
+        Some(Self {
+            node,
+            cursor: cursor.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for ScanCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.node, self.cursor)
+    }
+}
+
+impl RedisStore {
+    /// One SCAN page of profile keys (`redis.profile_key` with `*` for the
+    /// id), from `at`: the users found and where to go on (`None` when the
+    /// walk is over). SCAN may return a key twice; callers' work must be
+    /// idempotent (flagging again is).
+    pub async fn scan_profiles(
+        &self,
+        at: &ScanCursor,
+        count: u32,
+    ) -> Result<(Vec<String>, Option<ScanCursor>), RedisError> {
+        let pattern = self.keys.profile_pattern();
+        let client = self.client();
+        let nodes: Vec<Server> = if client.is_clustered() {
+            let mut n = client
+                .cached_cluster_state()
+                .map(|s| s.unique_primary_nodes())
+                .unwrap_or_default();
+            n.sort_by_key(|s| s.to_string());
+            n
+        } else {
+            Vec::new()
+        };
+        let (next, keys): (String, Vec<String>) = if nodes.is_empty() {
+            client
+                .scan_page(at.cursor.as_str(), pattern.as_str(), Some(count), None)
+                .await?
+        } else {
+            let Some(server) = nodes.get(at.node) else {
+                return Ok((Vec::new(), None));
+            };
+            client
+                .with_cluster_node(server.clone())
+                .scan_page(at.cursor.as_str(), pattern.as_str(), Some(count), None)
+                .await?
+        };
+        let users = keys
+            .iter()
+            .filter_map(|k| self.keys.user_of_profile_key(k))
+            .map(str::to_string)
+            .collect();
+        let next = if next != "0" {
+            Some(ScanCursor {
+                node: at.node,
+                cursor: next,
+            })
+        } else if at.node + 1 < nodes.len() {
+            Some(ScanCursor {
+                node: at.node + 1,
+                cursor: "0".into(),
+            })
+        } else {
+            None
+        };
+        Ok((users, next))
+    }
+
+    /// How many keys the Redis node(s) hold: an upper bound of the profile
+    /// count, for progress estimates.
+    pub async fn key_count(&self) -> Result<u64, RedisError> {
+        let client = self.client();
+        if !client.is_clustered() {
+            return Ok(client.dbsize().await?);
+        }
+        let nodes = client
+            .cached_cluster_state()
+            .map(|s| s.unique_primary_nodes())
+            .unwrap_or_default();
+        let mut total = 0u64;
+        for n in nodes {
+            let c: u64 = client.with_cluster_node(n).dbsize().await?;
+            total += c;
+        }
+        Ok(total)
+    }
+
+    /// Whether each user's profile key exists, pipelined.
+    pub async fn profiles_exist(&self, users: &[String]) -> Result<Vec<bool>, RedisError> {
+        if users.is_empty() {
+            return Ok(vec![]);
+        }
+        let pipe = self.client().pipeline();
+        for u in users {
+            let _: () = pipe.exists(self.keys.profile(u)).await?;
+        }
+        let n: Vec<i64> = pipe.all().await?;
+        Ok(n.into_iter().map(|n| n == 1).collect())
     }
 }

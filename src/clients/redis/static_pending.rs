@@ -44,7 +44,7 @@ impl RedisStore {
         self.allocate_versions(
             &STAGE_STATIC,
             &users,
-            |shard| self.keys.static_pending(shard),
+            |shard| vec![self.keys.static_pending(shard)],
             |i| vec![changes[i].0.to_string(), changes[i].1.clone()],
         )
         .await
@@ -128,7 +128,7 @@ impl RedisStore {
             .allocate_versions(
                 &RESTAGE_STATIC,
                 users,
-                |shard| self.keys.static_pending(shard),
+                |shard| vec![self.keys.static_pending(shard)],
                 |i| vec![users[i].to_string()],
             )
             .await?;

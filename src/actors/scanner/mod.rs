@@ -1,17 +1,15 @@
 //! ShardScanner: on every tick, drains the legacy flag set, then walks each owned
 //! shard's flags oldest-first in pages and drives each page through
 //! ProfileLoader → VersionResolver → KafkaPublisher, then clears the flags it
-//! published with compare-and-delete.
+//! published with compare-and-delete ([`page`]).
+
+mod page;
+
+pub use page::process_page;
 
 use super::{
-    Flag, Shared, StageError, ask,
-    dlq::{DlqActor, Record},
-    guard,
-    loader::{Load, ProfileLoader},
-    publisher::{KafkaPublisher, Outgoing, Publish, PublishFailure},
-    resolver::{Resolve, VersionResolver},
-    restart_pause,
-    static_path::StaticPath,
+    Flag, Shared, StageError, dlq::DlqActor, guard, loader::ProfileLoader,
+    publisher::KafkaPublisher, resolver::VersionResolver, restart_pause, static_path::StaticPath,
 };
 use crate::{
     clients::{
@@ -20,14 +18,12 @@ use crate::{
         redis::{RedisError, RedisStore},
     },
     config::SyncConfig,
-    faults::{HoldPoint, Stage},
+    faults::HoldPoint,
     health::Backend,
-    model::{DeadLetter, DlqStage, ProfileError, Section, now_ms, now_us},
-    proto::{SyncType, UserProfileSyncEvent},
+    model::now_us,
 };
 use actix::prelude::*;
 use futures::StreamExt;
-use prost::Message as _;
 use rdkafka::producer::FutureProducer;
 use std::{
     sync::Arc,
@@ -55,12 +51,15 @@ pub struct CycleReport {
     pub oldest_version: i64,
     /// Pending immediate changes published again.
     pub static_redriven: u64,
+    /// Delete events published (also counted in `published`).
+    pub deleted: u64,
 }
 
 impl CycleReport {
     fn add(&mut self, o: &CycleReport) {
         self.dead_lettered += o.dead_lettered;
         self.static_redriven += o.static_redriven;
+        self.deleted += o.deleted;
         self.paused += o.paused;
         if o.oldest_version > 0
             && (self.oldest_version == 0 || o.oldest_version < self.oldest_version)
@@ -374,123 +373,6 @@ async fn scan_shard(p: &Pipeline, shard: u32) -> CycleReport {
     report
 }
 
-fn load_reason(e: &ProfileError) -> &'static str {
-    match e {
-        ProfileError::Missing { .. } => "missing",
-        ProfileError::BadJson { .. } => "bad_json",
-        ProfileError::NotAnObject { .. } => "not_an_object",
-        ProfileError::WrongType { .. } => "wrong_type",
-    }
-}
-
-/// Load → resolve → publish → compare-and-clear, for one page of one shard.
-/// Users that fail for good go to the dead-letter queue; their flags stay.
-pub async fn process_page(
-    p: &Pipeline,
-    ticket: &crate::lease::Ticket,
-    flags: Vec<Flag>,
-) -> Result<CycleReport, StageError> {
-    let shard = ticket.shard;
-    let stats = &p.shared.stats;
-    let mut report = CycleReport {
-        scanned: flags.len() as u64,
-        ..Default::default()
-    };
-    stats.flags_scanned(report.scanned);
-
-    let loaded = ask(ProfileLoader::NAME, &p.loader, Load(flags)).await?;
-    // A page loaded and not yet published: where an injected panic hurts most.
-    p.shared.faults.check(Stage::Scanner);
-    let mut ready = Vec::with_capacity(loaded.len());
-    let mut dead = Vec::new();
-    for (flag, profile) in loaded {
-        match profile {
-            Ok(doc) => ready.push((flag, doc)),
-            Err(e) => {
-                report.failed += 1;
-                stats.load_failed(load_reason(&e), &e);
-                dead.push(load_dead_letter(p, flag, &e));
-            }
-        }
-    }
-
-    let mut to_clear = Vec::with_capacity(ready.len());
-    if !ready.is_empty() {
-        let users = ready.iter().map(|(f, _)| f.user_id.clone()).collect();
-        let applied = ask(
-            VersionResolver::NAME,
-            &p.resolver,
-            Resolve {
-                users,
-                section: Section::Dynamic,
-            },
-        )
-        .await?;
-
-        let mut items = Vec::with_capacity(ready.len());
-        let mut flags = Vec::with_capacity(ready.len());
-        for (flag, profile) in ready {
-            let base = applied.get(&flag.user_id).copied().unwrap_or(0);
-            if base >= flag.version {
-                // Already in MongoDB (e.g. published before a crash, flag not cleared).
-                to_clear.push((flag.user_id, flag.version));
-                report.already_applied += 1;
-            } else {
-                items.push(Outgoing {
-                    user_id: flag.user_id.clone(),
-                    version: flag.version,
-                    profile,
-                    base_version: base,
-                    lease_epoch: ticket.epoch,
-                });
-                flags.push(flag);
-            }
-        }
-        stats.already_applied(report.already_applied);
-
-        if !items.is_empty() {
-            let publish = Publish {
-                sync_type: SyncType::DynamicBatch,
-                items,
-            };
-            let results = ask(KafkaPublisher::NAME, &p.publisher, publish).await?;
-            for (flag, r) in flags.into_iter().zip(results) {
-                match r {
-                    Ok(_) => {
-                        report.published += 1;
-                        to_clear.push((flag.user_id, flag.version));
-                    }
-                    Err(f) => {
-                        report.failed += 1;
-                        dead.push(publish_dead_letter(p, flag, f));
-                    }
-                }
-            }
-        }
-    }
-
-    if !dead.is_empty() {
-        // Best effort: if even this fails, the flags still stay and the next
-        // cycle records the dead letters again.
-        match ask(DlqActor::NAME, &p.dlq, Record(dead)).await {
-            Ok(r) => report.dead_lettered = r.recorded,
-            Err(e) => tracing::warn!(shard, error = %e, "cannot record dead letters"),
-        }
-    }
-
-    let shared = &p.shared;
-    let cleared = shared
-        .retry
-        .run("clear flags", &shared.cancel, || {
-            p.redis
-                .clear_flags(shard, &to_clear, ticket.fence.as_deref())
-        })
-        .await?;
-    report.cleared = cleared;
-    stats.flags_cleared(cleared);
-    Ok(report)
-}
-
 /// Publishes the shard's accepted immediate changes that the broker never
 /// confirmed (Kafka was down, or the accepting process died), once they are
 /// older than the grace period, and those a DLQ redrive put back in line, at
@@ -521,61 +403,4 @@ async fn redrive_static(p: &Pipeline, ticket: &crate::lease::Ticket) -> Result<u
         );
     }
     Ok(done)
-}
-
-/// The event a flag would have produced, without data: what a dead letter of
-/// an unloadable profile carries.
-fn bare_event(p: &Pipeline, flag: &Flag) -> Vec<u8> {
-    UserProfileSyncEvent {
-        user_id: flag.user_id.clone(),
-        sync_type: SyncType::DynamicBatch as i32,
-        version: flag.version,
-        timestamp: now_ms(),
-        marked_at_ms: flag.version / 1000,
-        source_instance: p.shared.instance_id.clone(),
-        ..Default::default()
-    }
-    .encode_to_vec()
-}
-
-fn load_dead_letter(p: &Pipeline, flag: Flag, e: &ProfileError) -> DeadLetter {
-    DeadLetter {
-        original_event: bare_event(p, &flag),
-        error: e.to_string(),
-        detail: format!(
-            "stage load: {e:?}; version {}; permanent, not retried; the flag stays until the profile is fixed and the user re-flagged or redriven",
-            flag.version
-        ),
-        user_id: flag.user_id,
-        version: flag.version,
-        stage: DlqStage::Load,
-        section: Section::Dynamic,
-        retry_count: 0,
-        topic: p.dynamic_topic.clone(),
-        partition: None,
-        offset: None,
-    }
-}
-
-fn publish_dead_letter(p: &Pipeline, flag: Flag, f: PublishFailure) -> DeadLetter {
-    DeadLetter {
-        original_event: if f.event.is_empty() {
-            bare_event(p, &flag)
-        } else {
-            f.event
-        },
-        error: f.error.to_string(),
-        detail: format!(
-            "stage publish: {:?}; version {}; {} retries; the flag stays for the next cycle",
-            f.error, flag.version, f.retries
-        ),
-        user_id: flag.user_id,
-        version: flag.version,
-        stage: DlqStage::Publish,
-        section: Section::Dynamic,
-        retry_count: f.retries,
-        topic: p.dynamic_topic.clone(),
-        partition: None,
-        offset: None,
-    }
 }

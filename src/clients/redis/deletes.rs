@@ -1,0 +1,90 @@
+//! Deletes: a user deleted upstream is removed from Redis and flagged with a
+//! version from its shard clock, like a mark, with the delete recorded beside
+//! the flag. The scanner publishes a delete event at that version; the
+//! applier turns the document into a tombstone (see `clients::mongo`).
+
+use super::{RedisError, RedisStore, lua_script};
+use crate::shard::shard_of;
+use fred::{prelude::*, types::Value as RValue, types::scripts::Script};
+use std::sync::LazyLock;
+
+static DELETE: LazyLock<Script> = lua_script!("delete.lua", "clock.lua");
+static CLEAR_DELETES: LazyLock<Script> = lua_script!("clear_deletes.lua");
+
+impl RedisStore {
+    /// Deletes users: removes their profile keys, then records the deletes
+    /// and flags them, one script per shard. Returns `(user, version)` in
+    /// input order. The profile keys go first: if the script then fails, the
+    /// call fails and is retried, and a user is never left recorded as
+    /// deleted with its profile still in Redis (a consistency check would
+    /// bring it back).
+    pub async fn delete(&self, users: &[String]) -> Result<Vec<(String, i64)>, RedisError> {
+        let pipe = self.client().pipeline();
+        for u in users {
+            let _: () = pipe.del(self.keys.profile(u)).await?;
+        }
+        let _: Vec<RValue> = pipe.all().await?;
+        let ids: Vec<&str> = users.iter().map(String::as_str).collect();
+        let versions = self
+            .allocate_versions(
+                &DELETE,
+                &ids,
+                |shard| vec![self.keys.dirty(shard), self.keys.deleted(shard)],
+                |i| vec![users[i].clone()],
+            )
+            .await?;
+        Ok(users.iter().cloned().zip(versions).collect())
+    }
+
+    /// The recorded (not yet published) delete versions of users of one shard.
+    pub async fn recorded_deletes(
+        &self,
+        shard: u32,
+        users: &[&str],
+    ) -> Result<Vec<Option<i64>>, RedisError> {
+        if users.is_empty() {
+            return Ok(vec![]);
+        }
+        let key = self.keys.deleted(shard);
+        if users.len() == 1 {
+            return Ok(vec![self.client().hget(key, users[0]).await?]);
+        }
+        Ok(self.client().hmget(key, users.to_vec()).await?)
+    }
+
+    /// The recorded delete of one user, if its event is not yet published.
+    pub async fn recorded_delete_of(&self, user: &str) -> Result<Option<i64>, RedisError> {
+        let shard = shard_of(user, self.shards);
+        Ok(self.recorded_deletes(shard, &[user]).await?.pop().flatten())
+    }
+
+    /// Compare-and-delete of recorded deletes whose events were published.
+    /// Fenced like [`clear_flags`](Self::clear_flags).
+    pub async fn clear_deletes(
+        &self,
+        shard: u32,
+        deletes: &[(String, i64)],
+        fence: Option<&str>,
+    ) -> Result<u64, RedisError> {
+        if deletes.is_empty() {
+            return Ok(0);
+        }
+        let mut args = Vec::with_capacity(deletes.len() * 2 + 1);
+        args.push(fence.unwrap_or_default().to_string());
+        for (u, v) in deletes {
+            args.push(u.clone());
+            args.push(v.to_string());
+        }
+        let n: i64 = CLEAR_DELETES
+            .evalsha_with_reload(
+                self.client(),
+                vec![self.keys.deleted(shard), self.keys.lease(shard)],
+                args,
+            )
+            .await?;
+        if n < 0 {
+            return Err(RedisError::Fenced { shard });
+        }
+        Ok(n as u64)
+    }
+}

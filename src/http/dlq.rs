@@ -1,0 +1,82 @@
+//! The dead-letter endpoints (admin): list and redrive.
+
+use super::{ApiError, require_admin};
+use crate::{actors::dlq::RedriveTarget, engine::Engine};
+use actix_web::{
+    HttpRequest, HttpResponse,
+    web::{self, Data, Json},
+};
+use serde::Deserialize;
+use serde_json::json;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DlqQuery {
+    /// Parsed here rather than by serde, so the error names the parameter.
+    limit: Option<String>,
+}
+
+pub(super) async fn dlq_list(
+    engine: Data<Engine>,
+    req: HttpRequest,
+    query: web::Query<DlqQuery>,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&engine, &req)?;
+    let limit = match &query.limit {
+        None => engine.config().dlq.list_limit,
+        Some(l) => l
+            .parse::<usize>()
+            .map_err(|_| ApiError::bad_request(format!("limit: `{l}` is not a whole number")))?,
+    };
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError::bad_request("limit: must be between 1 and 10000"));
+    }
+    Ok(HttpResponse::Ok().json(engine.dlq_list(limit).await?))
+}
+
+/// `POST /v1/dlq/redrive` body: `{"user_ids": [...]}` or `{"all": true}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedriveRequest {
+    #[serde(default)]
+    user_ids: Option<Vec<String>>,
+    #[serde(default)]
+    all: bool,
+}
+
+pub(super) async fn dlq_redrive(
+    engine: Data<Engine>,
+    req: HttpRequest,
+    body: Json<RedriveRequest>,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&engine, &req)?;
+    let target = match body.into_inner() {
+        RedriveRequest {
+            user_ids: Some(ids),
+            all: false,
+        } => {
+            let max = engine.config().http.max_users_per_request;
+            if ids.len() > max {
+                return Err(ApiError::bad_request(format!(
+                    "user_ids: more than {max} entries"
+                )));
+            }
+            RedriveTarget::Users(ids)
+        }
+        RedriveRequest {
+            user_ids: None,
+            all: true,
+        } => RedriveTarget::All,
+        _ => {
+            return Err(ApiError::bad_request(
+                "give exactly one of `user_ids` or `\"all\": true`",
+            ));
+        }
+    };
+    let r = engine.dlq_redrive(target).await?;
+    Ok(HttpResponse::Ok().json(json!({
+        "redriven": r.redriven.len(),
+        "versions": r.redriven.iter().map(|(u, v)| json!({"user_id": u, "version": v})).collect::<Vec<_>>(),
+        "not_open": r.not_open,
+    })))
+}

@@ -1,0 +1,162 @@
+//! The healing jobs (admin): resync and the consistency check. A job
+//! answers `202 {"id", "state", …}` and is polled at `GET <path>/{id}`.
+
+use super::{ApiError, require_admin};
+use crate::{engine::Engine, jobs::resync::Target};
+use actix_web::{
+    HttpRequest, HttpResponse,
+    web::{self, Bytes, Data, Json},
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// `POST /v1/resync` body: `{"all": true}` or `{"user_ids": [...]}`, with
+/// an optional `rate` (users per second) and `force`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncRequest {
+    #[serde(default)]
+    all: Option<bool>,
+    #[serde(default)]
+    user_ids: Option<Vec<String>>,
+    /// Checked here, so the error names the field.
+    #[serde(default)]
+    rate: Option<Value>,
+    #[serde(default)]
+    force: bool,
+}
+
+/// A rate given as JSON: a whole number of users per second, at least 1.
+fn parse_rate(v: Option<Value>) -> Result<Option<u64>, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(r) if r >= 1 => Ok(Some(r)),
+            _ => Err(ApiError::bad_request(format!(
+                "rate: must be a whole number of users per second, at least 1 (got {v})"
+            ))),
+        },
+    }
+}
+
+pub(super) async fn start_resync(
+    engine: Data<Engine>,
+    req: HttpRequest,
+    body: Json<ResyncRequest>,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&engine, &req)?;
+    let ResyncRequest {
+        all,
+        user_ids,
+        rate,
+        force,
+    } = body.into_inner();
+    let target = match (all, user_ids) {
+        (Some(true), None) => Target::All,
+        (None | Some(false), Some(ids)) => {
+            let max = engine.config().http.max_users_per_request;
+            if ids.len() > max {
+                return Err(ApiError::bad_request(format!(
+                    "user_ids: more than {max} entries"
+                )));
+            }
+            Target::UserIds(ids)
+        }
+        (Some(true), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "give either `\"all\": true` or `user_ids`, not both",
+            ));
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "give exactly one of `\"all\": true` or `user_ids`",
+            ));
+        }
+    };
+    let rate = parse_rate(rate)?;
+    let job = engine.start_resync(target, rate, force).await?;
+    Ok(HttpResponse::Accepted().json(job))
+}
+
+pub(super) async fn resync_status(
+    engine: Data<Engine>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&engine, &req)?;
+    Ok(HttpResponse::Ok().json(engine.resync_job(&id).await?))
+}
+
+pub(super) async fn cancel_resync(
+    engine: Data<Engine>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&engine, &req)?;
+    let job = engine.cancel_resync(&id).await?;
+    let requested = !job.state.finished();
+    let mut v = serde_json::to_value(job).expect("jobs serialize");
+    v["cancel_requested"] = json!(requested);
+    Ok(HttpResponse::Ok().json(v))
+}
+
+/// `POST /v1/consistency/check` body (optional): `{"force": true}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckRequest {
+    #[serde(default)]
+    force: bool,
+}
+
+pub(super) async fn start_check(
+    engine: Data<Engine>,
+    req: HttpRequest,
+    body: Bytes,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&engine, &req)?;
+    let request: CheckRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        CheckRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))?
+    };
+    let job = engine.start_consistency_check(request.force).await?;
+    Ok(HttpResponse::Accepted().json(job))
+}
+
+pub(super) async fn check_status(
+    engine: Data<Engine>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&engine, &req)?;
+    Ok(HttpResponse::Ok().json(engine.consistency_check(&id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportQuery {
+    /// Parsed here rather than by serde, so the error names the parameter.
+    hours: Option<String>,
+}
+
+pub(super) async fn report(
+    engine: Data<Engine>,
+    req: HttpRequest,
+    query: web::Query<ReportQuery>,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&engine, &req)?;
+    let hours = match &query.hours {
+        None => 24.0,
+        Some(h) => h
+            .parse::<f64>()
+            .ok()
+            .filter(|h| h.is_finite() && *h > 0.0 && *h <= 8760.0)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "hours: `{h}` must be a number of hours above 0 and at most 8760"
+                ))
+            })?,
+    };
+    Ok(HttpResponse::Ok().json(engine.consistency_report(hours).await?))
+}

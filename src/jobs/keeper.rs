@@ -1,0 +1,195 @@
+//! [`Jobs`]: starts and resumes this instance's jobs. Its keeper task, every
+//! few seconds, takes over running jobs whose instance stopped (a resync
+//! resumes from its checkpoint; a consistency check, which is cheap to
+//! repeat, is closed as failed) and runs the scheduled consistency check of
+//! the shards this instance owns.
+
+use super::{
+    Job, JobState, Runner,
+    consistency::{self, Check},
+    resync::{self, Resync, Target},
+};
+use crate::{
+    clients::{mongo::MongoStore, redis::RedisStore},
+    config::Config,
+    error::EngineError,
+    lease::Ownership,
+    telemetry::Stats,
+};
+use actix::ArbiterHandle;
+use std::{sync::Arc, time::Duration};
+use tokio_util::sync::CancellationToken;
+
+/// How often the keeper looks for orphaned jobs and for a due check.
+const KEEPER_TICK: Duration = Duration::from_secs(5);
+/// A scheduled check that found the lock taken tries again this soon.
+const BUSY_RETRY: Duration = Duration::from_secs(10);
+/// Orphans are looked for among the jobs created this recently.
+const ORPHAN_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Starts, resumes and schedules this instance's jobs.
+#[derive(Clone)]
+pub struct Jobs {
+    pub redis: RedisStore,
+    pub mongo: MongoStore,
+    pub stats: Arc<Stats>,
+    pub cancel: CancellationToken,
+    pub config: Config,
+    pub ownership: Arc<Ownership>,
+    pub instance_id: String,
+    /// Where job tasks run: the engine's actor system.
+    pub arbiter: ArbiterHandle,
+}
+
+impl Jobs {
+    fn retention(&self) -> Duration {
+        self.config.consistency.report_retention
+    }
+
+    /// Starts a resync; answers its first record.
+    pub async fn start_resync(
+        &self,
+        target: Target,
+        rate: Option<u64>,
+        force: bool,
+    ) -> Result<Job<Resync>, EngineError> {
+        let rate = rate.or(match self.config.resync.default_rate {
+            0 => None,
+            r => Some(r),
+        });
+        let mut body = Resync::new(target, rate, force);
+        resync::estimate(&self.redis, &mut body)
+            .await
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let runner = Runner::start(
+            self.redis.clone(),
+            resync::KIND,
+            &self.instance_id,
+            body,
+            force,
+            self.retention(),
+        )
+        .await?;
+        let job = runner.job.clone();
+        self.spawn_resync(runner);
+        Ok(job)
+    }
+
+    fn spawn_resync(&self, runner: Runner<Resync>) {
+        let cx = resync::Context {
+            redis: self.redis.clone(),
+            stats: Some(self.stats.clone()),
+            cancel: self.cancel.clone(),
+            page_size: self.config.resync.page_size,
+        };
+        self.arbiter.spawn(async move {
+            resync::run(runner, cx, |_| {}).await;
+        });
+    }
+
+    /// Starts a consistency check of the shards this instance owns; answers
+    /// its first record.
+    pub async fn start_check(&self, trigger: &str, force: bool) -> Result<Job<Check>, EngineError> {
+        let runner = Runner::start(
+            self.redis.clone(),
+            consistency::KIND,
+            &self.instance_id,
+            Check::new(trigger, &self.config.consistency),
+            force,
+            self.retention(),
+        )
+        .await?;
+        let job = runner.job.clone();
+        let cx = self.check_context();
+        self.arbiter.spawn(async move {
+            consistency::run(runner, cx).await;
+        });
+        Ok(job)
+    }
+
+    fn check_context(&self) -> consistency::Context {
+        consistency::Context {
+            redis: self.redis.clone(),
+            mongo: self.mongo.clone(),
+            stats: self.stats.clone(),
+            cancel: self.cancel.clone(),
+            config: self.config.consistency.clone(),
+            owned: self.ownership.scannable(),
+        }
+    }
+
+    /// The keeper: resumes orphaned jobs and runs the scheduled checks
+    /// until the engine stops.
+    pub async fn run_keeper(self) {
+        let every = self.config.consistency.interval;
+        let mut next_check = (!every.is_zero()).then(|| tokio::time::Instant::now() + every);
+        while super::pause(&self.cancel, KEEPER_TICK).await {
+            if let Err(e) = self.adopt_orphans().await {
+                tracing::warn!(error = %e, "cannot look for jobs to resume");
+            }
+            let Some(due) = next_check else { continue };
+            if tokio::time::Instant::now() < due || self.ownership.scannable().is_empty() {
+                continue;
+            }
+            next_check = Some(match self.run_scheduled_check().await {
+                Ok(()) => tokio::time::Instant::now() + every,
+                Err(e) => {
+                    tracing::debug!(error = %e, "scheduled consistency check not started");
+                    tokio::time::Instant::now() + BUSY_RETRY
+                }
+            });
+        }
+    }
+
+    async fn run_scheduled_check(&self) -> Result<(), EngineError> {
+        let runner = Runner::start(
+            self.redis.clone(),
+            consistency::KIND,
+            &self.instance_id,
+            Check::new("schedule", &self.config.consistency),
+            false,
+            self.retention(),
+        )
+        .await?;
+        consistency::run(runner, self.check_context()).await;
+        Ok(())
+    }
+
+    async fn adopt_orphans(&self) -> Result<(), crate::clients::redis::RedisError> {
+        let retention = self.retention();
+        for job in super::orphans::<Resync>(&self.redis, resync::KIND, ORPHAN_WINDOW).await? {
+            if let Some(runner) = Runner::take_over(
+                self.redis.clone(),
+                resync::KIND,
+                &self.instance_id,
+                job,
+                retention,
+            )
+            .await?
+            {
+                self.spawn_resync(runner);
+            }
+        }
+        for job in super::orphans::<Check>(&self.redis, consistency::KIND, ORPHAN_WINDOW).await? {
+            if let Some(runner) = Runner::take_over(
+                self.redis.clone(),
+                consistency::KIND,
+                &self.instance_id,
+                job,
+                retention,
+            )
+            .await?
+            {
+                runner
+                    .finish(
+                        JobState::Failed,
+                        Some(
+                            "the instance running it stopped; the next check starts afresh".into(),
+                        ),
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
