@@ -37,6 +37,31 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Flag users again so their Redis profiles are synced anew: every
+    /// profile key (--all), a file of ids, or the ids given. Checkpointed in
+    /// Redis: an interrupted run continues with --resume ID. Talks to Redis
+    /// only; a running service publishes what it flags.
+    Resync {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Every profile key matching redis.profile_key (SCAN).
+        #[arg(long, conflicts_with_all = ["file", "user_ids", "resume"])]
+        all: bool,
+        /// A file of user ids, one per line.
+        #[arg(long, conflicts_with_all = ["user_ids", "resume"])]
+        file: Option<PathBuf>,
+        /// Users flagged per second at most.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        rate: Option<u64>,
+        /// Continue an interrupted job.
+        #[arg(long, conflicts_with = "user_ids")]
+        resume: Option<String>,
+        /// Run even if another resync job is running.
+        #[arg(long)]
+        force: bool,
+        /// The users to flag.
+        user_ids: Vec<String>,
+    },
     /// Inspect and redrive the dead-letter queue (talks to Redis directly).
     Dlq {
         #[command(subcommand)]
@@ -80,6 +105,8 @@ enum ConfigAction {
         config: Option<PathBuf>,
     },
 }
+
+mod resync_cli;
 
 fn load(path: Option<&PathBuf>) -> Result<Config, ExitCode> {
     Config::load(path.map(PathBuf::as_path)).map_err(|e| {
@@ -164,6 +191,39 @@ fn main() -> ExitCode {
                 anyhow::Ok(out)
             });
             match result {
+                Ok(out) => {
+                    println!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {}", datasync::error::report(e.as_ref()));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Resync {
+            config,
+            all,
+            file,
+            rate,
+            resume,
+            force,
+            user_ids,
+        } => {
+            let config = match load(config.as_ref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let args = resync_cli::Args {
+                all,
+                user_ids,
+                file,
+                rate,
+                resume,
+                force,
+            };
+            let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
+            match rt.block_on(resync_cli::run(config, args)) {
                 Ok(out) => {
                     println!("{out}");
                     ExitCode::SUCCESS

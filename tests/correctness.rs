@@ -7,7 +7,10 @@ mod common;
 
 use common::*;
 use datasync::{
-    actors::dlq::RedriveTarget, clients::mongo::Change, faults::HoldPoint, model::Section,
+    actors::dlq::RedriveTarget,
+    clients::mongo::{Change, Op},
+    faults::HoldPoint,
+    model::Section,
 };
 use fred::interfaces::{KeysInterface, SetsInterface, SortedSetsInterface};
 use mongodb::bson::{Document, doc};
@@ -167,7 +170,7 @@ async fn a_write_concern_error_is_a_failed_write_not_an_applied_one() {
         user_id: "w".into(),
         section: Section::Dynamic,
         version: 7,
-        profile: doc! { "gen": 1 },
+        op: Op::Set(doc! { "gen": 1 }),
         event_id: "e".into(),
         marked_at_ms: 0,
     };
@@ -455,7 +458,7 @@ async fn a_document_too_large_is_rejected_alone_and_the_rest_apply() {
         user_id: user.into(),
         section: Section::Dynamic,
         version: 5,
-        profile,
+        op: Op::Set(profile),
         event_id: "e".into(),
         marked_at_ms: 0,
     };
@@ -491,7 +494,7 @@ async fn a_bulk_update_over_the_message_limit_is_split_and_applies() {
             user_id: format!("big{i}"),
             section: Section::Dynamic,
             version: 5,
-            profile: doc! { "pad": &pad },
+            op: Op::Set(doc! { "pad": &pad }),
             event_id: "e".into(),
             marked_at_ms: 0,
         })

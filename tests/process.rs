@@ -13,6 +13,7 @@ use std::{
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_datasync");
+const LONG: Duration = Duration::from_secs(180);
 
 #[test]
 fn config_check_lists_every_problem_and_fails() {
@@ -232,4 +233,118 @@ async fn the_dlq_command_lists_and_redrives() {
     let out = Command::new(BIN).args(["dlq", "redrive"]).output().unwrap();
     assert!(!out.status.success(), "redrive needs ids or --all");
     finish(engine, &ns).await;
+}
+
+/// A resync started through the API, SIGKILLed halfway while a live writer
+/// keeps changing 1,000 of its users: the restarted instance resumes it from
+/// its checkpoint, every user ends in MongoDB, and the writer's users end at
+/// the writer's last value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_killed_halfway_resumes_after_a_restart() {
+    let ns = Namespace::new("resynckill");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, log) = (dir.path().join("c.toml"), dir.path().join("log"));
+    let port = free_port();
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[http]\nenabled = true\nbind = \"127.0.0.1:{port}\"\nadmin_token = \"t0ken\"\n[consistency]\ninterval = \"0s\"\n",
+            config_toml(&ns).replace("[http]\nenabled = false\nbind = \"127.0.0.1:0\"\n", "")
+        ),
+    )
+    .unwrap();
+    let r = redis(&ns).await;
+    let users: Vec<String> = (0..20_000).map(|i| format!("k{i}")).collect();
+    for chunk in users.chunks(5000) {
+        r.write_profiles(&generation_profiles(chunk, 0))
+            .await
+            .unwrap();
+    }
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut child = spawn(&config, &log);
+    wait_until("the api answers", LONG, || async {
+        http.get(format!("{base}/health/live")).send().await.is_ok()
+    })
+    .await;
+    let job: serde_json::Value = http
+        .post(format!("{base}/v1/resync"))
+        .bearer_auth("t0ken")
+        .json(&serde_json::json!({ "all": true, "rate": 2000 }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().expect("a job id").to_string();
+
+    // The live writer: 1,000 of the users, a new generation each round.
+    let halt = tokio_util::sync::CancellationToken::new();
+    let writer = {
+        let (halt, hot, ns) = (halt.clone(), users[..1000].to_vec(), ns.to_string());
+        tokio::spawn(async move {
+            let r = redis(&ns).await;
+            let mut latest = HashMap::new();
+            let mut generation = 0;
+            while !halt.is_cancelled() {
+                generation += 1;
+                write_generation(&r, &hot, generation, &mut latest).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            generation
+        })
+    };
+    let progress = |base: String, id: String| {
+        let http = http.clone();
+        async move {
+            http.get(format!("{base}/v1/resync/{id}"))
+                .bearer_auth("t0ken")
+                .send()
+                .await
+                .ok()?
+                .json::<serde_json::Value>()
+                .await
+                .ok()
+        }
+    };
+    wait_until("the resync halfway", LONG, || async {
+        progress(base.clone(), id.clone())
+            .await
+            .is_some_and(|j| j["scanned"].as_u64().unwrap_or(0) >= 6000)
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let at_kill = progress_of(&r, &id).await;
+    assert!(at_kill < 20_000, "the job was not halfway: {at_kill}");
+
+    let mut child = spawn(&config, &log);
+    wait_until("the resumed resync done", LONG, || async {
+        progress(base.clone(), id.clone())
+            .await
+            .is_some_and(|j| j["state"] == "done")
+    })
+    .await;
+    halt.cancel();
+    let last_generation = writer.await.unwrap();
+    let done = progress(base.clone(), id.clone()).await.unwrap();
+    assert!(done["scanned"].as_u64().unwrap() >= 20_000, "{done}");
+
+    let mongo = mongo(&ns).await;
+    wait_until("every user in MongoDB at its Redis value", LONG, || async {
+        count_docs(&mongo, doc! { "dynamicProfile.gen": 0 }).await == 19_000
+            && count_docs(&mongo, doc! { "dynamicProfile.gen": last_generation }).await == 1000
+    })
+    .await;
+    stop(&mut child);
+}
+
+/// Users scanned so far by a resync, from its record in Redis.
+async fn progress_of(r: &datasync::clients::redis::RedisStore, id: &str) -> u64 {
+    let job: datasync::jobs::Job<datasync::jobs::resync::Resync> =
+        datasync::jobs::get(r, datasync::jobs::resync::KIND, id)
+            .await
+            .unwrap();
+    job.body.scanned
 }

@@ -60,8 +60,17 @@ impl Engine {
 
     /// Starts a consistency check of the shards this instance owns (one at
     /// a time per key prefix unless `force`); answers its first record.
-    pub async fn start_consistency_check(&self, force: bool) -> Result<Job<Check>, EngineError> {
-        self.inner.jobs.start_check("api", force).await
+    /// `repair` and `repair_orphans` override `[consistency]` for this check.
+    pub async fn start_consistency_check(
+        &self,
+        force: bool,
+        repair: Option<bool>,
+        repair_orphans: Option<bool>,
+    ) -> Result<Job<Check>, EngineError> {
+        let mut check = Check::new("api", &self.config().consistency);
+        check.repair = repair.unwrap_or(check.repair);
+        check.repair_orphans = repair_orphans.unwrap_or(check.repair_orphans);
+        self.inner.jobs.start_check(check, force).await
     }
 
     /// A consistency check's record.

@@ -271,6 +271,7 @@ pub(super) async fn start_actors(
         ownership: ownership.clone(),
         instance_id: shared.instance_id.clone(),
         arbiter: Arbiter::current(),
+        running: Default::default(),
     };
     {
         let jobs = jobs.clone();

@@ -100,12 +100,17 @@ pub(super) async fn cancel_resync(
     Ok(HttpResponse::Ok().json(v))
 }
 
-/// `POST /v1/consistency/check` body (optional): `{"force": true}`.
+/// `POST /v1/consistency/check` body (optional): `force`, and `repair` /
+/// `repair_orphans` overriding the configured ones for this check.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckRequest {
     #[serde(default)]
     force: bool,
+    #[serde(default)]
+    repair: Option<bool>,
+    #[serde(default)]
+    repair_orphans: Option<bool>,
 }
 
 pub(super) async fn start_check(
@@ -120,7 +125,9 @@ pub(super) async fn start_check(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))?
     };
-    let job = engine.start_consistency_check(request.force).await?;
+    let job = engine
+        .start_consistency_check(request.force, request.repair, request.repair_orphans)
+        .await?;
     Ok(HttpResponse::Accepted().json(job))
 }
 

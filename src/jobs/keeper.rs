@@ -1,5 +1,6 @@
 //! [`Jobs`]: starts and resumes this instance's jobs. Its keeper task, every
-//! few seconds, takes over running jobs whose instance stopped (a resync
+//! few seconds, takes over running jobs whose instance stopped, or that an
+//! earlier life of this instance (same instance id) was running (a resync
 //! resumes from its checkpoint; a consistency check, which is cheap to
 //! repeat, is closed as failed) and runs the scheduled consistency check of
 //! the shards this instance owns.
@@ -17,7 +18,11 @@ use crate::{
     telemetry::Stats,
 };
 use actix::ArbiterHandle;
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 use tokio_util::sync::CancellationToken;
 
 /// How often the keeper looks for orphaned jobs and for a due check.
@@ -39,11 +44,39 @@ pub struct Jobs {
     pub instance_id: String,
     /// Where job tasks run: the engine's actor system.
     pub arbiter: ArbiterHandle,
+    /// Ids of the jobs this process runs.
+    pub running: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Jobs {
     fn retention(&self) -> Duration {
         self.config.consistency.report_retention
+    }
+
+    /// Starts a job under a new id, registered as this process's before its
+    /// record exists (so the keeper never takes it for an orphan).
+    async fn start_job<B: serde::Serialize + serde::de::DeserializeOwned>(
+        &self,
+        kind: &'static str,
+        body: B,
+        force: bool,
+    ) -> Result<Runner<B>, EngineError> {
+        let id = super::new_id(kind);
+        self.running.lock().expect("not poisoned").insert(id.clone());
+        let started = Runner::start(
+            self.redis.clone(),
+            kind,
+            id.clone(),
+            &self.instance_id,
+            body,
+            force,
+            self.retention(),
+        )
+        .await;
+        if started.is_err() {
+            self.running.lock().expect("not poisoned").remove(&id);
+        }
+        started
     }
 
     /// Starts a resync; answers its first record.
@@ -61,15 +94,7 @@ impl Jobs {
         resync::estimate(&self.redis, &mut body)
             .await
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
-        let runner = Runner::start(
-            self.redis.clone(),
-            resync::KIND,
-            &self.instance_id,
-            body,
-            force,
-            self.retention(),
-        )
-        .await?;
+        let runner = self.start_job(resync::KIND, body, force).await?;
         let job = runner.job.clone();
         self.spawn_resync(runner);
         Ok(job)
@@ -82,27 +107,26 @@ impl Jobs {
             cancel: self.cancel.clone(),
             page_size: self.config.resync.page_size,
         };
+        let running = self.running.clone();
+        let id = runner.job.id.clone();
+        running.lock().expect("not poisoned").insert(id.clone());
         self.arbiter.spawn(async move {
             resync::run(runner, cx, |_| {}).await;
+            running.lock().expect("not poisoned").remove(&id);
         });
     }
 
     /// Starts a consistency check of the shards this instance owns; answers
     /// its first record.
-    pub async fn start_check(&self, trigger: &str, force: bool) -> Result<Job<Check>, EngineError> {
-        let runner = Runner::start(
-            self.redis.clone(),
-            consistency::KIND,
-            &self.instance_id,
-            Check::new(trigger, &self.config.consistency),
-            force,
-            self.retention(),
-        )
-        .await?;
+    pub async fn start_check(&self, check: Check, force: bool) -> Result<Job<Check>, EngineError> {
+        let runner = self.start_job(consistency::KIND, check, force).await?;
         let job = runner.job.clone();
         let cx = self.check_context();
+        let running = self.running.clone();
+        let id = job.id.clone();
         self.arbiter.spawn(async move {
             consistency::run(runner, cx).await;
+            running.lock().expect("not poisoned").remove(&id);
         });
         Ok(job)
     }
@@ -142,22 +166,20 @@ impl Jobs {
     }
 
     async fn run_scheduled_check(&self) -> Result<(), EngineError> {
-        let runner = Runner::start(
-            self.redis.clone(),
-            consistency::KIND,
-            &self.instance_id,
-            Check::new("schedule", &self.config.consistency),
-            false,
-            self.retention(),
-        )
-        .await?;
+        let check = Check::new("schedule", &self.config.consistency);
+        let runner = self.start_job(consistency::KIND, check, false).await?;
+        let id = runner.job.id.clone();
         consistency::run(runner, self.check_context()).await;
+        self.running.lock().expect("not poisoned").remove(&id);
         Ok(())
     }
 
     async fn adopt_orphans(&self) -> Result<(), crate::clients::redis::RedisError> {
         let retention = self.retention();
-        for job in super::orphans::<Resync>(&self.redis, resync::KIND, ORPHAN_WINDOW).await? {
+        let (me, mine) = (self.instance_id.as_str(), &*self.running);
+        for job in
+            super::orphans::<Resync>(&self.redis, resync::KIND, ORPHAN_WINDOW, me, &mine).await?
+        {
             if let Some(runner) = Runner::take_over(
                 self.redis.clone(),
                 resync::KIND,
@@ -170,7 +192,9 @@ impl Jobs {
                 self.spawn_resync(runner);
             }
         }
-        for job in super::orphans::<Check>(&self.redis, consistency::KIND, ORPHAN_WINDOW).await? {
+        for job in super::orphans::<Check>(&self.redis, consistency::KIND, ORPHAN_WINDOW, me, &mine)
+            .await?
+        {
             if let Some(runner) = Runner::take_over(
                 self.redis.clone(),
                 consistency::KIND,

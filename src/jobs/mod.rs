@@ -66,6 +66,11 @@ pub struct Job<B> {
     pub body: B,
 }
 
+/// A new job id: `<kind>-<uuid>`.
+pub fn new_id(kind: &str) -> String {
+    format!("{kind}-{}", uuid::Uuid::new_v4().simple())
+}
+
 /// An RFC 3339 time with milliseconds.
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
@@ -90,16 +95,17 @@ pub struct Runner<B> {
 impl<B: Serialize + DeserializeOwned> Runner<B> {
     /// Creates a job, taking the kind's lock unless `force`. A lock whose
     /// holder finished (or whose record is gone) is released first.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         redis: RedisStore,
         kind: &'static str,
+        id: String,
         instance_id: &str,
         body: B,
         force: bool,
         retention: Duration,
     ) -> Result<Self, EngineError> {
         let now = rfc3339(SystemTime::now());
-        let id = format!("{kind}-{}", uuid::Uuid::new_v4().simple());
         let job = Job {
             id: id.clone(),
             kind: kind.to_string(),
@@ -141,8 +147,9 @@ impl<B: Serialize + DeserializeOwned> Runner<B> {
         })
     }
 
-    /// Resumes a job whose runner's lease expired; `None` if another
-    /// instance took it first.
+    /// Resumes a job whose runner's lease expired, or that an earlier life
+    /// of this instance (the same instance id) was running; `None` if
+    /// another instance holds it.
     pub async fn take_over(
         redis: RedisStore,
         kind: &'static str,
@@ -153,6 +160,7 @@ impl<B: Serialize + DeserializeOwned> Runner<B> {
         if !redis
             .job_take(kind, &job.id, instance_id, JOB_LEASE)
             .await?
+            && redis.job_lease_holder(kind, &job.id).await?.as_deref() != Some(instance_id)
         {
             return Ok(None);
         }
@@ -236,17 +244,30 @@ pub async fn list<B: DeserializeOwned>(
         .collect())
 }
 
-/// A kind's running jobs whose runner's lease expired (their instance
-/// stopped), among those created in the last `window`.
+/// A kind's running jobs, among those created in the last `window`, that
+/// nobody runs: their runner's lease expired (its instance stopped), or it
+/// is held by `me` (this instance's id) for a job this process does not run
+/// (an earlier life of this instance, killed and restarted).
 pub async fn orphans<B: DeserializeOwned>(
     redis: &RedisStore,
     kind: &'static str,
     window: Duration,
+    me: &str,
+    mine: &std::sync::Mutex<std::collections::HashSet<String>>,
 ) -> Result<Vec<Job<B>>, RedisError> {
     let mut out = Vec::new();
-    for job in list::<B>(redis, kind, window).await? {
-        if !job.state.finished() && !redis.job_leased(kind, &job.id).await? {
-            out.push(job);
+    let jobs = list::<B>(redis, kind, window).await?;
+    // Read after the list: a job of this process is in `mine` before its
+    // record exists.
+    let mine = mine.lock().expect("not poisoned").clone();
+    for job in jobs {
+        if job.state.finished() || mine.contains(&job.id) {
+            continue;
+        }
+        match redis.job_lease_holder(kind, &job.id).await? {
+            None => out.push(job),
+            Some(holder) if holder == me => out.push(job),
+            Some(_) => {}
         }
     }
     Ok(out)

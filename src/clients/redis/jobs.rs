@@ -152,10 +152,13 @@ impl RedisStore {
         Ok(r.is_some())
     }
 
-    /// Whether a job's runner holds its lease.
-    pub async fn job_leased(&self, kind: &str, id: &str) -> Result<bool, RedisError> {
-        let n: i64 = self.client().exists(self.keys.job_lease(kind, id)).await?;
-        Ok(n == 1)
+    /// The instance holding a job's lease, if any.
+    pub async fn job_lease_holder(
+        &self,
+        kind: &str,
+        id: &str,
+    ) -> Result<Option<String>, RedisError> {
+        Ok(self.client().get(self.keys.job_lease(kind, id)).await?)
     }
 
     /// Asks a job to stop at its next checkpoint.

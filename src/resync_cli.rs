@@ -1,0 +1,126 @@
+//! `datasync resync`: a resync job run by this process, with a progress bar.
+//! It talks to Redis only (flagging is all a resync does); a running service
+//! publishes what it flags.
+
+use datasync::{
+    Config,
+    clients::redis::RedisStore,
+    error::EngineError,
+    jobs::{
+        self, JobState, Runner,
+        resync::{self, Resync, Target},
+    },
+};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+pub struct Args {
+    pub all: bool,
+    pub user_ids: Vec<String>,
+    pub file: Option<PathBuf>,
+    pub rate: Option<u64>,
+    pub resume: Option<String>,
+    pub force: bool,
+}
+
+/// Runs the job to its end (or until Ctrl-C: the job then stays `running`,
+/// and `--resume ID` continues it once its lease expired). Answers the
+/// finished record as JSON.
+pub async fn run(config: Config, args: Args) -> anyhow::Result<String> {
+    let redis = RedisStore::connect(&config.redis, config.sync.shards).await?;
+    let instance = config.instance_id();
+    let retention = config.consistency.report_retention;
+    let runner = match &args.resume {
+        Some(id) => {
+            let job: jobs::Job<Resync> = jobs::get(&redis, resync::KIND, id).await?;
+            if job.state.finished() {
+                return Ok(serde_json::to_string_pretty(&job)?);
+            }
+            let holder = job.instance_id.clone();
+            Runner::take_over(redis.clone(), resync::KIND, &instance, job, retention)
+                .await?
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "resync {id} is still running on {holder} (its lease is held); stop it or wait for the lease to expire ({}s)",
+                        jobs::JOB_LEASE.as_secs()
+                    )
+                })?
+        }
+        None => {
+            let target = match (args.all, args.file, args.user_ids.is_empty()) {
+                (true, None, true) => Target::All,
+                (false, Some(f), true) => Target::File(
+                    std::fs::canonicalize(&f)
+                        .map_err(|e| anyhow::anyhow!("--file {}: {e}", f.display()))?,
+                ),
+                (false, None, false) => {
+                    datasync::model::validate_user_ids(args.user_ids.iter().map(String::as_str))
+                        .map_err(EngineError::Invalid)?;
+                    Target::UserIds(args.user_ids)
+                }
+                _ => anyhow::bail!("give exactly one of --all, --file FILE or user ids"),
+            };
+            let rate = args.rate.or(match config.resync.default_rate {
+                0 => None,
+                r => Some(r),
+            });
+            let mut body = Resync::new(target, rate, args.force);
+            resync::estimate(&redis, &mut body).await?;
+            Runner::start(
+                redis.clone(),
+                resync::KIND,
+                jobs::new_id(resync::KIND),
+                &instance,
+                body,
+                args.force,
+                retention,
+            )
+            .await?
+        }
+    };
+    let id = runner.job.id.clone();
+    eprintln!("resync {id} (resume with: datasync resync --resume {id})");
+    let bar = ProgressBar::new(runner.job.body.estimated_total.unwrap_or(0));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} users scanned ({per_sec}, eta {eta}) {msg}",
+        )
+        .expect("a valid template"),
+    );
+    bar.set_position(runner.job.body.scanned);
+    let cancel = CancellationToken::new();
+    {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            cancel.cancel();
+        });
+    }
+    let cx = resync::Context {
+        redis,
+        stats: None,
+        cancel,
+        page_size: config.resync.page_size,
+    };
+    let done = resync::run(runner, cx, |r| {
+        if r.scanned > bar.length().unwrap_or(0) {
+            bar.set_length(r.scanned);
+        }
+        bar.set_position(r.scanned);
+        bar.set_message(format!("{} flagged", r.flagged));
+    })
+    .await;
+    bar.finish();
+    match done {
+        Some(job) if job.state == JobState::Done => Ok(serde_json::to_string_pretty(&job)?),
+        Some(job) => anyhow::bail!(
+            "resync {id} ended {:?}: {}",
+            job.state,
+            job.error.unwrap_or_default()
+        ),
+        None => {
+            anyhow::bail!("resync {id} interrupted; it resumes with: datasync resync --resume {id}")
+        }
+    }
+}
