@@ -329,7 +329,10 @@ async fn a_resync_killed_halfway_resumes_after_a_restart() {
     halt.cancel();
     let last_generation = writer.await.unwrap();
     let done = progress(base.clone(), id.clone()).await.unwrap();
-    assert!(done["scanned"].as_u64().unwrap() >= 20_000, "{done}");
+    // Resumed from its checkpoint, not from the start (SCAN may return a
+    // key twice, never 6,000 of them).
+    let scanned = done["scanned"].as_u64().unwrap();
+    assert!((20_000..26_000).contains(&scanned), "{done}");
 
     let mongo = mongo(&ns).await;
     wait_until("every user in MongoDB at its Redis value", LONG, || async {

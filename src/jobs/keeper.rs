@@ -62,7 +62,10 @@ impl Jobs {
         force: bool,
     ) -> Result<Runner<B>, EngineError> {
         let id = super::new_id(kind);
-        self.running.lock().expect("not poisoned").insert(id.clone());
+        self.running
+            .lock()
+            .expect("not poisoned")
+            .insert(id.clone());
         let started = Runner::start(
             self.redis.clone(),
             kind,

@@ -149,6 +149,7 @@ fn register_zeroes() {
     gauge!(names::DLQ_OPEN).set(0.0);
     gauge!(names::DLQ_OUTBOX).set(0.0);
     gauge!(names::OLDEST_FLAG_AGE).set(0.0);
+    gauge!(names::CONSISTENCY_LAST_RUN).set(0.0);
     for kind in crate::jobs::consistency::KINDS {
         counter!(names::CONSISTENCY_FINDINGS, "kind" => kind).increment(0);
     }
