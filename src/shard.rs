@@ -113,6 +113,12 @@ impl Keys {
         format!("{}:{{jobs}}:{kind}:active", self.prefix)
     }
 
+    /// Set of a kind's jobs not finished (the keeper looks for orphans
+    /// among them).
+    pub fn jobs_running(&self, kind: &str) -> String {
+        format!("{}:{{jobs}}:{kind}:running", self.prefix)
+    }
+
     /// The lease of the instance running a job: its instance id, with a TTL
     /// renewed at each checkpoint. A running job whose lease expired is taken
     /// over and resumed from its checkpoint.

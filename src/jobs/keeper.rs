@@ -29,8 +29,6 @@ use tokio_util::sync::CancellationToken;
 const KEEPER_TICK: Duration = Duration::from_secs(5);
 /// A scheduled check that found the lock taken tries again this soon.
 const BUSY_RETRY: Duration = Duration::from_secs(10);
-/// Orphans are looked for among the jobs created this recently.
-const ORPHAN_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Starts, resumes and schedules this instance's jobs.
 #[derive(Clone)]
@@ -180,9 +178,7 @@ impl Jobs {
     async fn adopt_orphans(&self) -> Result<(), crate::clients::redis::RedisError> {
         let retention = self.retention();
         let (me, mine) = (self.instance_id.as_str(), &*self.running);
-        for job in
-            super::orphans::<Resync>(&self.redis, resync::KIND, ORPHAN_WINDOW, me, &mine).await?
-        {
+        for job in super::orphans::<Resync>(&self.redis, resync::KIND, me, mine).await? {
             if let Some(runner) = Runner::take_over(
                 self.redis.clone(),
                 resync::KIND,
@@ -195,9 +191,7 @@ impl Jobs {
                 self.spawn_resync(runner);
             }
         }
-        for job in super::orphans::<Check>(&self.redis, consistency::KIND, ORPHAN_WINDOW, me, &mine)
-            .await?
-        {
+        for job in super::orphans::<Check>(&self.redis, consistency::KIND, me, mine).await? {
             if let Some(runner) = Runner::take_over(
                 self.redis.clone(),
                 consistency::KIND,

@@ -244,19 +244,23 @@ pub async fn list<B: DeserializeOwned>(
         .collect())
 }
 
-/// A kind's running jobs, among those created in the last `window`, that
-/// nobody runs: their runner's lease expired (its instance stopped), or it
-/// is held by `me` (this instance's id) for a job this process does not run
-/// (an earlier life of this instance, killed and restarted).
+/// A kind's running jobs that nobody runs: their runner's lease expired
+/// (its instance stopped), or it is held by `me` (this instance's id) for a
+/// job this process does not run (an earlier life of this instance, killed
+/// and restarted).
 pub async fn orphans<B: DeserializeOwned>(
     redis: &RedisStore,
     kind: &'static str,
-    window: Duration,
     me: &str,
     mine: &std::sync::Mutex<std::collections::HashSet<String>>,
 ) -> Result<Vec<Job<B>>, RedisError> {
     let mut out = Vec::new();
-    let jobs = list::<B>(redis, kind, window).await?;
+    let jobs: Vec<Job<B>> = redis
+        .job_list_running(kind)
+        .await?
+        .iter()
+        .filter_map(|j| serde_json::from_str(j).ok())
+        .collect();
     // Read after the list: a job of this process is in `mine` before its
     // record exists.
     let mine = mine.lock().expect("not poisoned").clone();

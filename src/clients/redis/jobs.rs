@@ -54,6 +54,7 @@ impl RedisStore {
                     k.job(kind, id),
                     k.jobs(kind),
                     k.job_lease(kind, id),
+                    k.jobs_running(kind),
                 ],
                 vec![
                     id.to_string(),
@@ -111,7 +112,12 @@ impl RedisStore {
         let n: i64 = JOB_FINISH
             .evalsha_with_reload(
                 self.client(),
-                vec![k.job(kind, id), k.job_lease(kind, id), k.job_lock(kind)],
+                vec![
+                    k.job(kind, id),
+                    k.job_lease(kind, id),
+                    k.job_lock(kind),
+                    k.jobs_running(kind),
+                ],
                 vec![
                     instance.to_string(),
                     json.to_string(),
@@ -191,6 +197,39 @@ impl RedisStore {
         Ok(self.client().get(self.keys.job_lock(kind)).await?)
     }
 
+    /// The records of a kind's jobs not finished (a record that expired is
+    /// dropped from the set).
+    pub async fn job_list_running(&self, kind: &str) -> Result<Vec<String>, RedisError> {
+        let ids: Vec<String> = self.client().smembers(self.keys.jobs_running(kind)).await?;
+        let records = self.job_records(kind, &ids).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, r) in ids.iter().zip(records) {
+            match r {
+                Some(r) => out.push(r),
+                None => {
+                    let _: i64 = self.client().srem(self.keys.jobs_running(kind), id).await?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn job_records(
+        &self,
+        kind: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<String>>, RedisError> {
+        if ids.is_empty() {
+            return Ok(vec![]);
+        }
+        let keys: Vec<String> = ids.iter().map(|id| self.keys.job(kind, id)).collect();
+        Ok(if keys.len() == 1 {
+            vec![self.client().get(&keys[0]).await?]
+        } else {
+            self.client().mget(keys).await?
+        })
+    }
+
     /// The records of a kind's jobs created since `since_ms`, oldest first
     /// (records that expired are left out).
     pub async fn job_list(&self, kind: &str, since_ms: i64) -> Result<Vec<String>, RedisError> {
@@ -198,15 +237,11 @@ impl RedisStore {
             .client()
             .zrangebyscore(self.keys.jobs(kind), since_ms, "+inf", false, None)
             .await?;
-        if ids.is_empty() {
-            return Ok(vec![]);
-        }
-        let keys: Vec<String> = ids.iter().map(|id| self.keys.job(kind, id)).collect();
-        let records: Vec<Option<String>> = if keys.len() == 1 {
-            vec![self.client().get(&keys[0]).await?]
-        } else {
-            self.client().mget(keys).await?
-        };
-        Ok(records.into_iter().flatten().collect())
+        Ok(self
+            .job_records(kind, &ids)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect())
     }
 }
