@@ -264,7 +264,13 @@ async fn the_consistency_check_reports_drift_by_kind_and_repairs_it() {
     let mongo = mongo(&ns).await;
     let r = redis(&ns).await;
     let users = ids("c", 300);
-    let writes: Vec<_> = users.iter().map(|u| profile(u, 1)).collect();
+    let writes: Vec<_> = users
+        .iter()
+        .map(|u| datasync::ProfileWrite {
+            user_id: u.clone(),
+            profile: json!({ "gen": 1, "stats": { "n": 3, "avg": 2.5, "list": [1, 2] }, "z": "last", "a": "first" }),
+        })
+        .collect();
     engine.write_and_mark(&writes).await.unwrap();
     wait_until("300 users synced", LONG, || async {
         count_docs(&mongo, doc! { "dynamicProfile.gen": 1 }).await == 300
@@ -275,8 +281,8 @@ async fn the_consistency_check_reports_drift_by_kind_and_repairs_it() {
     })
     .await;
 
-    // A check of a clean state finds nothing. Key order and number types
-    // (the document holds nested numbers as doubles) do not count.
+    // A check of a clean state finds nothing: key order and number types
+    // do not count.
     let clean = run_check(&engine, json!({})).await;
     assert_eq!(findings(&clean), [0, 0, 0, 0, 0], "{clean}");
 
@@ -297,6 +303,17 @@ async fn the_consistency_check_reports_drift_by_kind_and_repairs_it() {
     r.write_profiles(&generation_profiles(&users[80..100], 2))
         .await
         .unwrap();
+    // Not drift: 40 documents rewritten with the same data in another key
+    // order, with numbers as other types (int32, double).
+    for u in &users[100..140] {
+        let same = doc! { "z": "last", "stats": { "list": [1.0, 2i32], "n": 3.0, "avg": 2.5 }, "gen": 1i32, "a": "first" };
+        col.update_one(
+            doc! { "userId": u },
+            doc! { "$set": { "dynamicProfile": same } },
+        )
+        .await
+        .unwrap();
+    }
     for i in 0..10 {
         col.insert_one(doc! { "userId": format!("orphan{i}"), "dynamicProfile": { "gen": 1 }, "dynamicVersion": 1i64 })
             .await
