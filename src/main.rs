@@ -134,6 +134,20 @@ async fn wait_signal() {
     }
 }
 
+/// Prints a command's answer, or its error with each cause once.
+fn print_outcome(result: anyhow::Result<String>) -> ExitCode {
+    match result {
+        Ok(out) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", datasync::error::report(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -190,16 +204,7 @@ fn main() -> ExitCode {
                 };
                 anyhow::Ok(out)
             });
-            match result {
-                Ok(out) => {
-                    println!("{out}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {}", datasync::error::report(e.as_ref()));
-                    ExitCode::FAILURE
-                }
-            }
+            print_outcome(result)
         }
         Command::Resync {
             config,
@@ -223,16 +228,7 @@ fn main() -> ExitCode {
                 force,
             };
             let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
-            match rt.block_on(resync_cli::run(config, args)) {
-                Ok(out) => {
-                    println!("{out}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {}", datasync::error::report(e.as_ref()));
-                    ExitCode::FAILURE
-                }
-            }
+            print_outcome(rt.block_on(resync_cli::run(config, args)))
         }
         Command::Run {
             config,

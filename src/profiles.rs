@@ -214,8 +214,12 @@ impl ProfileReader {
             pending: Vec::new(),
             possibly_stale: false,
         });
+        let (delete, flag) = tokio::join!(
+            self.redis.recorded_delete_of(user),
+            self.redis.flag_of(user)
+        );
         // A delete not yet applied hides every section older than it.
-        if let Some(d) = self.redis.recorded_delete_of(user).await? {
+        if let Some(d) = delete? {
             if d > p.static_version {
                 p.static_profile = Value::Null;
                 p.static_version = d;
@@ -225,7 +229,7 @@ impl ProfileReader {
                 p.dynamic_version = d;
             }
         }
-        if let Some(v) = self.redis.flag_of(user).await?
+        if let Some(v) = flag?
             && v > p.dynamic_version
             && let Some(Ok(raw)) = self.redis.load_profiles(&[user.to_string()]).await?.pop()
             && let Ok(json) = raw.to_json(&self.redis.keys().profile(user))

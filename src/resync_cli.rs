@@ -61,10 +61,7 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<String> {
                 }
                 _ => anyhow::bail!("give exactly one of --all, --file FILE or user ids"),
             };
-            let rate = args.rate.or(match config.resync.default_rate {
-                0 => None,
-                r => Some(r),
-            });
+            let rate = config.resync.rate(args.rate);
             let mut body = Resync::new(target, rate, args.force);
             resync::estimate(&redis, &mut body).await?;
             Runner::start(

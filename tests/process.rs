@@ -287,10 +287,12 @@ async fn a_resync_killed_halfway_resumes_after_a_restart() {
             let r = redis(&ns).await;
             let mut latest = HashMap::new();
             let mut generation = 0;
+            // A round every 500 ms: a paced writer, not a wait for anything.
+            let mut rounds = tokio::time::interval(Duration::from_millis(500));
             while !halt.is_cancelled() {
+                rounds.tick().await;
                 generation += 1;
                 write_generation(&r, &hot, generation, &mut latest).await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
             }
             generation
         })

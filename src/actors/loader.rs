@@ -74,50 +74,37 @@ impl Handler<Load> for ProfileLoader {
             // A page is one shard's.
             let shard = shard_of(&first.user_id, redis.shards());
             let users: Vec<&str> = flags.iter().map(|f| f.user_id.as_str()).collect();
-            let deletes = shared
-                .retry
-                .run("read recorded deletes", &shared.cancel, || {
-                    redis.recorded_deletes(shard, &users)
-                })
-                .await?;
-            let mut out = Vec::with_capacity(flags.len());
-            let mut to_load = Vec::new();
-            for (flag, delete) in flags.into_iter().zip(deletes) {
-                match delete {
-                    Some(d) if d > flag.version => continue,
-                    Some(d) if d == flag.version => out.push(Loaded {
-                        flag,
-                        delete,
-                        profile: None,
+            let ids: Vec<String> = flags.iter().map(|f| f.user_id.clone()).collect();
+            // One round trip's wait for both: the deletes and every profile
+            // (a delete's profile key is gone; its answer is not used).
+            let (deletes, profiles) = tokio::join!(
+                shared
+                    .retry
+                    .run("read recorded deletes", &shared.cancel, || {
+                        redis.recorded_deletes(shard, &users)
                     }),
-                    _ => {
-                        to_load.push(out.len());
-                        out.push(Loaded {
-                            flag,
-                            delete,
-                            profile: None,
-                        });
-                    }
-                }
-            }
-            let ids: Vec<String> = to_load
-                .iter()
-                .map(|&i| out[i].flag.user_id.clone())
-                .collect();
-            if ids.is_empty() {
-                return Ok(out);
-            }
-            let profiles = shared
-                .retry
-                .run("load profiles", &shared.cancel, || {
+                shared.retry.run("load profiles", &shared.cancel, || {
                     redis.load_profiles(&ids)
-                })
-                .await?;
-            // Parsing here, not in the Redis client: the client hands back what
-            // Redis holds, the loader decides what a profile is.
-            for (&i, raw) in to_load.iter().zip(profiles) {
-                let key = redis.keys().profile(&out[i].flag.user_id);
-                out[i].profile = Some(raw.and_then(|r| r.to_document(&key)));
+                }),
+            );
+            let (deletes, profiles) = (deletes?, profiles?);
+            let mut out = Vec::with_capacity(flags.len());
+            for ((flag, delete), raw) in flags.into_iter().zip(deletes).zip(profiles) {
+                let profile = match delete {
+                    Some(d) if d > flag.version => continue,
+                    Some(d) if d == flag.version => None,
+                    // Parsing here, not in the Redis client: the client hands
+                    // back what Redis holds, the loader decides what a profile is.
+                    _ => {
+                        let key = redis.keys().profile(&flag.user_id);
+                        Some(raw.and_then(|r| r.to_document(&key)))
+                    }
+                };
+                out.push(Loaded {
+                    flag,
+                    delete,
+                    profile,
+                });
             }
             Ok(out)
         })

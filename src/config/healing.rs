@@ -54,6 +54,12 @@ pub struct ConsistencyConfig {
 }
 
 impl ResyncConfig {
+    /// The rate of a resync: the one requested, else `default_rate` (0 =
+    /// none).
+    pub fn rate(&self, requested: Option<u64>) -> Option<u64> {
+        requested.or((self.default_rate > 0).then_some(self.default_rate))
+    }
+
     pub(super) fn validate(&self, p: &mut Vec<String>) {
         if !(1..=10_000).contains(&self.page_size) {
             p.push("resync.page_size: must be between 1 and 10000".into());

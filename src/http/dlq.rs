@@ -1,6 +1,6 @@
 //! The dead-letter endpoints (admin): list and redrive.
 
-use super::{ApiError, require_admin};
+use super::{ApiError, check_len, require_admin};
 use crate::{actors::dlq::RedriveTarget, engine::Engine};
 use actix_web::{
     HttpRequest, HttpResponse,
@@ -55,12 +55,7 @@ pub(super) async fn dlq_redrive(
             user_ids: Some(ids),
             all: false,
         } => {
-            let max = engine.config().http.max_users_per_request;
-            if ids.len() > max {
-                return Err(ApiError::bad_request(format!(
-                    "user_ids: more than {max} entries"
-                )));
-            }
+            check_len(&engine, "user_ids", ids.len())?;
             RedriveTarget::Users(ids)
         }
         RedriveRequest {

@@ -1,7 +1,7 @@
 //! The healing jobs (admin): resync and the consistency check. A job
 //! answers `202 {"id", "state", …}` and is polled at `GET <path>/{id}`.
 
-use super::{ApiError, require_admin};
+use super::{ApiError, check_len, require_admin};
 use crate::{engine::Engine, jobs::resync::Target};
 use actix_web::{
     HttpRequest, HttpResponse,
@@ -54,12 +54,7 @@ pub(super) async fn start_resync(
     let target = match (all, user_ids) {
         (Some(true), None) => Target::All,
         (None | Some(false), Some(ids)) => {
-            let max = engine.config().http.max_users_per_request;
-            if ids.len() > max {
-                return Err(ApiError::bad_request(format!(
-                    "user_ids: more than {max} entries"
-                )));
-            }
+            check_len(&engine, "user_ids", ids.len())?;
             Target::UserIds(ids)
         }
         (Some(true), Some(_)) => {

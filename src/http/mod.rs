@@ -32,6 +32,17 @@ impl ApiError {
     }
 }
 
+/// Refuses a list longer than `http.max_users_per_request`, naming `field`.
+pub(crate) fn check_len(engine: &Engine, field: &str, len: usize) -> Result<(), ApiError> {
+    let max = engine.config().http.max_users_per_request;
+    if len > max {
+        return Err(ApiError::bad_request(format!(
+            "{field}: more than {max} entries"
+        )));
+    }
+    Ok(())
+}
+
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         self.status

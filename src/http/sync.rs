@@ -1,7 +1,7 @@
 //! The data endpoints: flag users (`/v1/sync/dirty`), immediate changes,
 //! deletes, profile reads and cache statistics.
 
-use super::ApiError;
+use super::{ApiError, check_len};
 use crate::engine::{Engine, EngineError, ProfileWrite};
 use actix_web::{
     HttpResponse,
@@ -33,28 +33,19 @@ pub(super) async fn mark_dirty(
     engine: Data<Engine>,
     body: Json<DirtyRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let max = engine.config().http.max_users_per_request;
     let marked = match body.into_inner() {
         DirtyRequest {
             user_ids: Some(ids),
             users: None,
         } => {
-            if ids.len() > max {
-                return Err(ApiError::bad_request(format!(
-                    "user_ids: more than {max} entries"
-                )));
-            }
+            check_len(&engine, "user_ids", ids.len())?;
             engine.mark_dirty(&ids).await?
         }
         DirtyRequest {
             user_ids: None,
             users: Some(users),
         } => {
-            if users.len() > max {
-                return Err(ApiError::bad_request(format!(
-                    "users: more than {max} entries"
-                )));
-            }
+            check_len(&engine, "users", users.len())?;
             let writes: Vec<ProfileWrite> = users
                 .into_iter()
                 .map(|u| ProfileWrite {
@@ -116,12 +107,7 @@ pub(super) async fn delete(
     body: Json<DeleteRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let ids = body.into_inner().user_ids;
-    let max = engine.config().http.max_users_per_request;
-    if ids.len() > max {
-        return Err(ApiError::bad_request(format!(
-            "user_ids: more than {max} entries"
-        )));
-    }
+    check_len(&engine, "user_ids", ids.len())?;
     let deleted = engine.delete(&ids).await?;
     Ok(HttpResponse::Ok().json(json!({ "deleted": deleted.len(), "versions": deleted })))
 }

@@ -92,7 +92,12 @@ impl Check {
     }
 
     fn found(&mut self, kind: &str, users: &[String], samples: usize) {
-        *self.findings.entry(kind.into()).or_default() += users.len() as u64;
+        self.counted(kind, users.len() as u64, users, samples);
+    }
+
+    /// `n` findings of `kind`, of which `users` are samples.
+    fn counted(&mut self, kind: &str, n: u64, users: &[String], samples: usize) {
+        *self.findings.entry(kind.into()).or_default() += n;
         let s = self.samples.entry(kind.into()).or_default();
         let room = samples.saturating_sub(s.len());
         s.extend(users.iter().take(room).cloned());
@@ -221,10 +226,7 @@ async fn passes(runner: &mut Runner<Check>, cx: &Context) -> Result<(), CheckErr
     for &shard in &cx.owned {
         let (n, users) = cx.redis.flags_before(shard, flag_cutoff, samples).await?;
         let body = &mut runner.job.body;
-        *body.findings.entry("stuck_flag".into()).or_default() += n;
-        let s = body.samples.entry("stuck_flag".into()).or_default();
-        let room = samples.saturating_sub(s.len());
-        s.extend(users.into_iter().take(room));
+        body.counted("stuck_flag", n, &users, samples);
         let old: Vec<String> = cx
             .redis
             .static_pending(shard)
@@ -263,9 +265,12 @@ async fn compare_page(
     cx: &Context,
     users: Vec<String>,
 ) -> Result<(), CheckError> {
-    let raws = cx.redis.load_profiles(&users).await?;
-    let flags = cx.redis.flags_of(&users).await?;
-    let docs = cx.mongo.dynamic_profiles(&users).await?;
+    let (raws, flags, docs) = tokio::join!(
+        cx.redis.load_profiles(&users),
+        cx.redis.flags_of(&users),
+        cx.mongo.dynamic_profiles(&users),
+    );
+    let (raws, flags, docs) = (raws?, flags?, docs?);
     let (mut missing, mut different) = (Vec::new(), Vec::new());
     for ((user, raw), flag) in users.iter().zip(raws).zip(flags) {
         if flag.is_some() {
@@ -303,8 +308,8 @@ async fn orphan_page(
     cx: &Context,
     users: Vec<String>,
 ) -> Result<(), CheckError> {
-    let exists = cx.redis.profiles_exist(&users).await?;
-    let flags = cx.redis.flags_of(&users).await?;
+    let (exists, flags) = tokio::join!(cx.redis.profiles_exist(&users), cx.redis.flags_of(&users));
+    let (exists, flags) = (exists?, flags?);
     let orphans: Vec<String> = users
         .iter()
         .zip(exists)

@@ -87,10 +87,7 @@ impl Jobs {
         rate: Option<u64>,
         force: bool,
     ) -> Result<Job<Resync>, EngineError> {
-        let rate = rate.or(match self.config.resync.default_rate {
-            0 => None,
-            r => Some(r),
-        });
+        let rate = self.config.resync.rate(rate);
         let mut body = Resync::new(target, rate, force);
         resync::estimate(&self.redis, &mut body)
             .await

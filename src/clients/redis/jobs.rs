@@ -192,11 +192,6 @@ impl RedisStore {
         Ok(self.client().get(self.keys.job(kind, id)).await?)
     }
 
-    /// The id of the job holding a kind's lock.
-    pub async fn job_lock_holder(&self, kind: &str) -> Result<Option<String>, RedisError> {
-        Ok(self.client().get(self.keys.job_lock(kind)).await?)
-    }
-
     /// The records of a kind's jobs not finished (a record that expired is
     /// dropped from the set).
     pub async fn job_list_running(&self, kind: &str) -> Result<Vec<String>, RedisError> {
