@@ -81,6 +81,7 @@ fn window_collapse(c: &mut Criterion) {
                     topic: "t".into(),
                     partition: 0,
                     offset: i as i64,
+                    timestamp_ms: 0,
                     payload: build_event(SyncType::DynamicBatch, &item, "bench")
                         .unwrap()
                         .encode_to_vec(),

@@ -61,6 +61,8 @@ pub mod http;
 pub mod jobs;
 pub mod lease;
 pub mod model;
+pub mod offsets;
+pub mod operations;
 pub mod profiles;
 pub mod proto;
 pub mod retry;
@@ -68,6 +70,7 @@ pub mod shard;
 pub mod strategy;
 pub mod tasks;
 pub mod telemetry;
+pub mod whitelist;
 
 pub use config::Config;
 pub use engine::{Engine, EngineError, Marked, ProfileWrite};

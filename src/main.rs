@@ -62,6 +62,60 @@ enum Command {
         /// The users to flag.
         user_ids: Vec<String>,
     },
+    /// Re-apply a window of a sync topic to MongoDB (by time or offset),
+    /// with a consumer of its own that never commits. Newer data is never
+    /// overwritten: older events come back stale. Checkpointed in Redis: an
+    /// interrupted run continues with --resume ID.
+    Replay {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// `dynamic`, `static` or a topic name.
+        #[arg(long, default_value = "dynamic")]
+        topic: String,
+        /// Start at records this new (epoch ms or RFC 3339).
+        #[arg(long, conflicts_with = "from_offset")]
+        from_time: Option<String>,
+        /// Stop after records this old (epoch ms or RFC 3339).
+        #[arg(long, conflicts_with = "to_offset")]
+        to_time: Option<String>,
+        /// First offset (needs --partition).
+        #[arg(long, requires = "partition")]
+        from_offset: Option<i64>,
+        /// Last offset, inclusive (needs --partition).
+        #[arg(long, requires = "partition")]
+        to_offset: Option<i64>,
+        #[arg(long)]
+        partition: Option<i32>,
+        /// Only these users (repeat the flag); else the whitelist's, if any.
+        #[arg(long = "user-id")]
+        user_ids: Vec<String>,
+        /// Count what would be applied; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Rebuild into this collection instead of the live one.
+        #[arg(long)]
+        target_collection: Option<String>,
+        /// Events read per second at most.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        rate: Option<u64>,
+        /// Continue an interrupted replay.
+        #[arg(long)]
+        resume: Option<String>,
+        /// Run even if another replay is running.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the operation log: every admin action with its caller and
+    /// result, newest first.
+    Operations {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=10000))]
+        limit: u64,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect and redrive the dead-letter queue (talks to Redis directly).
     Dlq {
         #[command(subcommand)]
@@ -106,6 +160,7 @@ enum ConfigAction {
     },
 }
 
+mod ops_cli;
 mod resync_cli;
 
 fn load(path: Option<&PathBuf>) -> Result<Config, ExitCode> {
@@ -199,12 +254,79 @@ fn main() -> ExitCode {
                 let out = match job {
                     Err(limit) => serde_json::to_string_pretty(&dlq::list(&redis, limit).await?)?,
                     Ok(target) => {
-                        serde_json::to_string_pretty(&dlq::redrive(&redis, target).await?)?
+                        let params = match &target {
+                            RedriveTarget::All => serde_json::json!({ "target": "all" }),
+                            RedriveTarget::Users(ids) => serde_json::json!({
+                                "user_ids": datasync::operations::ids_param(ids)
+                            }),
+                        };
+                        let by = datasync::operations::cli_caller();
+                        let action =
+                            datasync::operations::Action::begin("dlq_redrive", &by, params);
+                        let r = dlq::redrive(&redis, target).await;
+                        let log = datasync::operations::OperationLog::new(
+                            redis.clone(),
+                            config.operations.max_entries,
+                            &config.instance_id(),
+                        );
+                        action.end(&log, &r).await;
+                        serde_json::to_string_pretty(&r?)?
                     }
                 };
                 anyhow::Ok(out)
             });
             print_outcome(result)
+        }
+        Command::Replay {
+            config,
+            topic,
+            from_time,
+            to_time,
+            from_offset,
+            to_offset,
+            partition,
+            user_ids,
+            dry_run,
+            target_collection,
+            rate,
+            resume,
+            force,
+        } => {
+            let config = match load(config.as_ref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let request = datasync::jobs::replay::ReplayRequest {
+                topic,
+                from_time,
+                to_time,
+                from_offset,
+                to_offset,
+                partition,
+                user_ids: (!user_ids.is_empty()).then_some(user_ids),
+                dry_run,
+                target_collection,
+                rate,
+            };
+            let args = ops_cli::ReplayArgs {
+                request,
+                resume,
+                force,
+            };
+            let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
+            print_outcome(rt.block_on(ops_cli::replay(config, args)))
+        }
+        Command::Operations {
+            config,
+            limit,
+            json,
+        } => {
+            let config = match load(config.as_ref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
+            print_outcome(rt.block_on(ops_cli::operations(config, limit, json)))
         }
         Command::Resync {
             config,

@@ -275,6 +275,32 @@ pub fn now_ms() -> i64 {
     now_us() / 1000
 }
 
+/// A time given in a request: epoch milliseconds (an integer) or an RFC 3339
+/// string; answers epoch milliseconds, or an error naming what is wrong.
+pub fn parse_time(s: &str) -> Result<i64, String> {
+    let s = s.trim();
+    if let Ok(ms) = s.parse::<i64>() {
+        return if ms >= 0 {
+            Ok(ms)
+        } else {
+            Err(format!("`{s}` is before 1970"))
+        };
+    }
+    humantime::parse_rfc3339_weak(s)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+        .ok_or_else(|| {
+            format!("`{s}` is neither epoch milliseconds nor an RFC 3339 time (2026-11-24T10:00:00Z)")
+        })
+}
+
+/// Epoch milliseconds as RFC 3339 with milliseconds, as answers give times.
+pub fn rfc3339_ms(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
 /// Microseconds since the Unix epoch, by this process's clock.
 pub fn now_us() -> i64 {
     std::time::SystemTime::now()
@@ -286,6 +312,15 @@ pub fn now_us() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_are_epoch_milliseconds_or_rfc3339() {
+        assert_eq!(parse_time("1700000000123"), Ok(1_700_000_000_123));
+        assert_eq!(parse_time("2023-11-14T22:13:20.123Z"), Ok(1_700_000_000_123));
+        assert_eq!(rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert!(parse_time("-5").unwrap_err().contains("before 1970"));
+        assert!(parse_time("yesterday").unwrap_err().contains("RFC 3339"));
+    }
 
     #[test]
     fn profiles_parse_or_name_the_problem() {

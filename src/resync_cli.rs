@@ -10,6 +10,8 @@ use datasync::{
         self, JobState, Runner,
         resync::{self, Resync, Target},
     },
+    operations::{OperationLog, Requested, cli_caller, ids_param},
+    whitelist::Whitelist,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
@@ -62,6 +64,15 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<String> {
                 _ => anyhow::bail!("give exactly one of --all, --file FILE or user ids"),
             };
             let rate = config.resync.rate(args.rate);
+            let target_param = match &target {
+                Target::All => serde_json::json!("all"),
+                Target::UserIds(ids) => serde_json::json!({ "user_ids": ids_param(ids) }),
+                Target::File(f) => serde_json::json!({ "file": f }),
+            };
+            let requested = Requested {
+                by: cli_caller(),
+                params: serde_json::json!({ "target": target_param, "rate": rate, "force": args.force }),
+            };
             let mut body = Resync::new(target, rate, args.force);
             resync::estimate(&redis, &mut body).await?;
             Runner::start(
@@ -72,10 +83,16 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<String> {
                 body,
                 args.force,
                 retention,
+                Some(requested),
             )
             .await?
         }
     };
+    let runner = runner.logged_in(OperationLog::new(
+        redis.clone(),
+        config.operations.max_entries,
+        &instance,
+    ));
     let id = runner.job.id.clone();
     eprintln!("resync {id} (resume with: datasync resync --resume {id})");
     let bar = ProgressBar::new(runner.job.body.estimated_total.unwrap_or(0));
@@ -95,10 +112,11 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<String> {
         });
     }
     let cx = resync::Context {
-        redis,
+        redis: redis.clone(),
         stats: None,
         cancel,
         page_size: config.resync.page_size,
+        whitelist: Some(Whitelist::load(redis.clone()).await),
     };
     let done = resync::run(runner, cx, |r| {
         if r.scanned > bar.length().unwrap_or(0) {

@@ -132,6 +132,34 @@ impl Keys {
         format!("{}:{{jobs}}:{kind}:{id}:cancel", self.prefix)
     }
 
+    /// Sorted set of the applied offset ranges of one topic partition:
+    /// member = `"<start>:<end>:<first ms>:<last ms>"` (offsets inclusive,
+    /// the oldest and newest record times), score = start offset. Every
+    /// offsets key carries the `{offsets}` hash tag.
+    pub fn offsets(&self, topic: &str, partition: i32) -> String {
+        format!("{}:{{offsets}}:{topic}:{partition}", self.prefix)
+    }
+
+    /// Set of the `"<topic>:<partition>"` that have offset ranges.
+    pub fn offsets_index(&self) -> String {
+        format!("{}:{{offsets}}:partitions", self.prefix)
+    }
+
+    /// Set of the whitelisted user ids (empty = no restriction).
+    pub fn whitelist(&self) -> String {
+        format!("{}:{{whitelist}}", self.prefix)
+    }
+
+    /// Counter raised by every whitelist change; instances poll it.
+    pub fn whitelist_version(&self) -> String {
+        format!("{}:{{whitelist}}:version", self.prefix)
+    }
+
+    /// Stream of the operation log: one entry per admin action.
+    pub fn operations(&self) -> String {
+        format!("{}:operations", self.prefix)
+    }
+
     /// The profile the upstream wrote.
     pub fn profile(&self, user_id: &str) -> String {
         self.profile_template.replace("{id}", user_id)

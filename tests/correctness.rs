@@ -245,7 +245,7 @@ async fn a_rejected_immediate_change_stays_pending_and_a_redrive_applies_it() {
 
     drop_validator(&db, &ns).await;
     let out = engine
-        .dlq_redrive(RedriveTarget::Users(vec!["vip".into()]))
+        .dlq_redrive(RedriveTarget::Users(vec!["vip".into()]), "test")
         .await
         .unwrap();
     assert_eq!(out.redriven.len(), 1, "{out:?}");
@@ -296,7 +296,7 @@ async fn a_redrive_reflags_a_user_whose_flag_is_gone() {
 
     drop_validator(&db, &ns).await;
     let out = engine
-        .dlq_redrive(RedriveTarget::Users(vec!["big".into()]))
+        .dlq_redrive(RedriveTarget::Users(vec!["big".into()]), "test")
         .await
         .unwrap();
     assert_eq!(out.redriven.len(), 1, "{out:?}");

@@ -234,11 +234,11 @@ async fn a_resync_of_all_profiles_fills_an_empty_collection() {
             .unwrap();
     }
     assert_eq!(pending_flags(&r).await, 0);
-    let job = engine.start_resync(Target::All, None, false).await.unwrap();
+    let job = engine.start_resync(Target::All, None, false, "test").await.unwrap();
     assert_eq!(job.state, JobState::Running);
     // One job at a time.
     let busy = engine
-        .start_resync(Target::All, None, false)
+        .start_resync(Target::All, None, false, "test")
         .await
         .unwrap_err();
     assert!(busy.to_string().contains(&job.id), "{busy}");
@@ -383,7 +383,7 @@ fn findings(check: &Value) -> [u64; 5] {
 async fn run_check(engine: &datasync::Engine, body: Value) -> Value {
     let repair_orphans = body["repair_orphans"].as_bool();
     let job = engine
-        .start_consistency_check(false, None, repair_orphans)
+        .start_consistency_check(false, None, repair_orphans, "test")
         .await
         .unwrap();
     wait_until("the check done", LONG, || async {

@@ -1,11 +1,14 @@
-//! Kafka: the idempotent producer, the applier's consumer and topic creation.
+//! Kafka: the idempotent producer, the applier's consumer, topic creation,
+//! and what a replay needs (its own assign-only consumer, partitions,
+//! watermarks and time lookups, removing its group).
 
 use crate::config::KafkaConfig;
 use rdkafka::{
     ClientConfig,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    Offset, TopicPartitionList,
     client::DefaultClientContext,
-    consumer::StreamConsumer,
+    consumer::{Consumer, ConsumerContext, StreamConsumer},
     error::KafkaError,
     producer::FutureProducer,
     types::RDKafkaErrorCode,
@@ -35,12 +38,14 @@ pub fn producer(c: &KafkaConfig, client_id: &str) -> Result<FutureProducer, Kafk
         .create()
 }
 
-/// The applier's consumer: manual commits only, from the earliest offset.
-pub fn consumer(
+/// The applier's consumer: manual commits only, from the earliest offset;
+/// `context` sees its rebalances.
+pub fn consumer<C: ConsumerContext + 'static>(
     c: &KafkaConfig,
     group: &str,
     client_id: &str,
-) -> Result<StreamConsumer, KafkaError> {
+    context: C,
+) -> Result<StreamConsumer<C>, KafkaError> {
     base(c)
         .set("client.id", client_id)
         .set("group.id", group)
@@ -56,8 +61,124 @@ pub fn consumer(
             (c.session_timeout.as_millis() / 3).max(100).to_string(),
         )
         .set("enable.partition.eof", "false")
+        .create_with_context(context)
+}
+
+/// A replay's consumer: partitions are assigned with explicit offsets, it
+/// never commits and never joins `group` (librdkafka needs a group id to
+/// assign), and it reports the end of each partition.
+pub fn replay_consumer(
+    c: &KafkaConfig,
+    group: &str,
+    client_id: &str,
+) -> Result<StreamConsumer, KafkaError> {
+    base(c)
+        .set("client.id", client_id)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "true")
         .create()
 }
+
+/// Where a partition's window starts and ends, as the broker sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionBounds {
+    pub partition: i32,
+    /// The low and high watermarks: the first offset held and the next one
+    /// to be written.
+    pub low: i64,
+    pub high: i64,
+    /// The first offset whose record time is at least the time asked for:
+    /// `Some(Ok(high))` when none is; `Some(Err)` when the broker could not
+    /// say.
+    pub at_time: Option<Result<i64, String>>,
+}
+
+/// The partitions of `topic` (only `only` when given) with their
+/// watermarks, and the offset at `time` (Unix ms) when given. Blocking
+/// calls, run on the blocking pool.
+pub async fn partition_bounds(
+    c: &KafkaConfig,
+    topic: &str,
+    only: Option<i32>,
+    time: Option<i64>,
+) -> Result<Vec<PartitionBounds>, String> {
+    let (c, topic) = (c.clone(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let consumer: rdkafka::consumer::BaseConsumer = base(&c)
+            .set("group.id", "datasync-replay-lookup")
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|e| e.to_string())?;
+        let md = consumer
+            .fetch_metadata(Some(&topic), LOOKUP_TIMEOUT)
+            .map_err(|e| format!("cannot read the metadata of `{topic}`: {e}"))?;
+        let t = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+            .ok_or_else(|| format!("topic `{topic}` does not exist"))?;
+        let mut parts: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+        parts.sort();
+        if let Some(p) = only {
+            if !parts.contains(&p) {
+                return Err(format!(
+                    "partition {p}: topic `{topic}` has partitions 0..{}",
+                    parts.len()
+                ));
+            }
+            parts = vec![p];
+        }
+        let mut out = Vec::with_capacity(parts.len());
+        for p in parts {
+            let (low, high) = consumer
+                .fetch_watermarks(&topic, p, LOOKUP_TIMEOUT)
+                .map_err(|e| format!("cannot read the watermarks of `{topic}` partition {p}: {e}"))?;
+            let at_time = time.map(|ms| {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&topic, p, Offset::Offset(ms))
+                    .map_err(|e| e.to_string())?;
+                let found = consumer
+                    .offsets_for_times(tpl, LOOKUP_TIMEOUT)
+                    .map_err(|e| e.to_string())?;
+                let offset = found.elements().first().map(|e| e.offset());
+                match offset {
+                    Some(Offset::Offset(o)) => Ok(o.clamp(low, high)),
+                    Some(Offset::End) => Ok(high),
+                    other => Err(format!("no offset for the time ({other:?})")),
+                }
+            });
+            out.push(PartitionBounds {
+                partition: p,
+                low,
+                high,
+                at_time,
+            });
+        }
+        Ok(out)
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()))
+}
+
+/// Removes a consumer group; one that does not exist is fine.
+pub async fn delete_group(c: &KafkaConfig, group: &str) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = base(c).create()?;
+    let opts = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT));
+    for r in admin.delete_groups(&[group], &opts).await? {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::GroupIdNotFound)) => {}
+            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
+        }
+    }
+    Ok(())
+}
+
+/// How long one metadata, watermark or time lookup may take.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Creates the sync and dead-letter topics; ones that exist are fine.
 pub async fn ensure_topics(c: &KafkaConfig) -> Result<(), KafkaError> {

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use std::{fmt, path::Path, time::Duration};
 
 mod healing;
+mod operations;
 pub use healing::{ConsistencyConfig, MissingProfile, ResyncConfig};
+pub use operations::{OperationsConfig, ReplayConfig, WhitelistConfig};
 
 /// The embedded defaults.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
@@ -101,6 +103,9 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub resync: ResyncConfig,
     pub consistency: ConsistencyConfig,
+    pub replay: ReplayConfig,
+    pub whitelist: WhitelistConfig,
+    pub operations: OperationsConfig,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -506,6 +511,9 @@ impl Config {
         self.retry.validate(&mut p);
         self.resync.validate(&mut p);
         self.consistency.validate(&mut p);
+        self.replay.validate(&mut p);
+        self.whitelist.validate(&mut p);
+        self.operations.validate(&mut p);
         p
     }
 

@@ -10,8 +10,10 @@ use crate::{
         resync::{self, Resync, Target},
     },
     model::validate_user_ids,
+    operations::{Requested, ids_param},
 };
 use serde::Serialize;
+use serde_json::json;
 use std::{collections::BTreeMap, time::Duration};
 
 /// `GET /v1/consistency/report`: the checks of a time window.
@@ -37,6 +39,7 @@ impl Engine {
         target: Target,
         rate: Option<u64>,
         force: bool,
+        by: &str,
     ) -> Result<Job<Resync>, EngineError> {
         if let Target::UserIds(ids) = &target {
             validate_user_ids(ids.iter().map(String::as_str)).map_err(EngineError::Invalid)?;
@@ -44,7 +47,19 @@ impl Engine {
         if rate == Some(0) {
             return Err(EngineError::Invalid("rate: must be at least 1".into()));
         }
-        self.inner.jobs.start_resync(target, rate, force).await
+        let target_param = match &target {
+            Target::All => json!("all"),
+            Target::UserIds(ids) => json!({ "user_ids": ids_param(ids) }),
+            Target::File(f) => json!({ "file": f }),
+        };
+        let requested = Requested {
+            by: by.to_string(),
+            params: json!({ "target": target_param, "rate": rate, "force": force }),
+        };
+        self.inner
+            .jobs
+            .start_resync(target, rate, force, requested)
+            .await
     }
 
     /// A resync job's record: state and progress.
@@ -53,9 +68,8 @@ impl Engine {
     }
 
     /// Asks a resync job to stop at its next page; answers its record.
-    pub async fn cancel_resync(&self, id: &str) -> Result<Job<Resync>, EngineError> {
-        let retention = self.config().consistency.report_retention;
-        jobs::cancel(self.redis(), resync::KIND, id, retention).await
+    pub async fn cancel_resync(&self, id: &str, by: &str) -> Result<Job<Resync>, EngineError> {
+        self.cancel_job(resync::KIND, id, by).await
     }
 
     /// Starts a consistency check of the shards this instance owns (one at
@@ -66,11 +80,23 @@ impl Engine {
         force: bool,
         repair: Option<bool>,
         repair_orphans: Option<bool>,
+        by: &str,
     ) -> Result<Job<Check>, EngineError> {
         let mut check = Check::new("api", &self.config().consistency);
         check.repair = repair.unwrap_or(check.repair);
         check.repair_orphans = repair_orphans.unwrap_or(check.repair_orphans);
-        self.inner.jobs.start_check(check, force).await
+        let requested = Requested {
+            by: by.to_string(),
+            params: json!({
+                "force": force,
+                "repair": check.repair,
+                "repair_orphans": check.repair_orphans,
+            }),
+        };
+        self.inner
+            .jobs
+            .start_check(check, force, Some(requested))
+            .await
     }
 
     /// A consistency check's record.

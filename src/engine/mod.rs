@@ -27,10 +27,13 @@ use crate::{
     jobs::keeper::Jobs,
     lease::{LeaseKeeper, Ownership, ShardInfo, ShardsReport, parse_lease},
     model::{Section, validate_user_ids},
+    offsets::{ApplierContext, RangeRecorder},
+    operations::OperationLog,
     profiles::{ComposedProfile, ProfileCacheStats, ProfileReader},
     strategy::{ImmediateSync, Receipt, SyncContext, SyncStrategy},
     tasks::{Supervision, supervise},
     telemetry::{Stats, StatsSnapshot},
+    whitelist::Whitelist,
 };
 use actix::{Arbiter, Supervisor};
 use std::convert::Infallible;
@@ -48,7 +51,9 @@ pub use crate::{
 };
 
 mod healing;
+mod operations;
 mod wiring;
+pub use operations::{OffsetsAnswer, OffsetsQuery, WhitelistChanged, WhitelistView};
 use wiring::start_actors;
 
 /// See [`Engine::readiness`].
@@ -87,6 +92,9 @@ struct Inner {
     publisher: actix::Addr<KafkaPublisher>,
     hold: Arc<RwLock<()>>,
     applier_done: Mutex<Vec<oneshot::Receiver<()>>>,
+    ranges: Arc<RangeRecorder>,
+    whitelist: Arc<Whitelist>,
+    oplog: OperationLog,
     system: actix::System,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -164,6 +172,9 @@ impl Engine {
                 publisher: started.publisher,
                 hold,
                 applier_done: Mutex::new(started.applier_done),
+                ranges: started.ranges,
+                whitelist: started.whitelist,
+                oplog: started.oplog,
                 system: started.system,
                 thread: Mutex::new(Some(thread)),
             }),
@@ -360,12 +371,28 @@ impl Engine {
         Ok(dlq::list(&self.inner.redis, limit).await?)
     }
 
-    /// Re-flags the users of open dead letters and closes their entries.
-    pub async fn dlq_redrive(&self, target: RedriveTarget) -> Result<Redriven, EngineError> {
+    /// Re-flags the users of open dead letters and closes their entries;
+    /// logged in the operation log as asked for by `by`.
+    pub async fn dlq_redrive(
+        &self,
+        target: RedriveTarget,
+        by: &str,
+    ) -> Result<Redriven, EngineError> {
         if let RedriveTarget::Users(ids) = &target {
             validate_user_ids(ids.iter().map(String::as_str)).map_err(EngineError::Invalid)?;
         }
-        let r = dlq::redrive(&self.inner.redis, target).await?;
+        let params = match &target {
+            RedriveTarget::Users(ids) => {
+                serde_json::json!({ "user_ids": crate::operations::ids_param(ids) })
+            }
+            other => serde_json::json!({ "target": format!("{other:?}").to_lowercase() }),
+        };
+        let action = crate::operations::Action::begin("dlq_redrive", by, params);
+        let r = dlq::redrive(&self.inner.redis, target)
+            .await
+            .map_err(EngineError::from);
+        action.end(&self.inner.oplog, &r).await;
+        let r = r?;
         self.inner.stats.flags_marked(r.redriven.len() as u64);
         Ok(r)
     }
@@ -419,6 +446,11 @@ impl Engine {
             let done = std::mem::take(&mut *inner.applier_done.lock().expect("not poisoned"));
             let appliers_by = started + timeout.mul_f64(0.9);
             let _ = tokio::time::timeout_at(appliers_by, futures::future::join_all(done)).await;
+            // The offset ranges of the last windows.
+            match inner.ranges.flush(&inner.redis).await {
+                Ok(n) => inner.stats.offset_ranges_flushed(n as u64),
+                Err(e) => tracing::warn!(error = %e, "cannot write the last offset ranges"),
+            }
             // Hand the leases back so other instances take over at once.
             let leases = inner.leases_done.lock().expect("not poisoned").take();
             if let Some(leases) = leases {

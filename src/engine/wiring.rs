@@ -22,6 +22,9 @@ pub(super) struct Started {
     pub(super) scanner: actix::Addr<ShardScanner>,
     pub(super) publisher: actix::Addr<KafkaPublisher>,
     pub(super) applier_done: Vec<oneshot::Receiver<()>>,
+    pub(super) ranges: Arc<RangeRecorder>,
+    pub(super) whitelist: Arc<Whitelist>,
+    pub(super) oplog: OperationLog,
     pub(super) system: actix::System,
 }
 
@@ -62,6 +65,14 @@ pub(super) async fn start_actors(
         stats: shared.stats.clone(),
         cancel: shared.cancel.clone(),
     };
+    let ranges = Arc::new(RangeRecorder::default());
+    let whitelist = Whitelist::load(redis.clone()).await;
+    let oplog = OperationLog::new(
+        redis.clone(),
+        config.operations.max_entries,
+        &shared.instance_id,
+    );
+    start_operations_tasks(&config, &shared, &supervision, &redis, &ranges, &whitelist);
     let ownership = Arc::new(Ownership::new(&config));
     let members = Arc::new(Mutex::new(Vec::new()));
     let leases_done = start_lease_keeper(&config, &shared, &ownership, &members, &supervision)?;
@@ -193,7 +204,7 @@ pub(super) async fn start_actors(
             // never skipped.
             let make = {
                 let (kafka, group, topic) = (config.kafka.clone(), group.clone(), topic.clone());
-                let (dlq, cache, profiles, redis, shared, gate, ready) = (
+                let (dlq, cache, profiles, redis, shared, gate, ready, ranges) = (
                     dlq.clone(),
                     cache.clone(),
                     profiles.clone(),
@@ -201,9 +212,11 @@ pub(super) async fn start_actors(
                     shared.clone(),
                     gate.clone(),
                     ready.clone(),
+                    ranges.clone(),
                 );
                 move || {
                     let (kafka, group, topic) = (kafka.clone(), group.clone(), topic.clone());
+                    let ranges = ranges.clone();
                     let (applier, dlq, cache, profiles, redis, config, shared, gate, ready) = (
                         applier.clone(),
                         dlq.clone(),
@@ -221,8 +234,16 @@ pub(super) async fn start_actors(
                         {
                             return;
                         }
-                        let consumer = match kafka::consumer(&kafka, &group, &shared.instance_id)
-                            .and_then(|c| {
+                        let context = ApplierContext {
+                            recorder: ranges.clone(),
+                        };
+                        let consumer = match kafka::consumer(
+                            &kafka,
+                            &group,
+                            &shared.instance_id,
+                            context,
+                        )
+                        .and_then(|c| {
                                 rdkafka::consumer::Consumer::subscribe(&c, &[topic.as_str()])
                                     .map(|()| c)
                             }) {
@@ -234,6 +255,7 @@ pub(super) async fn start_actors(
                         };
                         ConsumerLoop {
                             consumer,
+                            ranges,
                             applier,
                             dlq,
                             cache,
@@ -272,6 +294,9 @@ pub(super) async fn start_actors(
         instance_id: shared.instance_id.clone(),
         arbiter: Arbiter::current(),
         running: Default::default(),
+        whitelist: whitelist.clone(),
+        profiles: profiles.clone(),
+        oplog: oplog.clone(),
     };
     {
         let jobs = jobs.clone();
@@ -315,8 +340,52 @@ pub(super) async fn start_actors(
         scanner,
         publisher,
         applier_done,
+        ranges,
+        whitelist,
+        oplog,
         system: actix::System::current(),
     })
+}
+
+/// The offset-range flusher and cleanup, and the whitelist's refresher.
+fn start_operations_tasks(
+    config: &Config,
+    shared: &Shared,
+    supervision: &Supervision,
+    redis: &RedisStore,
+    ranges: &Arc<RangeRecorder>,
+    whitelist: &Arc<Whitelist>,
+) {
+    let (redis, stats, cancel) = (redis.clone(), shared.stats.clone(), shared.cancel.clone());
+    {
+        let (ranges, redis, stats, cancel) = (ranges.clone(), redis.clone(), stats.clone(), cancel.clone());
+        let every = config.replay.flush_interval;
+        actix::spawn(supervise("offset range flusher", supervision.clone(), move || {
+            Ok::<_, Infallible>(crate::offsets::run_flusher(
+                ranges.clone(),
+                redis.clone(),
+                stats.clone(),
+                every,
+                cancel.clone(),
+            ))
+        }));
+    }
+    if !config.replay.cleanup_interval.is_zero() {
+        let (redis, stats, cancel) = (redis.clone(), stats.clone(), cancel.clone());
+        let replay = config.replay.clone();
+        actix::spawn(supervise("offset range cleanup", supervision.clone(), move || {
+            Ok::<_, Infallible>(crate::offsets::run_cleanup(
+                redis.clone(),
+                stats.clone(),
+                replay.clone(),
+                cancel.clone(),
+            ))
+        }));
+    }
+    let (whitelist, every) = (whitelist.clone(), config.whitelist.refresh_interval);
+    actix::spawn(supervise("whitelist refresher", supervision.clone(), move || {
+        Ok::<_, Infallible>(whitelist.clone().run(every, cancel.clone()))
+    }));
 }
 
 /// Starts the lease keeper on a thread of its own, with its own runtime and

@@ -49,7 +49,7 @@ pub(super) async fn dlq_redrive(
     req: HttpRequest,
     body: Json<RedriveRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    require_admin(&engine, &req)?;
+    let by = require_admin(&engine, &req)?;
     let target = match body.into_inner() {
         RedriveRequest {
             user_ids: Some(ids),
@@ -68,7 +68,7 @@ pub(super) async fn dlq_redrive(
             ));
         }
     };
-    let r = engine.dlq_redrive(target).await?;
+    let r = engine.dlq_redrive(target, by).await?;
     Ok(HttpResponse::Ok().json(json!({
         "redriven": r.redriven.len(),
         "versions": r.redriven.iter().map(|(u, v)| json!({"user_id": u, "version": v})).collect::<Vec<_>>(),

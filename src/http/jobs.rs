@@ -26,14 +26,14 @@ pub struct ResyncRequest {
     force: bool,
 }
 
-/// A rate given as JSON: a whole number of users per second, at least 1.
-fn parse_rate(v: Option<Value>) -> Result<Option<u64>, ApiError> {
+/// A rate given as JSON: a whole number of `unit` per second, at least 1.
+pub(super) fn parse_rate(v: Option<Value>, unit: &str) -> Result<Option<u64>, ApiError> {
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_u64() {
             Some(r) if r >= 1 => Ok(Some(r)),
             _ => Err(ApiError::bad_request(format!(
-                "rate: must be a whole number of users per second, at least 1 (got {v})"
+                "rate: must be a whole number of {unit} per second, at least 1 (got {v})"
             ))),
         },
     }
@@ -44,7 +44,7 @@ pub(super) async fn start_resync(
     req: HttpRequest,
     body: Json<ResyncRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    require_admin(&engine, &req)?;
+    let by = require_admin(&engine, &req)?;
     let ResyncRequest {
         all,
         user_ids,
@@ -68,8 +68,8 @@ pub(super) async fn start_resync(
             ));
         }
     };
-    let rate = parse_rate(rate)?;
-    let job = engine.start_resync(target, rate, force).await?;
+    let rate = parse_rate(rate, "users")?;
+    let job = engine.start_resync(target, rate, force, by).await?;
     Ok(HttpResponse::Accepted().json(job))
 }
 
@@ -87,12 +87,17 @@ pub(super) async fn cancel_resync(
     req: HttpRequest,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    require_admin(&engine, &req)?;
-    let job = engine.cancel_resync(&id).await?;
+    let by = require_admin(&engine, &req)?;
+    let job = engine.cancel_resync(&id, by).await?;
+    Ok(cancelled(job))
+}
+
+/// A cancelled job's record, with whether the cancel reached it running.
+pub(super) fn cancelled<B: serde::Serialize>(job: crate::jobs::Job<B>) -> HttpResponse {
     let requested = !job.state.finished();
     let mut v = serde_json::to_value(job).expect("jobs serialize");
     v["cancel_requested"] = json!(requested);
-    Ok(HttpResponse::Ok().json(v))
+    HttpResponse::Ok().json(v)
 }
 
 /// `POST /v1/consistency/check` body (optional): `force`, and `repair` /
@@ -113,7 +118,7 @@ pub(super) async fn start_check(
     req: HttpRequest,
     body: Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    require_admin(&engine, &req)?;
+    let by = require_admin(&engine, &req)?;
     let request: CheckRequest = if body.iter().all(u8::is_ascii_whitespace) {
         CheckRequest::default()
     } else {
@@ -121,7 +126,12 @@ pub(super) async fn start_check(
             .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))?
     };
     let job = engine
-        .start_consistency_check(request.force, request.repair, request.repair_orphans)
+        .start_consistency_check(
+            request.force,
+            request.repair,
+            request.repair_orphans,
+            by,
+        )
         .await?;
     Ok(HttpResponse::Accepted().json(job))
 }

@@ -3,6 +3,7 @@
 
 mod dlq;
 mod jobs;
+mod ops;
 mod sync;
 
 use crate::engine::{Engine, EngineError};
@@ -106,8 +107,15 @@ async fn ready(engine: Data<Engine>) -> HttpResponse {
     }
 }
 
-/// Checks `Authorization: Bearer <http.admin_token>`.
-pub(crate) fn require_admin(engine: &Engine, req: &HttpRequest) -> Result<(), ApiError> {
+/// The name the admin token goes by in logs and the operation log.
+pub(crate) const ADMIN_TOKEN_NAME: &str = "admin";
+
+/// Checks `Authorization: Bearer <http.admin_token>`; answers the token's
+/// name (never the secret), for the operation log.
+pub(crate) fn require_admin(
+    engine: &Engine,
+    req: &HttpRequest,
+) -> Result<&'static str, ApiError> {
     let token = engine.config().http.admin_token.expose();
     if token.is_empty() {
         return Err(ApiError {
@@ -129,7 +137,7 @@ pub(crate) fn require_admin(engine: &Engine, req: &HttpRequest) -> Result<(), Ap
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0;
     if same {
-        Ok(())
+        Ok(ADMIN_TOKEN_NAME)
     } else {
         Err(ApiError {
             status: StatusCode::UNAUTHORIZED,
@@ -200,6 +208,14 @@ pub fn configure(engine: Engine) -> impl FnOnce(&mut web::ServiceConfig) {
                 web::get().to(jobs::check_status),
             )
             .route("/v1/consistency/report", web::get().to(jobs::report))
+            .route("/v1/replay", web::post().to(ops::start_replay))
+            .route("/v1/replay/{id}", web::get().to(ops::replay_status))
+            .route("/v1/replay/{id}", web::delete().to(ops::cancel_replay))
+            .route("/v1/offsets", web::get().to(ops::offsets))
+            .route("/v1/whitelist", web::get().to(ops::whitelist))
+            .route("/v1/whitelist/add", web::post().to(ops::whitelist_add))
+            .route("/v1/whitelist/remove", web::post().to(ops::whitelist_remove))
+            .route("/v1/operations", web::get().to(ops::operations))
             .route("/health/live", web::get().to(live))
             .route("/health/ready", web::get().to(ready))
             .route("/metrics", web::get().to(metrics))

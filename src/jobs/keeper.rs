@@ -8,6 +8,7 @@
 use super::{
     Job, JobState, Runner,
     consistency::{self, Check},
+    replay::{self, Replay, ReplayRequest},
     resync::{self, Resync, Target},
 };
 use crate::{
@@ -15,7 +16,10 @@ use crate::{
     config::Config,
     error::EngineError,
     lease::Ownership,
+    operations::{OperationLog, Requested},
+    profiles::ProfileReader,
     telemetry::Stats,
+    whitelist::Whitelist,
 };
 use actix::ArbiterHandle;
 use std::{
@@ -44,6 +48,9 @@ pub struct Jobs {
     pub arbiter: ArbiterHandle,
     /// Ids of the jobs this process runs.
     pub running: Arc<Mutex<HashSet<String>>>,
+    pub whitelist: Arc<Whitelist>,
+    pub profiles: Arc<ProfileReader>,
+    pub oplog: OperationLog,
 }
 
 impl Jobs {
@@ -58,6 +65,7 @@ impl Jobs {
         kind: &'static str,
         body: B,
         force: bool,
+        requested: Option<Requested>,
     ) -> Result<Runner<B>, EngineError> {
         let id = super::new_id(kind);
         self.running
@@ -72,8 +80,10 @@ impl Jobs {
             body,
             force,
             self.retention(),
+            requested,
         )
-        .await;
+        .await
+        .map(|r| r.logged_in(self.oplog.clone()));
         if started.is_err() {
             self.running.lock().expect("not poisoned").remove(&id);
         }
@@ -86,13 +96,16 @@ impl Jobs {
         target: Target,
         rate: Option<u64>,
         force: bool,
+        requested: Requested,
     ) -> Result<Job<Resync>, EngineError> {
         let rate = self.config.resync.rate(rate);
         let mut body = Resync::new(target, rate, force);
         resync::estimate(&self.redis, &mut body)
             .await
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
-        let runner = self.start_job(resync::KIND, body, force).await?;
+        let runner = self
+            .start_job(resync::KIND, body, force, Some(requested))
+            .await?;
         let job = runner.job.clone();
         self.spawn_resync(runner);
         Ok(job)
@@ -104,6 +117,7 @@ impl Jobs {
             stats: Some(self.stats.clone()),
             cancel: self.cancel.clone(),
             page_size: self.config.resync.page_size,
+            whitelist: Some(self.whitelist.clone()),
         };
         let running = self.running.clone();
         let id = runner.job.id.clone();
@@ -114,10 +128,70 @@ impl Jobs {
         });
     }
 
+    /// Plans and starts a replay; answers its first record.
+    pub async fn start_replay(
+        &self,
+        request: &ReplayRequest,
+        force: bool,
+        requested: Requested,
+    ) -> Result<Job<Replay>, EngineError> {
+        let mut request = request.clone();
+        request.rate = self.config.replay.rate(request.rate);
+        let body = replay::plan(
+            &self.config.kafka,
+            &self.redis,
+            self.mongo.collection_name(),
+            &request,
+        )
+        .await
+        .map_err(EngineError::Invalid)?;
+        let runner = self
+            .start_job(replay::KIND, body, force, Some(requested))
+            .await?;
+        let job = runner.job.clone();
+        self.spawn_replay(runner);
+        Ok(job)
+    }
+
+    /// What a replay run needs (the CLI builds its own).
+    pub fn replay_context(&self, body: &Replay) -> replay::Context {
+        replay::Context {
+            redis: self.redis.clone(),
+            mongo: self.mongo.clone(),
+            kafka: self.config.kafka.clone(),
+            group: format!("{}-replay", self.config.kafka.consumer_group),
+            instance_id: self.instance_id.clone(),
+            filter: replay::filter_of(body, Some(self.whitelist.clone())),
+            profiles: Some(self.profiles.clone()),
+            stats: Some(self.stats.clone()),
+            retry: self.config.retry.clone(),
+            cancel: self.cancel.clone(),
+            window_events: self.config.replay.window_events,
+        }
+    }
+
+    fn spawn_replay(&self, runner: Runner<Replay>) {
+        let cx = self.replay_context(&runner.job.body);
+        let running = self.running.clone();
+        let id = runner.job.id.clone();
+        running.lock().expect("not poisoned").insert(id.clone());
+        self.arbiter.spawn(async move {
+            replay::run(runner, cx, |_| {}).await;
+            running.lock().expect("not poisoned").remove(&id);
+        });
+    }
+
     /// Starts a consistency check of the shards this instance owns; answers
-    /// its first record.
-    pub async fn start_check(&self, check: Check, force: bool) -> Result<Job<Check>, EngineError> {
-        let runner = self.start_job(consistency::KIND, check, force).await?;
+    /// its first record. `requested` when an operator asked for it.
+    pub async fn start_check(
+        &self,
+        check: Check,
+        force: bool,
+        requested: Option<Requested>,
+    ) -> Result<Job<Check>, EngineError> {
+        let runner = self
+            .start_job(consistency::KIND, check, force, requested)
+            .await?;
         let job = runner.job.clone();
         let cx = self.check_context();
         let running = self.running.clone();
@@ -165,7 +239,9 @@ impl Jobs {
 
     async fn run_scheduled_check(&self) -> Result<(), EngineError> {
         let check = Check::new("schedule", &self.config.consistency);
-        let runner = self.start_job(consistency::KIND, check, false).await?;
+        let runner = self
+            .start_job(consistency::KIND, check, false, None)
+            .await?;
         let id = runner.job.id.clone();
         consistency::run(runner, self.check_context()).await;
         self.running.lock().expect("not poisoned").remove(&id);
@@ -185,7 +261,20 @@ impl Jobs {
             )
             .await?
             {
-                self.spawn_resync(runner);
+                self.spawn_resync(runner.logged_in(self.oplog.clone()));
+            }
+        }
+        for job in super::orphans::<Replay>(&self.redis, replay::KIND, me, mine).await? {
+            if let Some(runner) = Runner::take_over(
+                self.redis.clone(),
+                replay::KIND,
+                &self.instance_id,
+                job,
+                retention,
+            )
+            .await?
+            {
+                self.spawn_replay(runner.logged_in(self.oplog.clone()));
             }
         }
         for job in super::orphans::<Check>(&self.redis, consistency::KIND, me, mine).await? {
@@ -199,6 +288,7 @@ impl Jobs {
             .await?
             {
                 runner
+                    .logged_in(self.oplog.clone())
                     .finish(
                         JobState::Failed,
                         Some(

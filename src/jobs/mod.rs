@@ -1,6 +1,6 @@
-//! Background jobs that heal: a full resync ([`resync`]) and the
-//! consistency check ([`consistency`]); and the tombstone purge
-//! ([`purge`]).
+//! Background jobs that heal: a full resync ([`resync`]), a replay of a
+//! sync topic's window ([`replay`]) and the consistency check
+//! ([`consistency`]); and the tombstone purge ([`purge`]).
 //!
 //! A job is a record in Redis (`<prefix>:{jobs}:<kind>:<id>`, JSON) that
 //! its runner checkpoints as it goes. Long jobs answer `202 {"id"}` and are
@@ -17,11 +17,13 @@
 pub mod consistency;
 pub mod keeper;
 pub mod purge;
+pub mod replay;
 pub mod resync;
 
 use crate::{
     clients::redis::{Checkpoint, RedisError, RedisStore},
     error::EngineError,
+    operations::{Operation, OperationLog, Requested},
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::time::{Duration, SystemTime};
@@ -62,6 +64,10 @@ pub struct Job<B> {
     pub finished_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Who asked for it and with what: an admin action, logged in the
+    /// operation log when the job ends. `None` for scheduled jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested: Option<Requested>,
     #[serde(flatten)]
     pub body: B,
 }
@@ -89,6 +95,8 @@ pub struct Runner<B> {
     redis: RedisStore,
     kind: &'static str,
     retention: Duration,
+    /// Where the job is logged when it ends, if it was asked for.
+    log: Option<OperationLog>,
     pub job: Job<B>,
 }
 
@@ -104,6 +112,7 @@ impl<B: Serialize + DeserializeOwned> Runner<B> {
         body: B,
         force: bool,
         retention: Duration,
+        requested: Option<Requested>,
     ) -> Result<Self, EngineError> {
         let now = rfc3339(SystemTime::now());
         let job = Job {
@@ -115,6 +124,7 @@ impl<B: Serialize + DeserializeOwned> Runner<B> {
             updated_at: now,
             finished_at: None,
             error: None,
+            requested,
             body,
         };
         let json = serde_json::to_string(&job).expect("jobs serialize");
@@ -127,6 +137,7 @@ impl<B: Serialize + DeserializeOwned> Runner<B> {
                     redis,
                     kind,
                     retention,
+                    log: None,
                     job,
                 });
             };
@@ -170,8 +181,15 @@ impl<B: Serialize + DeserializeOwned> Runner<B> {
             redis,
             kind,
             retention,
+            log: None,
             job,
         }))
+    }
+
+    /// Logs the job in `log` when it ends, if it was asked for.
+    pub fn logged_in(mut self, log: OperationLog) -> Self {
+        self.log = Some(log);
+        self
     }
 
     /// Saves the record (a checkpoint) and renews the lease.
@@ -211,6 +229,26 @@ impl<B: Serialize + DeserializeOwned> Runner<B> {
                 self.retention,
             )
             .await?;
+        if let (Some(log), Some(requested)) = (&self.log, &self.job.requested) {
+            let mut result = serde_json::json!({ "status": state });
+            if let Some(e) = &self.job.error {
+                result["error"] = e.clone().into();
+            }
+            if let Ok(serde_json::Value::Object(body)) = serde_json::to_value(&self.job.body) {
+                result.as_object_mut().expect("an object").extend(body);
+            }
+            log.write(Operation {
+                id: self.job.id.clone(),
+                kind: self.kind.to_string(),
+                params: requested.params.clone(),
+                token: requested.by.clone(),
+                instance_id: self.job.instance_id.clone(),
+                started_at: self.job.created_at.clone(),
+                ended_at: self.job.updated_at.clone(),
+                result,
+            })
+            .await;
+        }
         Ok(self.job)
     }
 }

@@ -47,6 +47,13 @@ pub struct Resync {
     pub scanned: u64,
     /// Users flagged so far.
     pub flagged: u64,
+    /// Whether the whitelist narrows the walk (`all` and `file`; a list of
+    /// user ids is taken as given).
+    #[serde(default)]
+    pub whitelist: bool,
+    /// Users the whitelist left out.
+    #[serde(default)]
+    pub filtered: u64,
     /// Where to go on: `"<node>:<SCAN cursor>"` for `all`, the next list
     /// index otherwise.
     pub cursor: String,
@@ -69,11 +76,13 @@ impl Resync {
             _ => "0".into(),
         };
         Self {
+            whitelist: !matches!(target, Target::UserIds(_)),
             target,
             rate,
             force,
             scanned: 0,
             flagged: 0,
+            filtered: 0,
             cursor,
             estimated_total: None,
             rate_per_s: 0.0,
@@ -185,6 +194,8 @@ pub struct Context {
     pub stats: Option<Arc<Stats>>,
     pub cancel: CancellationToken,
     pub page_size: usize,
+    /// The whitelist, for jobs it narrows.
+    pub whitelist: Option<Arc<crate::whitelist::Whitelist>>,
 }
 
 /// Runs (or resumes) a resync until it is done, cancelled, taken over, or
@@ -207,7 +218,7 @@ pub async fn run(
         if cx.cancel.is_cancelled() {
             return None;
         }
-        let (users, next) = match next_page(&cx.redis, &runner.job.body, page).await {
+        let (mut users, next) = match next_page(&cx.redis, &runner.job.body, page).await {
             Ok(p) => p,
             Err(e @ ResyncError::Redis(_)) => {
                 tracing::warn!(id = %runner.job.id, error = %e, "resync page failed; retrying");
@@ -219,7 +230,14 @@ pub async fn run(
             Err(e) => return finish(runner, JobState::Failed, Some(e.to_string())).await,
         };
         let r = &mut runner.job.body;
-        r.scanned += users.len() as u64;
+        let seen = users.len() as u64;
+        r.scanned += seen;
+        if r.whitelist
+            && let Some(w) = &cx.whitelist
+        {
+            users.retain(|u| w.allows(u));
+            r.filtered += seen - users.len() as u64;
+        }
         if !users.is_empty() {
             match cx.redis.mark(&users).await {
                 Ok(marked) => {
@@ -231,7 +249,8 @@ pub async fn run(
                 }
                 Err(e) => {
                     // The page is read again from the same cursor.
-                    r.scanned -= users.len() as u64;
+                    r.scanned -= seen;
+                    r.filtered -= seen - users.len() as u64;
                     tracing::warn!(id = %runner.job.id, error = %e, "resync cannot flag a page; retrying");
                     if !pause(&cx.cancel, std::time::Duration::from_secs(1)).await {
                         return None;

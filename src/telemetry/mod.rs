@@ -58,6 +58,10 @@ pub mod names {
     pub const USERS_DELETED: &str = "datasync_users_deleted_total";
     pub const TOMBSTONES_PURGED: &str = "datasync_tombstones_purged_total";
     pub const RESYNC_FLAGGED: &str = "datasync_resync_flagged_total";
+    pub const OFFSET_RANGES_FLUSHED: &str = "datasync_offset_ranges_flushed_total";
+    pub const OFFSET_RANGES_DELETED: &str = "datasync_offset_ranges_deleted_total";
+    /// Label `outcome`: applied, stale, filtered, error.
+    pub const REPLAY_EVENTS: &str = "datasync_replay_events_total";
     /// Label `kind`: missing, different, orphan, stuck_flag, static_pending.
     pub const CONSISTENCY_FINDINGS: &str = "datasync_consistency_findings_total";
     pub const CONSISTENCY_REPAIRED: &str = "datasync_consistency_repaired_total";
@@ -126,6 +130,8 @@ fn register_zeroes() {
         names::USERS_DELETED,
         names::TOMBSTONES_PURGED,
         names::RESYNC_FLAGGED,
+        names::OFFSET_RANGES_FLUSHED,
+        names::OFFSET_RANGES_DELETED,
         names::CONSISTENCY_REPAIRED,
         names::CONSISTENCY_RUNS,
     ] {

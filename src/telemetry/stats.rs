@@ -86,6 +86,12 @@ engine_counters! {
     consistency_findings,
     /// Users flagged again (or orphans deleted) by consistency repairs.
     consistency_repaired,
+    /// Applied offset ranges written to the index.
+    offset_ranges_flushed,
+    /// Offset ranges deleted after replay.retention.
+    offset_ranges_deleted,
+    /// Events a replay applied to MongoDB.
+    replay_applied,
 }
 
 /// Lets a log line through at most once a second; counts what it held back.
@@ -158,6 +164,31 @@ impl Stats {
     pub fn tombstones_purged(&self, n: u64) {
         self.c.tombstones_purged.fetch_add(n, Relaxed);
         counter!(names::TOMBSTONES_PURGED).increment(n);
+    }
+
+    pub fn offset_ranges_flushed(&self, n: u64) {
+        self.c.offset_ranges_flushed.fetch_add(n, Relaxed);
+        counter!(names::OFFSET_RANGES_FLUSHED).increment(n);
+    }
+
+    pub fn offset_ranges_deleted(&self, n: u64) {
+        self.c.offset_ranges_deleted.fetch_add(n, Relaxed);
+        counter!(names::OFFSET_RANGES_DELETED).increment(n);
+    }
+
+    /// A replay window's counts by outcome.
+    pub fn replayed(&self, applied: u64, stale: u64, filtered: u64, errors: u64) {
+        self.c.replay_applied.fetch_add(applied, Relaxed);
+        for (outcome, n) in [
+            ("applied", applied),
+            ("stale", stale),
+            ("filtered", filtered),
+            ("error", errors),
+        ] {
+            if n > 0 {
+                counter!(names::REPLAY_EVENTS, "outcome" => outcome).increment(n);
+            }
+        }
     }
 
     pub fn resync_flagged(&self, n: u64) {

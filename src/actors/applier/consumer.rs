@@ -17,6 +17,7 @@ use crate::{
     faults::{HoldPoint, Stage},
     health::Backend,
     model::{DeadLetter, DlqStage, Section, now_ms},
+    offsets::{ApplierContext, RangeRecorder},
 };
 use actix::prelude::*;
 use rdkafka::{
@@ -97,7 +98,10 @@ impl PriorityGate {
 
 /// The consumer side of the applier: reads windows and feeds the actor.
 pub struct ConsumerLoop {
-    pub consumer: StreamConsumer,
+    pub consumer: StreamConsumer<ApplierContext>,
+    /// Where committed windows' offsets are recorded (the offset-range
+    /// index).
+    pub ranges: Arc<RangeRecorder>,
     pub applier: Addr<MongoApplier>,
     pub dlq: Addr<DlqActor>,
     pub cache: AppliedCache,
@@ -217,6 +221,7 @@ impl ConsumerLoop {
                 topic: m.topic().to_string(),
                 partition: m.partition(),
                 offset: m.offset(),
+                timestamp_ms: m.timestamp().to_millis().unwrap_or_else(now_ms),
                 payload: m.payload().unwrap_or_default().to_vec(),
             }),
             Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
@@ -432,6 +437,11 @@ impl ConsumerLoop {
             tracing::warn!(error = %e, "cannot invalidate cached profiles");
         }
         self.commit(&window);
+        self.ranges.record(
+            window
+                .iter()
+                .map(|r| (r.topic.as_str(), r.partition, r.offset, r.timestamp_ms)),
+        );
         true
     }
 

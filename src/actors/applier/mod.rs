@@ -31,6 +31,8 @@ pub struct Record {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+    /// The record's time (Unix ms; its create time as the producer set it).
+    pub timestamp_ms: i64,
     pub payload: Vec<u8>,
 }
 
@@ -181,6 +183,7 @@ mod tests {
             topic: "t".into(),
             partition: 0,
             offset: version,
+            timestamp_ms: 0,
             payload: build_event(t, &item, "test").unwrap().encode_to_vec(),
         }
     }
@@ -206,6 +209,7 @@ mod tests {
                 topic: "t".into(),
                 partition: 1,
                 offset: 0,
+                timestamp_ms: 0,
                 payload: vec![0xff, 0x01],
             },
             unknown,

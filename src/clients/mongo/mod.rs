@@ -206,6 +206,21 @@ impl MongoStore {
         })
     }
 
+    /// The same database and client, writing to another collection (a
+    /// replay rebuilding into a collection of its own).
+    pub fn with_collection(&self, collection: &str) -> Self {
+        Self {
+            db: self.db.clone(),
+            collection: collection.to_string(),
+            write_concern: self.write_concern.clone(),
+        }
+    }
+
+    /// The collection's name.
+    pub fn collection_name(&self) -> &str {
+        &self.collection
+    }
+
     /// `database.collection`, for logs.
     pub fn namespace(&self) -> String {
         format!("{}.{}", self.db.name(), self.collection)

@@ -31,16 +31,20 @@ mod flags;
 mod jobs;
 mod leases;
 mod legacy;
+mod offsets;
+mod operations;
 mod outbox;
 mod profile_cache;
 mod profiles;
 mod static_pending;
+mod whitelist;
 
 pub use jobs::Checkpoint;
 pub use legacy::LegacyPop;
 pub use profile_cache::CACHE_PLACEHOLDER;
 pub use profiles::ScanCursor;
 pub use static_pending::{PendingState, PendingStatic};
+pub use whitelist::WhitelistChange;
 
 use crate::{
     config::RedisConfig,
