@@ -291,7 +291,9 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_millis() as i64)
         .ok_or_else(|| {
-            format!("`{s}` is neither epoch milliseconds nor an RFC 3339 time (2026-11-24T10:00:00Z)")
+            format!(
+                "`{s}` is neither epoch milliseconds nor an RFC 3339 time (2026-11-24T10:00:00Z)"
+            )
         })
 }
 
@@ -316,7 +318,10 @@ mod tests {
     #[test]
     fn times_are_epoch_milliseconds_or_rfc3339() {
         assert_eq!(parse_time("1700000000123"), Ok(1_700_000_000_123));
-        assert_eq!(parse_time("2023-11-14T22:13:20.123Z"), Ok(1_700_000_000_123));
+        assert_eq!(
+            parse_time("2023-11-14T22:13:20.123Z"),
+            Ok(1_700_000_000_123)
+        );
         assert_eq!(rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
         assert!(parse_time("-5").unwrap_err().contains("before 1970"));
         assert!(parse_time("yesterday").unwrap_err().contains("RFC 3339"));

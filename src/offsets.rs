@@ -225,7 +225,9 @@ pub async fn run_flusher(
         }
         match recorder.flush(&redis).await {
             Ok(n) => stats.offset_ranges_flushed(n as u64),
-            Err(e) => tracing::warn!(error = %e, "cannot write offset ranges; kept for the next flush"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot write offset ranges; kept for the next flush")
+            }
         }
     }
 }
@@ -241,9 +243,7 @@ pub async fn cleanup(
     let mut deleted = 0;
     for (topic, partition) in redis.offset_partitions().await? {
         loop {
-            let (n, more) = redis
-                .offsets_trim(&topic, partition, cutoff, batch)
-                .await?;
+            let (n, more) = redis.offsets_trim(&topic, partition, cutoff, batch).await?;
             deleted += n;
             if !more {
                 break;
@@ -359,7 +359,10 @@ mod tests {
     #[test]
     fn members_round_trip_and_times_overlap() {
         let m = OffsetRange::parse("t", 3, "10:19:1000:2000").unwrap();
-        assert_eq!((m.start, m.end, m.first_ms, m.last_ms), (10, 19, 1000, 2000));
+        assert_eq!(
+            (m.start, m.end, m.first_ms, m.last_ms),
+            (10, 19, 1000, 2000)
+        );
         assert!(OffsetRange::parse("t", 3, "10:19:1000").is_none());
         assert!(OffsetRange::parse("t", 3, "10:19:1000:2000:1").is_none());
         assert_eq!(m.view().count, 10);

@@ -145,7 +145,9 @@ impl OperationLog {
             ("result", op.result.to_string()),
         ];
         match self.redis.operation_append(fields, self.max_entries).await {
-            Ok(_) => tracing::info!(id = %op.id, kind = %op.kind, token = %op.token, result = %op.result, "operation"),
+            Ok(_) => {
+                tracing::info!(id = %op.id, kind = %op.kind, token = %op.token, result = %op.result, "operation")
+            }
             Err(e) => {
                 tracing::warn!(id = %op.id, kind = %op.kind, error = %e, "cannot write the operation log")
             }

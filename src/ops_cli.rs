@@ -85,20 +85,14 @@ pub async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<String> 
     let runner = runner.logged_in(log);
     let id = runner.job.id.clone();
     eprintln!("replay {id} (resume with: datasync replay --resume {id})");
-    let total: i64 = runner
-        .job
-        .body
-        .partitions
-        .values()
-        .map(|p| p.to - p.from)
-        .sum();
-    let bar = ProgressBar::new(total.max(0) as u64);
+    let bar = ProgressBar::new_spinner();
     bar.set_style(
         ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} offsets ({per_sec}, eta {eta}) {msg}",
+            "{spinner} [{elapsed_precise}] {pos} records read ({per_sec}) {msg}",
         )
         .expect("a valid template"),
     );
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
     let cancel = CancellationToken::new();
     {
         let cancel = cancel.clone();
@@ -122,8 +116,7 @@ pub async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<String> 
         window_events: config.replay.window_events,
     };
     let done = replay::run(runner, cx, |r| {
-        let at: i64 = r.partitions.values().map(|p| p.position - p.from).sum();
-        bar.set_position(at.max(0) as u64);
+        bar.set_position(r.read);
         bar.set_message(format!(
             "{} applied, {} stale, {} filtered",
             r.applied, r.stale, r.filtered

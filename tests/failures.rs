@@ -100,7 +100,10 @@ async fn one_poison_profile_among_a_thousand_goes_to_the_dlq_and_redrives() {
         .await
         .unwrap();
     let r2 = engine
-        .dlq_redrive(RedriveTarget::Users(vec!["p500".into(), "nobody".into()]), "test")
+        .dlq_redrive(
+            RedriveTarget::Users(vec!["p500".into(), "nobody".into()]),
+            "test",
+        )
         .await
         .unwrap();
     assert_eq!(r2.redriven.len(), 1);

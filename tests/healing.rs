@@ -234,7 +234,10 @@ async fn a_resync_of_all_profiles_fills_an_empty_collection() {
             .unwrap();
     }
     assert_eq!(pending_flags(&r).await, 0);
-    let job = engine.start_resync(Target::All, None, false, "test").await.unwrap();
+    let job = engine
+        .start_resync(Target::All, None, false, "test")
+        .await
+        .unwrap();
     assert_eq!(job.state, JobState::Running);
     // One job at a time.
     let busy = engine

@@ -4,9 +4,8 @@
 
 use crate::config::KafkaConfig;
 use rdkafka::{
-    ClientConfig,
+    ClientConfig, Offset, TopicPartitionList,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-    Offset, TopicPartitionList,
     client::DefaultClientContext,
     consumer::{Consumer, ConsumerContext, StreamConsumer},
     error::KafkaError,
@@ -82,21 +81,21 @@ pub fn replay_consumer(
         .create()
 }
 
-/// Where a partition's window starts and ends, as the broker sees it.
+/// Where a partition's window may start, as the broker sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionBounds {
     pub partition: i32,
-    /// The low and high watermarks: the first offset held and the next one
-    /// to be written.
+    /// The low watermark: the first offset held. (The high watermark is not
+    /// used: some Kafka-protocol brokers report it wrong; a replay ends at
+    /// the partition's end as the fetches report it.)
     pub low: i64,
-    pub high: i64,
-    /// The first offset whose record time is at least the time asked for:
-    /// `Some(Ok(high))` when none is; `Some(Err)` when the broker could not
-    /// say.
-    pub at_time: Option<Result<i64, String>>,
+    /// The first offset whose record time is at least the time asked for
+    /// (`Some(Ok(None))` when no record is that new; `Some(Err)` when the
+    /// broker could not say).
+    pub at_time: Option<Result<Option<i64>, String>>,
 }
 
-/// The partitions of `topic` (only `only` when given) with their
+/// The partitions of `topic` (only `only` when given) with their low
 /// watermarks, and the offset at `time` (Unix ms) when given. Blocking
 /// calls, run on the blocking pool.
 pub async fn partition_bounds(
@@ -134,9 +133,11 @@ pub async fn partition_bounds(
         }
         let mut out = Vec::with_capacity(parts.len());
         for p in parts {
-            let (low, high) = consumer
+            let (low, _) = consumer
                 .fetch_watermarks(&topic, p, LOOKUP_TIMEOUT)
-                .map_err(|e| format!("cannot read the watermarks of `{topic}` partition {p}: {e}"))?;
+                .map_err(|e| {
+                    format!("cannot read the watermarks of `{topic}` partition {p}: {e}")
+                })?;
             let at_time = time.map(|ms| {
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition_offset(&topic, p, Offset::Offset(ms))
@@ -146,15 +147,14 @@ pub async fn partition_bounds(
                     .map_err(|e| e.to_string())?;
                 let offset = found.elements().first().map(|e| e.offset());
                 match offset {
-                    Some(Offset::Offset(o)) => Ok(o.clamp(low, high)),
-                    Some(Offset::End) => Ok(high),
+                    Some(Offset::Offset(o)) => Ok(Some(o.max(low))),
+                    Some(Offset::End) => Ok(None),
                     other => Err(format!("no offset for the time ({other:?})")),
                 }
             });
             out.push(PartitionBounds {
                 partition: p,
                 low,
-                high,
                 at_time,
             });
         }

@@ -244,9 +244,9 @@ pub(super) async fn start_actors(
                             context,
                         )
                         .and_then(|c| {
-                                rdkafka::consumer::Consumer::subscribe(&c, &[topic.as_str()])
-                                    .map(|()| c)
-                            }) {
+                            rdkafka::consumer::Consumer::subscribe(&c, &[topic.as_str()])
+                                .map(|()| c)
+                        }) {
                             Ok(c) => c,
                             Err(e) => {
                                 tracing::error!(error = %e, %topic, "cannot create the consumer");
@@ -358,34 +358,45 @@ fn start_operations_tasks(
 ) {
     let (redis, stats, cancel) = (redis.clone(), shared.stats.clone(), shared.cancel.clone());
     {
-        let (ranges, redis, stats, cancel) = (ranges.clone(), redis.clone(), stats.clone(), cancel.clone());
+        let (ranges, redis, stats, cancel) =
+            (ranges.clone(), redis.clone(), stats.clone(), cancel.clone());
         let every = config.replay.flush_interval;
-        actix::spawn(supervise("offset range flusher", supervision.clone(), move || {
-            Ok::<_, Infallible>(crate::offsets::run_flusher(
-                ranges.clone(),
-                redis.clone(),
-                stats.clone(),
-                every,
-                cancel.clone(),
-            ))
-        }));
+        actix::spawn(supervise(
+            "offset range flusher",
+            supervision.clone(),
+            move || {
+                Ok::<_, Infallible>(crate::offsets::run_flusher(
+                    ranges.clone(),
+                    redis.clone(),
+                    stats.clone(),
+                    every,
+                    cancel.clone(),
+                ))
+            },
+        ));
     }
     if !config.replay.cleanup_interval.is_zero() {
         let (redis, stats, cancel) = (redis.clone(), stats.clone(), cancel.clone());
         let replay = config.replay.clone();
-        actix::spawn(supervise("offset range cleanup", supervision.clone(), move || {
-            Ok::<_, Infallible>(crate::offsets::run_cleanup(
-                redis.clone(),
-                stats.clone(),
-                replay.clone(),
-                cancel.clone(),
-            ))
-        }));
+        actix::spawn(supervise(
+            "offset range cleanup",
+            supervision.clone(),
+            move || {
+                Ok::<_, Infallible>(crate::offsets::run_cleanup(
+                    redis.clone(),
+                    stats.clone(),
+                    replay.clone(),
+                    cancel.clone(),
+                ))
+            },
+        ));
     }
     let (whitelist, every) = (whitelist.clone(), config.whitelist.refresh_interval);
-    actix::spawn(supervise("whitelist refresher", supervision.clone(), move || {
-        Ok::<_, Infallible>(whitelist.clone().run(every, cancel.clone()))
-    }));
+    actix::spawn(supervise(
+        "whitelist refresher",
+        supervision.clone(),
+        move || Ok::<_, Infallible>(whitelist.clone().run(every, cancel.clone())),
+    ));
 }
 
 /// Starts the lease keeper on a thread of its own, with its own runtime and

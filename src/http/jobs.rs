@@ -126,12 +126,7 @@ pub(super) async fn start_check(
             .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))?
     };
     let job = engine
-        .start_consistency_check(
-            request.force,
-            request.repair,
-            request.repair_orphans,
-            by,
-        )
+        .start_consistency_check(request.force, request.repair, request.repair_orphans, by)
         .await?;
     Ok(HttpResponse::Accepted().json(job))
 }

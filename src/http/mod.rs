@@ -112,10 +112,7 @@ pub(crate) const ADMIN_TOKEN_NAME: &str = "admin";
 
 /// Checks `Authorization: Bearer <http.admin_token>`; answers the token's
 /// name (never the secret), for the operation log.
-pub(crate) fn require_admin(
-    engine: &Engine,
-    req: &HttpRequest,
-) -> Result<&'static str, ApiError> {
+pub(crate) fn require_admin(engine: &Engine, req: &HttpRequest) -> Result<&'static str, ApiError> {
     let token = engine.config().http.admin_token.expose();
     if token.is_empty() {
         return Err(ApiError {
@@ -214,7 +211,10 @@ pub fn configure(engine: Engine) -> impl FnOnce(&mut web::ServiceConfig) {
             .route("/v1/offsets", web::get().to(ops::offsets))
             .route("/v1/whitelist", web::get().to(ops::whitelist))
             .route("/v1/whitelist/add", web::post().to(ops::whitelist_add))
-            .route("/v1/whitelist/remove", web::post().to(ops::whitelist_remove))
+            .route(
+                "/v1/whitelist/remove",
+                web::post().to(ops::whitelist_remove),
+            )
             .route("/v1/operations", web::get().to(ops::operations))
             .route("/health/live", web::get().to(live))
             .route("/health/ready", web::get().to(ready))

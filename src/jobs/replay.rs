@@ -14,8 +14,9 @@
 //! broker's time index (`offsets_for_times`), falling back to the
 //! offset-range index; records before it are skipped as outside the window,
 //! so the answer is exact even where the broker's lookup is coarse. A
-//! partition ends at its first record after `to_time`, at `to_offset`, or at
-//! the end it had when the replay was planned. Positions are checkpointed
+//! partition ends at its first record after `to_time`, after `to_offset`, or
+//! where its records end when the replay reaches it (the consumer's
+//! end-of-partition event; the broker's high watermark is not trusted). Positions are checkpointed
 //! after every window, so a replay whose instance died is resumed.
 
 use super::{JobState, Pacer, Runner, pause, seconds_since};
@@ -48,16 +49,19 @@ use tokio_util::sync::CancellationToken;
 
 pub const KIND: &str = "replay";
 
-/// How long a window gathers records at most.
-const WINDOW_WAIT: Duration = Duration::from_millis(500);
+/// A window closes when no record came for this long (or when it is full,
+/// or every partition is done).
+const WINDOW_IDLE: Duration = Duration::from_secs(1);
 
 /// One partition's part of a replay.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionPlan {
+    pub partition: i32,
     /// First offset to read.
     pub from: i64,
-    /// First offset not to read (the window's end, exclusive).
-    pub to: i64,
+    /// First offset not to read (the window's end, exclusive); `None` =
+    /// the partition's end as it is when the replay reaches it.
+    pub to: Option<i64>,
     /// How `from` was found: `offset`, `time` (the broker's time index),
     /// `index` (the offset-range index) or `beginning`.
     pub from_by: String,
@@ -93,9 +97,11 @@ pub struct Replay {
     /// Events read per second at most; `None` = no limit.
     #[serde(default)]
     pub rate: Option<u64>,
-    pub partitions: BTreeMap<i32, PartitionPlan>,
+    /// The plan per partition, keyed by partition number (JSON object keys
+    /// are strings).
+    pub partitions: BTreeMap<String, PartitionPlan>,
     /// Next offset to read per partition.
-    pub position: BTreeMap<i32, i64>,
+    pub position: BTreeMap<String, i64>,
     /// Records read from the broker.
     pub read: u64,
     /// Changes written (in a dry run: that would be written).
@@ -150,7 +156,10 @@ pub async fn plan(
             .map(|s| parse_time(s).map_err(|e| format!("{field}: {e}")))
             .transpose()
     };
-    let (from_ms, to_ms) = (time("from_time", &r.from_time)?, time("to_time", &r.to_time)?);
+    let (from_ms, to_ms) = (
+        time("from_time", &r.from_time)?,
+        time("to_time", &r.to_time)?,
+    );
     if from_ms.is_some() && r.from_offset.is_some() {
         return Err("give either from_time or from_offset, not both".into());
     }
@@ -186,18 +195,22 @@ pub async fn plan(
     let mut partitions = BTreeMap::new();
     for b in bounds {
         let (from, from_by) = start_of(redis, &topic, &b, r.from_offset, from_ms).await;
-        let to = match r.to_offset {
-            Some(o) => (o + 1).min(b.high),
-            None => b.high,
+        let to = match (from, r.to_offset) {
+            // No record is as new as from_time: nothing to read.
+            (None, _) => Some(b.low),
+            (Some(_), Some(o)) => Some(o + 1),
+            (Some(_), None) => None,
         };
+        let from = from.unwrap_or(b.low);
         partitions.insert(
-            b.partition,
+            b.partition.to_string(),
             PartitionPlan {
+                partition: b.partition,
                 from,
                 to,
                 from_by: from_by.into(),
                 position: from,
-                done: from >= to,
+                done: to.is_some_and(|t| from >= t),
             },
         );
     }
@@ -218,7 +231,10 @@ pub async fn plan(
         dry_run: r.dry_run,
         collection,
         rate: r.rate,
-        position: partitions.iter().map(|(p, x)| (*p, x.from)).collect(),
+        position: partitions
+            .iter()
+            .map(|(p, x)| (p.clone(), x.from))
+            .collect(),
         partitions,
         read: 0,
         applied: 0,
@@ -231,30 +247,33 @@ pub async fn plan(
     })
 }
 
-/// Where a partition's window starts, and how that was found.
+/// Where a partition's window starts (`None`: no record is new enough),
+/// and how that was found.
 async fn start_of(
     redis: &RedisStore,
     topic: &str,
     b: &PartitionBounds,
     from_offset: Option<i64>,
     from_ms: Option<i64>,
-) -> (i64, &'static str) {
+) -> (Option<i64>, &'static str) {
     if let Some(o) = from_offset {
-        return (o.clamp(b.low, b.high), "offset");
+        return (Some(o.max(b.low)), "offset");
     }
     let Some(ms) = from_ms else {
-        return (b.low, "beginning");
+        return (Some(b.low), "beginning");
     };
     match &b.at_time {
         Some(Ok(o)) => (*o, "time"),
         _ => match redis.offset_ranges(topic, b.partition).await {
             // The first range with a record at or after the time; the
-            // records before the time in it are skipped while reading.
+            // records before the time in it are skipped while reading. An
+            // index without such a range may have lost it (a crash before a
+            // flush): read from the beginning rather than skip records.
             Ok(ranges) => match ranges.iter().find(|r| r.last_ms >= ms) {
-                Some(r) => (r.start.clamp(b.low, b.high), "index"),
-                None => (b.low, "beginning"),
+                Some(r) => (Some(r.start.max(b.low)), "index"),
+                None => (Some(b.low), "beginning"),
             },
-            Err(_) => (b.low, "beginning"),
+            Err(_) => (Some(b.low), "beginning"),
         },
     }
 }
@@ -321,18 +340,29 @@ pub async fn run(
     let target = if runner.job.body.collection == cx.mongo.collection_name() {
         cx.mongo.clone()
     } else {
-        let t = cx.mongo.with_collection(&runner.job.body.collection);
-        if !runner.job.body.dry_run
-            && let Err(e) = t.ensure_index().await
-        {
-            let msg = format!("cannot create the indexes of the target collection: {e}");
-            return finish(runner, &cx, &group, JobState::Failed, Some(msg)).await;
-        }
-        t
+        cx.mongo.with_collection(&runner.job.body.collection)
     };
+    // The unique index the newer-wins upserts rely on (a lost collection
+    // lost it too).
+    if !runner.job.body.dry_run
+        && let Err(e) = target.ensure_index().await
+    {
+        let msg = format!("cannot create the indexes of {}: {e}", target.namespace());
+        return finish(runner, &cx, &group, JobState::Failed, Some(msg)).await;
+    }
     let live = target.collection_name() == cx.mongo.collection_name();
-    let from_ms = runner.job.body.from_time.as_deref().and_then(|t| parse_time(t).ok());
-    let to_ms = runner.job.body.to_time.as_deref().and_then(|t| parse_time(t).ok());
+    let from_ms = runner
+        .job
+        .body
+        .from_time
+        .as_deref()
+        .and_then(|t| parse_time(t).ok());
+    let to_ms = runner
+        .job
+        .body
+        .to_time
+        .as_deref()
+        .and_then(|t| parse_time(t).ok());
     let pacer = Pacer::new(runner.job.body.rate.unwrap_or(0));
     let read_at_start = runner.job.body.read;
     // A dry run's view of the versions its earlier windows would have
@@ -427,15 +457,15 @@ pub async fn run(
 fn assign(cx: &Context, group: &str, r: &Replay) -> Result<StreamConsumer, KafkaError> {
     let consumer = kafka::replay_consumer(&cx.kafka, group, &cx.instance_id)?;
     let mut tpl = TopicPartitionList::new();
-    for (p, plan) in r.partitions.iter().filter(|(_, x)| !x.done) {
-        tpl.add_partition_offset(&r.topic, *p, Offset::Offset(plan.position))?;
+    for plan in r.partitions.values().filter(|x| !x.done) {
+        tpl.add_partition_offset(&r.topic, plan.partition, Offset::Offset(plan.position))?;
     }
     consumer.assign(&tpl)?;
     Ok(consumer)
 }
 
 /// Reads the next window: up to `window_events` records of the filter's
-/// users inside the time window, or what came within [`WINDOW_WAIT`].
+/// users inside the time window, until no record came for [`WINDOW_IDLE`].
 /// Moves positions and marks partitions done. `None` when the engine stops.
 async fn gather(
     consumer: &StreamConsumer,
@@ -445,17 +475,16 @@ async fn gather(
     to_ms: Option<i64>,
 ) -> Option<Vec<Record>> {
     let mut window = Vec::new();
-    let deadline = tokio::time::Instant::now() + WINDOW_WAIT;
     while window.len() < cx.window_events && !r.partitions.values().all(|p| p.done) {
         let m = tokio::select! {
             _ = cx.cancel.cancelled() => return None,
-            _ = tokio::time::sleep_until(deadline) => break,
+            _ = tokio::time::sleep(WINDOW_IDLE) => break,
             m = consumer.recv() => m,
         };
         let m = match m {
             Ok(m) => m,
             Err(KafkaError::PartitionEOF(p)) => {
-                if let Some(plan) = r.partitions.get_mut(&p) {
+                if let Some(plan) = r.partitions.get_mut(&p.to_string()) {
                     plan.done = true;
                 }
                 continue;
@@ -466,13 +495,13 @@ async fn gather(
             }
         };
         let p = m.partition();
-        let Some(plan) = r.partitions.get_mut(&p) else {
+        let Some(plan) = r.partitions.get_mut(&p.to_string()) else {
             continue;
         };
         if plan.done || m.offset() < plan.position {
             continue;
         }
-        if m.offset() >= plan.to {
+        if plan.to.is_some_and(|t| m.offset() >= t) {
             plan.done = true;
             continue;
         }
@@ -482,14 +511,17 @@ async fn gather(
             continue;
         }
         plan.position = m.offset() + 1;
-        plan.done = plan.position >= plan.to;
-        r.position.insert(p, plan.position);
+        plan.done = plan.to.is_some_and(|t| plan.position >= t);
+        r.position.insert(p.to_string(), plan.position);
         r.read += 1;
         if from_ms.is_some_and(|f| ms < f) {
             r.outside_window += 1;
             continue;
         }
-        let user = m.key().and_then(|k| std::str::from_utf8(k).ok()).unwrap_or("");
+        let user = m
+            .key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .unwrap_or("");
         if !cx.filter.allows(user) {
             r.filtered += 1;
             if let Some(s) = &cx.stats {
@@ -606,12 +638,72 @@ mod tests {
         assert!(would_apply(&mut v, &change(Section::Static, 3, set())));
         assert_eq!(v, (3, 5));
         // A delete at 4 beats the static section only, and raises it.
-        assert!(would_apply(&mut v, &change(Section::Dynamic, 4, Op::Delete)));
+        assert!(would_apply(
+            &mut v,
+            &change(Section::Dynamic, 4, Op::Delete)
+        ));
         assert_eq!(v, (4, 5));
         assert!(!would_apply(&mut v, &change(Section::Static, 4, set())));
-        assert!(!would_apply(&mut v, &change(Section::Dynamic, 4, Op::Delete)));
-        assert!(would_apply(&mut v, &change(Section::Dynamic, 5, Op::Delete)));
+        assert!(!would_apply(
+            &mut v,
+            &change(Section::Dynamic, 4, Op::Delete)
+        ));
+        assert!(would_apply(
+            &mut v,
+            &change(Section::Dynamic, 5, Op::Delete)
+        ));
         assert_eq!(v, (5, 5));
+    }
+
+    #[test]
+    fn records_read_back_from_their_json() {
+        let plan = PartitionPlan {
+            partition: 3,
+            from: 1,
+            to: Some(9),
+            from_by: "offset".into(),
+            position: 4,
+            done: false,
+        };
+        let body = Replay {
+            topic: "t".into(),
+            from_time: None,
+            to_time: None,
+            from_offset: Some(1),
+            to_offset: Some(8),
+            partition: Some(3),
+            user_ids: None,
+            filter: "whitelist".into(),
+            dry_run: false,
+            collection: "c".into(),
+            rate: None,
+            partitions: [("3".to_string(), plan)].into(),
+            position: [("3".to_string(), 4)].into(),
+            read: 3,
+            applied: 1,
+            stale: 1,
+            filtered: 1,
+            outside_window: 0,
+            errors: 0,
+            last_error: None,
+            events_per_s: 0.0,
+        };
+        let job = super::super::Job {
+            id: "replay-1".into(),
+            kind: KIND.into(),
+            state: JobState::Running,
+            instance_id: "i".into(),
+            created_at: String::new(),
+            updated_at: String::new(),
+            finished_at: None,
+            error: None,
+            requested: None,
+            body,
+        };
+        let json = serde_json::to_string(&job).unwrap();
+        let back: super::super::Job<Replay> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.body.partitions["3"].position, 4);
+        assert_eq!(back.body.position["3"], 4);
     }
 
     #[test]

@@ -68,7 +68,15 @@ impl RedisStore {
     ) -> Result<Vec<OffsetRange>, RedisError> {
         let members: Vec<String> = self
             .client()
-            .zrange(self.keys.offsets(topic, partition), 0, -1, None, false, None, false)
+            .zrange(
+                self.keys.offsets(topic, partition),
+                0,
+                -1,
+                None,
+                false,
+                None,
+                false,
+            )
             .await?;
         members
             .iter()
