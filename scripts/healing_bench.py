@@ -1,6 +1,7 @@
 """Drives scripts/healing_bench.sh: writes profiles with redis-cli (no flags),
-resyncs them through the API, waits for MongoDB, then times consistency
-checks with and without a live writer."""
+resyncs them through the API, waits for MongoDB, then times a replay of the
+dynamic topic into another collection, the live applier alone and during a
+replay, and consistency checks with and without a live writer."""
 
 import argparse
 import json
@@ -62,6 +63,7 @@ def main():
     p.add_argument("--users", type=int, default=100000)
     a = p.parse_args()
     key = lambda i: f"{a.prefix}:user:u{i}:profile"
+    since = int(time.time() * 1000) - 1000
     t = time.time()
     for start in range(0, a.users, 20000):
         redis_cli(a.redis, "".join(
@@ -81,6 +83,42 @@ def main():
         time.sleep(0.5)
     e2e_s = time.time() - t
     print(f"resync end to end: {a.users} users in MongoDB after {e2e_s:.1f}s = {a.users / e2e_s:,.0f} users/s")
+
+    def live(prefix, n):
+        t = time.time()
+        base = col.count_documents({})
+        for start in range(0, n, 1000):
+            call(a.api, a.token, "/v1/sync/dirty", {"users": [
+                {"user_id": f"{prefix}{i}", "profile": {"gen": 1, "name": f"user {i}"}}
+                for i in range(start, min(start + 1000, n))]})
+        while col.count_documents({}) < base + n:
+            time.sleep(0.2)
+        return n / (time.time() - t)
+
+    def replay(target):
+        job = call(a.api, a.token, "/v1/replay",
+                   {"topic": "dynamic", "from_time": since, "target_collection": target})
+        t = time.time()
+        job = wait_job(a.api, a.token, f"/v1/replay/{job['id']}")
+        return job, job["read"] / (time.time() - t)
+
+    n_live = min(a.users, 20000)
+    alone = live("v", n_live)
+    print(f"live applier alone: {n_live} new users at {alone:,.0f} users/s")
+    job, rate = replay(a.collection + "_replay1")
+    print(f"replay alone: {job['state']}, read {job['read']}, applied {job['applied']}, "
+          f"stale {job['stale']} at {rate:,.0f} events/s")
+    result = {}
+    th = threading.Thread(target=lambda: result.update(r=replay(a.collection + "_replay2")))
+    th.start()
+    during = live("w", n_live)
+    th.join()
+    job, rate = result["r"]
+    print(f"live applier during a replay: {during:,.0f} users/s ({during / alone:.0%} of alone); "
+          f"that replay: read {job['read']} at {rate:,.0f} events/s")
+    db = col.database
+    for suffix in ("_replay1", "_replay2"):
+        db[a.collection + suffix].drop()
 
     def check(label):
         t = time.time()

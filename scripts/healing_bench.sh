@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Measures healing on the local stack: a resync of USERS profiles written to
-# Redis without flags (flagging rate, and the time until all are in MongoDB),
-# then one consistency check of them, idle and while a writer changes 1,000
-# users a second.
+# Redis without flags (flagging rate, and the time until all are in MongoDB);
+# a replay of the dynamic topic into another collection (events/s), and the
+# live applier's rate alone and during a replay; then one consistency check,
+# idle and while a writer changes 1,000 users a second.
 #
 #   scripts/healing_bench.sh [USERS]      (default 100000)
 set -euo pipefail

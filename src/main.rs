@@ -160,6 +160,7 @@ enum ConfigAction {
     },
 }
 
+mod cli_jobs;
 mod ops_cli;
 mod resync_cli;
 
@@ -187,6 +188,20 @@ async fn wait_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// Loads the configuration and runs a command on a runtime of its own,
+/// printing its answer.
+fn run_command<F>(config: Option<&PathBuf>, command: impl FnOnce(Config) -> F) -> ExitCode
+where
+    F: std::future::Future<Output = anyhow::Result<String>>,
+{
+    let config = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    print_outcome(rt.block_on(command(config)))
 }
 
 /// Prints a command's answer, or its error with each cause once.
@@ -254,15 +269,12 @@ fn main() -> ExitCode {
                 let out = match job {
                     Err(limit) => serde_json::to_string_pretty(&dlq::list(&redis, limit).await?)?,
                     Ok(target) => {
-                        let params = match &target {
-                            RedriveTarget::All => serde_json::json!({ "target": "all" }),
-                            RedriveTarget::Users(ids) => serde_json::json!({
-                                "user_ids": datasync::operations::ids_param(ids)
-                            }),
-                        };
                         let by = datasync::operations::cli_caller();
-                        let action =
-                            datasync::operations::Action::begin("dlq_redrive", &by, params);
+                        let action = datasync::operations::Action::begin(
+                            "dlq_redrive",
+                            &by,
+                            target.params(),
+                        );
                         let r = dlq::redrive(&redis, target).await;
                         let log = datasync::operations::OperationLog::new(
                             redis.clone(),
@@ -292,10 +304,6 @@ fn main() -> ExitCode {
             resume,
             force,
         } => {
-            let config = match load(config.as_ref()) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
             let request = datasync::jobs::replay::ReplayRequest {
                 topic,
                 from_time,
@@ -313,21 +321,13 @@ fn main() -> ExitCode {
                 resume,
                 force,
             };
-            let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
-            print_outcome(rt.block_on(ops_cli::replay(config, args)))
+            run_command(config.as_ref(), |c| ops_cli::replay(c, args))
         }
         Command::Operations {
             config,
             limit,
             json,
-        } => {
-            let config = match load(config.as_ref()) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
-            print_outcome(rt.block_on(ops_cli::operations(config, limit, json)))
-        }
+        } => run_command(config.as_ref(), |c| ops_cli::operations(c, limit, json)),
         Command::Resync {
             config,
             all,
@@ -337,10 +337,6 @@ fn main() -> ExitCode {
             force,
             user_ids,
         } => {
-            let config = match load(config.as_ref()) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
             let args = resync_cli::Args {
                 all,
                 user_ids,
@@ -349,8 +345,7 @@ fn main() -> ExitCode {
                 resume,
                 force,
             };
-            let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
-            print_outcome(rt.block_on(resync_cli::run(config, args)))
+            run_command(config.as_ref(), |c| resync_cli::run(c, args))
         }
         Command::Run {
             config,

@@ -2,19 +2,19 @@
 //! `datasync operations` (the operation log). Both talk to the backends
 //! directly, with the service's configuration.
 
+use crate::cli_jobs;
 use datasync::{
     Config,
     clients::{mongo::MongoStore, redis::RedisStore},
     error::EngineError,
     jobs::{
-        self, JobState, Runner,
-        replay::{self, Replay, ReplayRequest},
+        self, Runner,
+        replay::{self, ReplayRequest},
     },
     operations::{self, OperationLog, Requested, cli_caller, ids_param},
     whitelist::Whitelist,
 };
 use indicatif::{ProgressBar, ProgressStyle};
-use tokio_util::sync::CancellationToken;
 
 pub struct ReplayArgs {
     pub request: ReplayRequest,
@@ -32,21 +32,10 @@ pub async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<String> 
     let retention = config.consistency.report_retention;
     let log = OperationLog::new(redis.clone(), config.operations.max_entries, &instance);
     let runner = match &args.resume {
-        Some(id) => {
-            let job: jobs::Job<Replay> = jobs::get(&redis, replay::KIND, id).await?;
-            if job.state.finished() {
-                return Ok(serde_json::to_string_pretty(&job)?);
-            }
-            let holder = job.instance_id.clone();
-            Runner::take_over(redis.clone(), replay::KIND, &instance, job, retention)
-                .await?
-                .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "replay {id} is still running on {holder} (its lease is held); stop it or wait for the lease to expire ({}s)",
-                        jobs::JOB_LEASE.as_secs()
-                    )
-                })?
-        }
+        Some(id) => match cli_jobs::resume(&redis, replay::KIND, id, &instance, retention).await? {
+            Ok(runner) => runner,
+            Err(finished) => return Ok(serde_json::to_string_pretty(&finished)?),
+        },
         None => {
             let mut request = args.request.clone();
             if let Some(ids) = &request.user_ids {
@@ -93,14 +82,7 @@ pub async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<String> 
         .expect("a valid template"),
     );
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    let cancel = CancellationToken::new();
-    {
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
-            cancel.cancel();
-        });
-    }
+    let cancel = cli_jobs::interrupt();
     let whitelist = Whitelist::load(redis.clone()).await;
     let cx = replay::Context {
         redis,
@@ -124,17 +106,7 @@ pub async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<String> 
     })
     .await;
     bar.finish();
-    match done {
-        Some(job) if job.state == JobState::Done => Ok(serde_json::to_string_pretty(&job)?),
-        Some(job) => anyhow::bail!(
-            "replay {id} ended {:?}: {}",
-            job.state,
-            job.error.unwrap_or_default()
-        ),
-        None => {
-            anyhow::bail!("replay {id} interrupted; it resumes with: datasync replay --resume {id}")
-        }
-    }
+    cli_jobs::outcome(replay::KIND, &id, done)
 }
 
 /// The newest `limit` operations: one JSON object per line, or a table.

@@ -2,12 +2,13 @@
 //! It talks to Redis only (flagging is all a resync does); a running service
 //! publishes what it flags.
 
+use crate::cli_jobs;
 use datasync::{
     Config,
     clients::redis::RedisStore,
     error::EngineError,
     jobs::{
-        self, JobState, Runner,
+        self, Runner,
         resync::{self, Resync, Target},
     },
     operations::{OperationLog, Requested, cli_caller, ids_param},
@@ -15,7 +16,6 @@ use datasync::{
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
-use tokio_util::sync::CancellationToken;
 
 pub struct Args {
     pub all: bool,
@@ -34,21 +34,10 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<String> {
     let instance = config.instance_id();
     let retention = config.consistency.report_retention;
     let runner = match &args.resume {
-        Some(id) => {
-            let job: jobs::Job<Resync> = jobs::get(&redis, resync::KIND, id).await?;
-            if job.state.finished() {
-                return Ok(serde_json::to_string_pretty(&job)?);
-            }
-            let holder = job.instance_id.clone();
-            Runner::take_over(redis.clone(), resync::KIND, &instance, job, retention)
-                .await?
-                .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "resync {id} is still running on {holder} (its lease is held); stop it or wait for the lease to expire ({}s)",
-                        jobs::JOB_LEASE.as_secs()
-                    )
-                })?
-        }
+        Some(id) => match cli_jobs::resume(&redis, resync::KIND, id, &instance, retention).await? {
+            Ok(runner) => runner,
+            Err(finished) => return Ok(serde_json::to_string_pretty(&finished)?),
+        },
         None => {
             let target = match (args.all, args.file, args.user_ids.is_empty()) {
                 (true, None, true) => Target::All,
@@ -103,14 +92,7 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<String> {
         .expect("a valid template"),
     );
     bar.set_position(runner.job.body.scanned);
-    let cancel = CancellationToken::new();
-    {
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
-            cancel.cancel();
-        });
-    }
+    let cancel = cli_jobs::interrupt();
     let cx = resync::Context {
         redis: redis.clone(),
         stats: None,
@@ -127,15 +109,5 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<String> {
     })
     .await;
     bar.finish();
-    match done {
-        Some(job) if job.state == JobState::Done => Ok(serde_json::to_string_pretty(&job)?),
-        Some(job) => anyhow::bail!(
-            "resync {id} ended {:?}: {}",
-            job.state,
-            job.error.unwrap_or_default()
-        ),
-        None => {
-            anyhow::bail!("resync {id} interrupted; it resumes with: datasync resync --resume {id}")
-        }
-    }
+    cli_jobs::outcome(resync::KIND, &id, done)
 }

@@ -399,6 +399,18 @@ pub enum RedriveTarget {
     All,
 }
 
+impl RedriveTarget {
+    /// The target as the operation log's parameters.
+    pub fn params(&self) -> serde_json::Value {
+        match self {
+            Self::All => serde_json::json!({ "target": "all" }),
+            Self::Users(ids) => {
+                serde_json::json!({ "user_ids": crate::operations::ids_param(ids) })
+            }
+        }
+    }
+}
+
 /// What a redrive did.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Redriven {

@@ -381,13 +381,7 @@ impl Engine {
         if let RedriveTarget::Users(ids) = &target {
             validate_user_ids(ids.iter().map(String::as_str)).map_err(EngineError::Invalid)?;
         }
-        let params = match &target {
-            RedriveTarget::Users(ids) => {
-                serde_json::json!({ "user_ids": crate::operations::ids_param(ids) })
-            }
-            other => serde_json::json!({ "target": format!("{other:?}").to_lowercase() }),
-        };
-        let action = crate::operations::Action::begin("dlq_redrive", by, params);
+        let action = crate::operations::Action::begin("dlq_redrive", by, target.params());
         let r = dlq::redrive(&self.inner.redis, target)
             .await
             .map_err(EngineError::from);

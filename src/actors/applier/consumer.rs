@@ -1,7 +1,8 @@
 //! The consumer side of the applier: each loop gathers a window from its
 //! topic (the next one while the previous is written), hands it to its
 //! MongoApplier, records the outcomes (counters, caches, dead letters, settled
-//! immediate changes) and commits the window's offsets, strictly in order.
+//! immediate changes) and commits the window's offsets, strictly in order,
+//! recording them in the offset-range index ([`crate::offsets`]).
 //! The static loop goes first: while a static window is in flight the dynamic
 //! loop waits at the [`PriorityGate`].
 
