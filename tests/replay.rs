@@ -138,6 +138,11 @@ async fn a_lost_collection_is_rebuilt_by_replay_at_the_newest_generation() {
 
     let m = mongo(&ns).await;
     m.collection().drop().await.unwrap();
+    wait_until("the collection is gone", LONG, || {
+        let m = m.clone();
+        async move { count_docs(&m, doc! {}).await == 0 }
+    })
+    .await;
     let request = ReplayRequest {
         topic: "dynamic".into(),
         from_time: Some(before.to_string()),
@@ -156,8 +161,12 @@ async fn a_lost_collection_is_rebuilt_by_replay_at_the_newest_generation() {
     assert_eq!(count_docs(&m, doc! { "dynamicProfile.gen": 2 }).await, 5000);
     let r = &job.body;
     assert_eq!(r.read, 10_000, "{r:?}");
-    assert_eq!(r.applied, 5000, "{r:?}");
-    assert_eq!(r.stale, 5000, "generation 1 is skipped as stale: {r:?}");
+    // Every user was written back by the replay. Each user's two events
+    // meet in the one window (generation 1 counted stale), or, if a stall
+    // split the window, land in two (generation 1 applied, then generation 2
+    // over it): either way generation 1 never wins (checked above).
+    assert!(r.applied >= 5000, "{r:?}");
+    assert_eq!(r.applied + r.stale, 10_000, "{r:?}");
     assert_eq!((r.filtered, r.errors), (0, 0), "{r:?}");
     assert_eq!(committed(&ns), offsets_before, "the live group's offsets");
     let groups = group_names(&ns);
@@ -386,6 +395,11 @@ async fn whitelist_changes_reach_every_instance_and_narrow_a_replay() {
 
     let m = mongo(&ns).await;
     m.collection().drop().await.unwrap();
+    wait_until("the collection is gone", LONG, || {
+        let m = m.clone();
+        async move { count_docs(&m, doc! {}).await == 0 }
+    })
+    .await;
     let request = ReplayRequest {
         topic: "dynamic".into(),
         ..Default::default()
