@@ -25,7 +25,7 @@ use rdkafka::{
 };
 use serde::Serialize;
 use std::{
-    collections::HashMap,
+    collections::{HashMap, hash_map::Entry},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -100,7 +100,9 @@ impl OffsetRange {
 
 #[derive(Debug, Default)]
 struct State {
-    open: HashMap<(String, i32), OffsetRange>,
+    /// Open ranges by topic, then partition (looked up by `&str`: the hot
+    /// path builds no key).
+    open: HashMap<String, HashMap<i32, OffsetRange>>,
     closed: Vec<OffsetRange>,
 }
 
@@ -118,29 +120,29 @@ impl RangeRecorder {
         let mut state = self.state.lock().expect("not poisoned");
         let State { open, closed } = &mut *state;
         for (topic, partition, offset, ms) in records {
-            if let Some(r) = open.get_mut(&(topic.to_string(), partition)) {
-                if offset == r.end + 1 {
+            if !open.contains_key(topic) {
+                open.insert(topic.to_string(), HashMap::new());
+            }
+            let fresh = || OffsetRange {
+                topic: topic.to_string(),
+                partition,
+                start: offset,
+                end: offset,
+                first_ms: ms,
+                last_ms: ms,
+            };
+            match open.get_mut(topic).expect("just made").entry(partition) {
+                Entry::Occupied(mut o) if offset == o.get().end + 1 => {
+                    let r = o.get_mut();
                     r.end = offset;
                     r.first_ms = r.first_ms.min(ms);
                     r.last_ms = r.last_ms.max(ms);
-                    continue;
                 }
-                let done = open
-                    .remove(&(topic.to_string(), partition))
-                    .expect("just found");
-                closed.push(done);
+                Entry::Occupied(mut o) => closed.push(std::mem::replace(o.get_mut(), fresh())),
+                Entry::Vacant(v) => {
+                    v.insert(fresh());
+                }
             }
-            open.insert(
-                (topic.to_string(), partition),
-                OffsetRange {
-                    topic: topic.to_string(),
-                    partition,
-                    start: offset,
-                    end: offset,
-                    first_ms: ms,
-                    last_ms: ms,
-                },
-            );
         }
     }
 
@@ -149,9 +151,10 @@ impl RangeRecorder {
     pub fn revoked(&self, partitions: &[(String, i32)]) {
         {
             let mut state = self.state.lock().expect("not poisoned");
-            for p in partitions {
-                if let Some(r) = state.open.remove(p) {
-                    state.closed.push(r);
+            let State { open, closed } = &mut *state;
+            for (topic, partition) in partitions {
+                if let Some(r) = open.get_mut(topic).and_then(|t| t.remove(partition)) {
+                    closed.push(r);
                 }
             }
         }
@@ -161,14 +164,14 @@ impl RangeRecorder {
     /// Ranges not yet written.
     pub fn pending(&self) -> usize {
         let state = self.state.lock().expect("not poisoned");
-        state.open.len() + state.closed.len()
+        state.open.values().map(HashMap::len).sum::<usize>() + state.closed.len()
     }
 
     /// Takes every range, closing the open ones.
     fn take(&self) -> Vec<OffsetRange> {
         let mut state = self.state.lock().expect("not poisoned");
         let mut out = std::mem::take(&mut state.closed);
-        out.extend(state.open.drain().map(|(_, r)| r));
+        out.extend(state.open.drain().flat_map(|(_, t)| t.into_values()));
         out
     }
 

@@ -75,17 +75,17 @@ pub struct OperationLog {
 /// An action under way: logged by [`Action::end`].
 pub struct Action {
     id: String,
-    kind: &'static str,
+    kind: String,
     by: String,
     params: Value,
     started: SystemTime,
 }
 
 impl Action {
-    pub fn begin(kind: &'static str, by: &str, params: Value) -> Self {
+    pub fn begin(kind: impl Into<String>, by: &str, params: Value) -> Self {
         Self {
             id: format!("op-{}", uuid::Uuid::new_v4().simple()),
-            kind,
+            kind: kind.into(),
             by: by.to_string(),
             params,
             started: SystemTime::now(),
@@ -100,18 +100,12 @@ impl Action {
         outcome: &Result<T, E>,
     ) {
         let result = match outcome {
-            Ok(v) => {
-                let mut r = serde_json::json!({ "status": "done" });
-                if let Ok(Value::Object(m)) = serde_json::to_value(v) {
-                    r.as_object_mut().expect("an object").extend(m);
-                }
-                r
-            }
-            Err(e) => serde_json::json!({ "status": "failed", "error": e.to_string() }),
+            Ok(v) => result("done", None, v),
+            Err(e) => result("failed", Some(&e.to_string()), &()),
         };
         log.write(Operation {
             id: self.id,
-            kind: self.kind.to_string(),
+            kind: self.kind,
             params: self.params,
             token: self.by,
             instance_id: log.instance_id.clone(),
@@ -121,6 +115,19 @@ impl Action {
         })
         .await;
     }
+}
+
+/// An entry's result: `{"status", "error"?}` and the fields of `details`
+/// (when it serializes to an object).
+pub fn result<T: Serialize>(status: &str, error: Option<&str>, details: &T) -> Value {
+    let mut r = serde_json::json!({ "status": status });
+    if let Some(e) = error {
+        r["error"] = e.into();
+    }
+    if let Ok(Value::Object(m)) = serde_json::to_value(details) {
+        r.as_object_mut().expect("an object").extend(m);
+    }
+    r
 }
 
 impl OperationLog {

@@ -7,11 +7,8 @@ use datasync::{
     Config,
     clients::{mongo::MongoStore, redis::RedisStore},
     error::EngineError,
-    jobs::{
-        self, Runner,
-        replay::{self, ReplayRequest},
-    },
-    operations::{self, OperationLog, Requested, cli_caller, ids_param},
+    jobs::replay::{self, ReplayRequest},
+    operations,
     whitelist::Whitelist,
 };
 use indicatif::{ProgressBar, ProgressStyle};
@@ -28,50 +25,22 @@ pub struct ReplayArgs {
 pub async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<String> {
     let redis = RedisStore::connect(&config.redis, config.sync.shards).await?;
     let mongo = MongoStore::connect_without_index(&config.mongo, "datasync-replay").await?;
-    let instance = config.instance_id();
-    let retention = config.consistency.report_retention;
-    let log = OperationLog::new(redis.clone(), config.operations.max_entries, &instance);
     let runner = match &args.resume {
-        Some(id) => match cli_jobs::resume(&redis, replay::KIND, id, &instance, retention).await? {
+        Some(id) => match cli_jobs::resume(&config, &redis, replay::KIND, id).await? {
             Ok(runner) => runner,
             Err(finished) => return Ok(serde_json::to_string_pretty(&finished)?),
         },
         None => {
             let mut request = args.request.clone();
-            if let Some(ids) = &request.user_ids {
-                datasync::model::validate_user_ids(ids.iter().map(String::as_str))
-                    .map_err(EngineError::Invalid)?;
-            }
             request.rate = config.replay.rate(request.rate);
             let body = replay::plan(&config.kafka, &redis, &config.mongo.collection, &request)
                 .await
                 .map_err(EngineError::Invalid)?;
-            let r = &request;
-            let requested = Requested {
-                by: cli_caller(),
-                params: serde_json::json!({
-                    "topic": r.topic, "from_time": r.from_time, "to_time": r.to_time,
-                    "from_offset": r.from_offset, "to_offset": r.to_offset,
-                    "partition": r.partition,
-                    "user_ids": r.user_ids.as_deref().map(ids_param),
-                    "dry_run": r.dry_run, "target_collection": r.target_collection,
-                    "rate": r.rate, "force": args.force,
-                }),
-            };
-            Runner::start(
-                redis.clone(),
-                replay::KIND,
-                jobs::new_id(replay::KIND),
-                &instance,
-                body,
-                args.force,
-                retention,
-                Some(requested),
-            )
-            .await?
+            let params = request.params(args.force);
+            cli_jobs::start(&config, &redis, replay::KIND, body, args.force, params).await?
         }
     };
-    let runner = runner.logged_in(log);
+    let runner = runner.logged_in(cli_jobs::log(&config, &redis));
     let id = runner.job.id.clone();
     eprintln!("replay {id} (resume with: datasync replay --resume {id})");
     let bar = ProgressBar::new_spinner();
@@ -89,7 +58,7 @@ pub async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<String> 
         mongo,
         kafka: config.kafka.clone(),
         group: format!("{}-replay", config.kafka.consumer_group),
-        instance_id: instance,
+        instance_id: config.instance_id(),
         filter: replay::filter_of(&runner.job.body, Some(whitelist)),
         profiles: None,
         stats: None,

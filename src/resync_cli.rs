@@ -7,11 +7,7 @@ use datasync::{
     Config,
     clients::redis::RedisStore,
     error::EngineError,
-    jobs::{
-        self, Runner,
-        resync::{self, Resync, Target},
-    },
-    operations::{OperationLog, Requested, cli_caller, ids_param},
+    jobs::resync::{self, Resync, Target},
     whitelist::Whitelist,
 };
 use indicatif::{ProgressBar, ProgressStyle};
@@ -31,10 +27,8 @@ pub struct Args {
 /// finished record as JSON.
 pub async fn run(config: Config, args: Args) -> anyhow::Result<String> {
     let redis = RedisStore::connect(&config.redis, config.sync.shards).await?;
-    let instance = config.instance_id();
-    let retention = config.consistency.report_retention;
     let runner = match &args.resume {
-        Some(id) => match cli_jobs::resume(&redis, resync::KIND, id, &instance, retention).await? {
+        Some(id) => match cli_jobs::resume(&config, &redis, resync::KIND, id).await? {
             Ok(runner) => runner,
             Err(finished) => return Ok(serde_json::to_string_pretty(&finished)?),
         },
@@ -53,35 +47,14 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<String> {
                 _ => anyhow::bail!("give exactly one of --all, --file FILE or user ids"),
             };
             let rate = config.resync.rate(args.rate);
-            let target_param = match &target {
-                Target::All => serde_json::json!("all"),
-                Target::UserIds(ids) => serde_json::json!({ "user_ids": ids_param(ids) }),
-                Target::File(f) => serde_json::json!({ "file": f }),
-            };
-            let requested = Requested {
-                by: cli_caller(),
-                params: serde_json::json!({ "target": target_param, "rate": rate, "force": args.force }),
-            };
+            let params =
+                serde_json::json!({ "target": target.param(), "rate": rate, "force": args.force });
             let mut body = Resync::new(target, rate, args.force);
             resync::estimate(&redis, &mut body).await?;
-            Runner::start(
-                redis.clone(),
-                resync::KIND,
-                jobs::new_id(resync::KIND),
-                &instance,
-                body,
-                args.force,
-                retention,
-                Some(requested),
-            )
-            .await?
+            cli_jobs::start(&config, &redis, resync::KIND, body, args.force, params).await?
         }
     };
-    let runner = runner.logged_in(OperationLog::new(
-        redis.clone(),
-        config.operations.max_entries,
-        &instance,
-    ));
+    let runner = runner.logged_in(cli_jobs::log(&config, &redis));
     let id = runner.job.id.clone();
     eprintln!("resync {id} (resume with: datasync resync --resume {id})");
     let bar = ProgressBar::new(runner.job.body.estimated_total.unwrap_or(0));

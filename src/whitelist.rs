@@ -57,13 +57,15 @@ impl Whitelist {
         ids.is_empty() || ids.contains(user)
     }
 
-    /// Reloads the set if its version moved; true when it did.
+    /// Reloads the set if its version moved; true when it did. The version
+    /// is read before the set: a change between the two reads is seen again
+    /// at the next poll.
     pub async fn refresh(&self) -> Result<bool, RedisError> {
         let version = self.redis.whitelist_version().await?;
         if version == self.version() {
             return Ok(false);
         }
-        let (version, ids) = self.redis.whitelist().await?;
+        let ids = self.redis.whitelist_ids().await?;
         *self.ids.write().expect("not poisoned") = Arc::new(ids.into_iter().collect());
         self.version.store(version, Ordering::SeqCst);
         Ok(true)

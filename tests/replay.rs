@@ -42,6 +42,17 @@ async fn sync_generation(engine: &Engine, ns: &str, users: &[String], generation
     .await;
 }
 
+/// Drops the collection and waits until it reads empty (the Python
+/// server's drop can lag behind its answer under load).
+async fn drop_collection(m: &datasync::clients::mongo::MongoStore) {
+    m.collection().drop().await.unwrap();
+    wait_until("the collection is gone", LONG, || {
+        let m = m.clone();
+        async move { count_docs(&m, doc! {}).await == 0 }
+    })
+    .await;
+}
+
 async fn wait_replay(engine: &Engine, id: &str) -> Job<Replay> {
     wait_until("the replay finishes", LONG, || {
         let (engine, id) = (engine.clone(), id.to_string());
@@ -137,12 +148,7 @@ async fn a_lost_collection_is_rebuilt_by_replay_at_the_newest_generation() {
     );
 
     let m = mongo(&ns).await;
-    m.collection().drop().await.unwrap();
-    wait_until("the collection is gone", LONG, || {
-        let m = m.clone();
-        async move { count_docs(&m, doc! {}).await == 0 }
-    })
-    .await;
+    drop_collection(&m).await;
     let request = ReplayRequest {
         topic: "dynamic".into(),
         from_time: Some(before.to_string()),
@@ -394,12 +400,7 @@ async fn whitelist_changes_reach_every_instance_and_narrow_a_replay() {
     );
 
     let m = mongo(&ns).await;
-    m.collection().drop().await.unwrap();
-    wait_until("the collection is gone", LONG, || {
-        let m = m.clone();
-        async move { count_docs(&m, doc! {}).await == 0 }
-    })
-    .await;
+    drop_collection(&m).await;
     let request = ReplayRequest {
         topic: "dynamic".into(),
         ..Default::default()

@@ -37,6 +37,18 @@ pub fn producer(c: &KafkaConfig, client_id: &str) -> Result<FutureProducer, Kafk
         .create()
 }
 
+/// What every consumer here shares: manual offsets only, from the earliest
+/// offset when none is known.
+fn consumer_base(c: &KafkaConfig, group: &str, client_id: &str) -> ClientConfig {
+    let mut cfg = base(c);
+    cfg.set("client.id", client_id)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest");
+    cfg
+}
+
 /// The applier's consumer: manual commits only, from the earliest offset;
 /// `context` sees its rebalances.
 pub fn consumer<C: ConsumerContext + 'static>(
@@ -45,12 +57,7 @@ pub fn consumer<C: ConsumerContext + 'static>(
     client_id: &str,
     context: C,
 ) -> Result<StreamConsumer<C>, KafkaError> {
-    base(c)
-        .set("client.id", client_id)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
+    consumer_base(c, group, client_id)
         .set(
             "session.timeout.ms",
             c.session_timeout.as_millis().to_string(),
@@ -71,12 +78,7 @@ pub fn replay_consumer(
     group: &str,
     client_id: &str,
 ) -> Result<StreamConsumer, KafkaError> {
-    base(c)
-        .set("client.id", client_id)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
+    consumer_base(c, group, client_id)
         .set("enable.partition.eof", "true")
         .create()
 }

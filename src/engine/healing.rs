@@ -10,7 +10,7 @@ use crate::{
         resync::{self, Resync, Target},
     },
     model::validate_user_ids,
-    operations::{Requested, ids_param},
+    operations::Requested,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -47,14 +47,9 @@ impl Engine {
         if rate == Some(0) {
             return Err(EngineError::Invalid("rate: must be at least 1".into()));
         }
-        let target_param = match &target {
-            Target::All => json!("all"),
-            Target::UserIds(ids) => json!({ "user_ids": ids_param(ids) }),
-            Target::File(f) => json!({ "file": f }),
-        };
         let requested = Requested {
             by: by.to_string(),
-            params: json!({ "target": target_param, "rate": rate, "force": force }),
+            params: json!({ "target": target.param(), "rate": rate, "force": force }),
         };
         self.inner
             .jobs

@@ -74,34 +74,9 @@ impl Engine {
         force: bool,
         by: &str,
     ) -> Result<Job<Replay>, EngineError> {
-        if let Some(ids) = &request.user_ids {
-            if ids.is_empty() {
-                return Err(EngineError::Invalid(
-                    "user_ids: empty; leave it out to replay every user (or the whitelist's)"
-                        .into(),
-                ));
-            }
-            validate_user_ids(ids.iter().map(String::as_str)).map_err(EngineError::Invalid)?;
-        }
-        if request.rate == Some(0) {
-            return Err(EngineError::Invalid("rate: must be at least 1".into()));
-        }
-        let params = json!({
-            "topic": request.topic,
-            "from_time": request.from_time,
-            "to_time": request.to_time,
-            "from_offset": request.from_offset,
-            "to_offset": request.to_offset,
-            "partition": request.partition,
-            "user_ids": request.user_ids.as_deref().map(ids_param),
-            "dry_run": request.dry_run,
-            "target_collection": request.target_collection,
-            "rate": request.rate,
-            "force": force,
-        });
         let requested = Requested {
             by: by.to_string(),
-            params,
+            params: request.params(force),
         };
         self.inner
             .jobs
@@ -127,11 +102,7 @@ impl Engine {
         id: &str,
         by: &str,
     ) -> Result<Job<B>, EngineError> {
-        let action_kind = match kind {
-            replay::KIND => "replay_cancel",
-            _ => "resync_cancel",
-        };
-        let action = Action::begin(action_kind, by, json!({ "id": id }));
+        let action = Action::begin(format!("{kind}_cancel"), by, json!({ "id": id }));
         let retention = self.config().consistency.report_retention;
         let r = jobs::cancel::<B>(self.redis(), kind, id, retention).await;
         let outcome = r

@@ -90,6 +90,16 @@ pub fn seconds_since(t: &str) -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// What a runner does after a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    GoOn,
+    /// Asked to stop: finish as `cancelled`.
+    Cancel,
+    /// Another instance holds the job: stop without writing.
+    Stop,
+}
+
 /// A job being run by this instance: its record and where it is stored.
 pub struct Runner<B> {
     redis: RedisStore,
@@ -207,6 +217,24 @@ impl<B: Serialize + DeserializeOwned> Runner<B> {
             .await
     }
 
+    /// A checkpoint between pages or windows: saves the record and says
+    /// what the runner does next. A failed save is logged and the job goes
+    /// on (its lease is renewed at the next one).
+    pub async fn checkpoint(&mut self) -> Next {
+        match self.save().await {
+            Ok(Checkpoint::Saved) => Next::GoOn,
+            Ok(Checkpoint::CancelRequested) => Next::Cancel,
+            Ok(Checkpoint::Lost) => {
+                tracing::warn!(kind = self.kind, id = %self.job.id, "job taken over by another instance; stopping here");
+                Next::Stop
+            }
+            Err(e) => {
+                tracing::warn!(kind = self.kind, id = %self.job.id, error = %e, "job checkpoint failed");
+                Next::GoOn
+            }
+        }
+    }
+
     /// Writes the last record, kept for the retention, and releases the
     /// lease and the lock.
     pub async fn finish(
@@ -220,7 +248,8 @@ impl<B: Serialize + DeserializeOwned> Runner<B> {
         self.job.updated_at = now.clone();
         self.job.finished_at = Some(now);
         let json = serde_json::to_string(&self.job).expect("jobs serialize");
-        self.redis
+        let written = self
+            .redis
             .job_finish(
                 self.kind,
                 &self.job.id,
@@ -229,14 +258,14 @@ impl<B: Serialize + DeserializeOwned> Runner<B> {
                 self.retention,
             )
             .await?;
-        if let (Some(log), Some(requested)) = (&self.log, &self.job.requested) {
-            let mut result = serde_json::json!({ "status": state });
-            if let Some(e) = &self.job.error {
-                result["error"] = e.clone().into();
-            }
-            if let Ok(serde_json::Value::Object(body)) = serde_json::to_value(&self.job.body) {
-                result.as_object_mut().expect("an object").extend(body);
-            }
+        // A job another instance took over is logged by that instance.
+        if written && let (Some(log), Some(requested)) = (&self.log, &self.job.requested) {
+            let status = serde_json::to_value(state).expect("states serialize");
+            let result = crate::operations::result(
+                status.as_str().unwrap_or_default(),
+                self.job.error.as_deref(),
+                &self.job.body,
+            );
             log.write(Operation {
                 id: self.job.id.clone(),
                 kind: self.kind.to_string(),

@@ -11,9 +11,9 @@
 //! record after each page, so a killed job resumes where it was; a page
 //! flagged twice is harmless.
 
-use super::{JobState, Pacer, Runner, pause, seconds_since};
+use super::{JobState, Next, Pacer, Runner, pause, seconds_since};
 use crate::{
-    clients::redis::{Checkpoint, RedisError, RedisStore, ScanCursor},
+    clients::redis::{RedisError, RedisStore, ScanCursor},
     telemetry::Stats,
 };
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,19 @@ pub enum Target {
     /// A file of user ids, one per line (blank lines and `#` comments
     /// skipped): the CLI's `--file`.
     File(PathBuf),
+}
+
+impl Target {
+    /// The target as the operation log's parameter.
+    pub fn param(&self) -> serde_json::Value {
+        match self {
+            Self::All => serde_json::json!("all"),
+            Self::UserIds(ids) => {
+                serde_json::json!({ "user_ids": crate::operations::ids_param(ids) })
+            }
+            Self::File(f) => serde_json::json!({ "file": f }),
+        }
+    }
 }
 
 /// A resync's parameters and progress (the job record's body).
@@ -276,16 +289,10 @@ pub async fn run(
         if done {
             return finish(runner, JobState::Done, None).await;
         }
-        match runner.save().await {
-            Ok(Checkpoint::Saved) => {}
-            Ok(Checkpoint::CancelRequested) => {
-                return finish(runner, JobState::Cancelled, None).await;
-            }
-            Ok(Checkpoint::Lost) => {
-                tracing::warn!(id = %runner.job.id, "resync taken over by another instance; stopping here");
-                return None;
-            }
-            Err(e) => tracing::warn!(id = %runner.job.id, error = %e, "resync checkpoint failed"),
+        match runner.checkpoint().await {
+            Next::GoOn => {}
+            Next::Cancel => return finish(runner, JobState::Cancelled, None).await,
+            Next::Stop => return None,
         }
         let wait = pacer.wait_for(runner.job.body.flagged - flagged_at_start);
         if !pause(&cx.cancel, wait).await {

@@ -52,11 +52,8 @@ impl RedisStore {
         Ok(v.unwrap_or(0))
     }
 
-    /// The whitelist's version and its ids. The version is read first: a
-    /// change between the two reads is seen again at the next poll.
-    pub async fn whitelist(&self) -> Result<(i64, Vec<String>), RedisError> {
-        let version = self.whitelist_version().await?;
-        let ids: Vec<String> = self.client().smembers(self.keys.whitelist()).await?;
-        Ok((version, ids))
+    /// The whitelisted ids.
+    pub async fn whitelist_ids(&self) -> Result<Vec<String>, RedisError> {
+        Ok(self.client().smembers(self.keys.whitelist()).await?)
     }
 }

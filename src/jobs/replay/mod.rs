@@ -19,16 +19,16 @@
 //! end-of-partition event; the broker's high watermark is not trusted). Positions are checkpointed
 //! after every window, so a replay whose instance died is resumed.
 
-use super::{JobState, Pacer, Runner, pause, seconds_since};
+use super::{JobState, Next, Pacer, Runner, pause, seconds_since};
 use crate::{
     actors::applier::{Record, collapse},
     clients::{
-        kafka::{self, PartitionBounds},
-        mongo::{Change, MongoError, MongoStore, Op, Outcome},
-        redis::{Checkpoint, RedisStore},
+        kafka,
+        mongo::{MongoStore, Outcome},
+        redis::RedisStore,
     },
     config::KafkaConfig,
-    model::{Section, now_ms, parse_time},
+    model::{now_ms, parse_time},
     profiles::ProfileReader,
     retry::RetryConfig,
     telemetry::Stats,
@@ -41,11 +41,16 @@ use rdkafka::{
 };
 use serde::{Deserialize, Serialize};
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     sync::Arc,
     time::Duration,
 };
 use tokio_util::sync::CancellationToken;
+
+mod dry_run;
+mod plan;
+
+pub use plan::{ReplayRequest, plan};
 
 pub const KIND: &str = "replay";
 
@@ -100,7 +105,8 @@ pub struct Replay {
     /// The plan per partition, keyed by partition number (JSON object keys
     /// are strings).
     pub partitions: BTreeMap<String, PartitionPlan>,
-    /// Next offset to read per partition.
+    /// Next offset to read per partition (the plans' positions, copied
+    /// at each checkpoint for those who poll).
     pub position: BTreeMap<String, i64>,
     /// Records read from the broker.
     pub read: u64,
@@ -121,177 +127,20 @@ pub struct Replay {
     pub events_per_s: f64,
 }
 
-/// A replay request, checked by [`plan`].
-#[derive(Debug, Clone, Default)]
-pub struct ReplayRequest {
-    /// `dynamic`, `static` or a topic name.
-    pub topic: String,
-    pub from_time: Option<String>,
-    pub to_time: Option<String>,
-    pub from_offset: Option<i64>,
-    pub to_offset: Option<i64>,
-    pub partition: Option<i32>,
-    pub user_ids: Option<Vec<String>>,
-    pub dry_run: bool,
-    pub target_collection: Option<String>,
-    pub rate: Option<u64>,
-}
+impl Replay {
+    /// The plan of partition `p` (a scan of a handful: no key to build).
+    fn plan_mut(&mut self, p: i32) -> Option<&mut PartitionPlan> {
+        self.partitions.values_mut().find(|x| x.partition == p)
+    }
 
-/// Checks a request, resolves its topic and window per partition; an
-/// error names the field.
-pub async fn plan(
-    kafka: &KafkaConfig,
-    redis: &RedisStore,
-    live_collection: &str,
-    r: &ReplayRequest,
-) -> Result<Replay, String> {
-    let topic = match r.topic.as_str() {
-        "dynamic" => kafka.dynamic_topic.clone(),
-        "static" => kafka.static_topic.clone(),
-        "" => return Err("topic: give `dynamic`, `static` or a topic name".into()),
-        t => t.to_string(),
-    };
-    let time = |field: &str, v: &Option<String>| -> Result<Option<i64>, String> {
-        v.as_deref()
-            .map(|s| parse_time(s).map_err(|e| format!("{field}: {e}")))
-            .transpose()
-    };
-    let (from_ms, to_ms) = (
-        time("from_time", &r.from_time)?,
-        time("to_time", &r.to_time)?,
-    );
-    if from_ms.is_some() && r.from_offset.is_some() {
-        return Err("give either from_time or from_offset, not both".into());
-    }
-    if to_ms.is_some() && r.to_offset.is_some() {
-        return Err("give either to_time or to_offset, not both".into());
-    }
-    if let (Some(f), Some(t)) = (from_ms, to_ms)
-        && f > t
-    {
-        return Err("from_time: after to_time".into());
-    }
-    for (field, v) in [("from_offset", r.from_offset), ("to_offset", r.to_offset)] {
-        if v.is_some_and(|o| o < 0) {
-            return Err(format!("{field}: must be 0 or more"));
-        }
-    }
-    if let (Some(f), Some(t)) = (r.from_offset, r.to_offset)
-        && f > t
-    {
-        return Err("from_offset: after to_offset".into());
-    }
-    if (r.from_offset.is_some() || r.to_offset.is_some()) && r.partition.is_none() {
-        return Err("partition: offsets belong to one partition; give it".into());
-    }
-    let collection = match &r.target_collection {
-        None => live_collection.to_string(),
-        Some(c) => {
-            check_collection_name(c)?;
-            c.clone()
-        }
-    };
-    let bounds = kafka::partition_bounds(kafka, &topic, r.partition, from_ms).await?;
-    let mut partitions = BTreeMap::new();
-    for b in bounds {
-        let (from, from_by) = start_of(redis, &topic, &b, r.from_offset, from_ms).await;
-        let to = match (from, r.to_offset) {
-            // No record is as new as from_time: nothing to read.
-            (None, _) => Some(b.low),
-            (Some(_), Some(o)) => Some(o + 1),
-            (Some(_), None) => None,
-        };
-        let from = from.unwrap_or(b.low);
-        partitions.insert(
-            b.partition.to_string(),
-            PartitionPlan {
-                partition: b.partition,
-                from,
-                to,
-                from_by: from_by.into(),
-                position: from,
-                done: to.is_some_and(|t| from >= t),
-            },
-        );
-    }
-    Ok(Replay {
-        topic,
-        from_time: from_ms.map(crate::model::rfc3339_ms),
-        to_time: to_ms.map(crate::model::rfc3339_ms),
-        from_offset: r.from_offset,
-        to_offset: r.to_offset,
-        partition: r.partition,
-        filter: if r.user_ids.is_some() {
-            "user_ids"
-        } else {
-            "whitelist"
-        }
-        .into(),
-        user_ids: r.user_ids.clone(),
-        dry_run: r.dry_run,
-        collection,
-        rate: r.rate,
-        position: partitions
+    /// Copies the plans' positions into `position`.
+    fn note_positions(&mut self) {
+        self.position = self
+            .partitions
             .iter()
-            .map(|(p, x)| (p.clone(), x.from))
-            .collect(),
-        partitions,
-        read: 0,
-        applied: 0,
-        stale: 0,
-        filtered: 0,
-        outside_window: 0,
-        errors: 0,
-        last_error: None,
-        events_per_s: 0.0,
-    })
-}
-
-/// Where a partition's window starts (`None`: no record is new enough),
-/// and how that was found.
-async fn start_of(
-    redis: &RedisStore,
-    topic: &str,
-    b: &PartitionBounds,
-    from_offset: Option<i64>,
-    from_ms: Option<i64>,
-) -> (Option<i64>, &'static str) {
-    if let Some(o) = from_offset {
-        return (Some(o.max(b.low)), "offset");
+            .map(|(k, x)| (k.clone(), x.position))
+            .collect();
     }
-    let Some(ms) = from_ms else {
-        return (Some(b.low), "beginning");
-    };
-    match &b.at_time {
-        Some(Ok(o)) => (*o, "time"),
-        _ => match redis.offset_ranges(topic, b.partition).await {
-            // The first range with a record at or after the time; the
-            // records before the time in it are skipped while reading. An
-            // index without such a range may have lost it (a crash before a
-            // flush): read from the beginning rather than skip records.
-            Ok(ranges) => match ranges.iter().find(|r| r.last_ms >= ms) {
-                Some(r) => (Some(r.start.max(b.low)), "index"),
-                None => (Some(b.low), "beginning"),
-            },
-            Err(_) => (Some(b.low), "beginning"),
-        },
-    }
-}
-
-/// MongoDB's rules for collection names, and ours: not a system
-/// collection.
-fn check_collection_name(c: &str) -> Result<(), String> {
-    let bad = c.is_empty()
-        || c.len() > 120
-        || c.starts_with("system.")
-        || c.contains('$')
-        || c.contains('\0');
-    if bad {
-        return Err(format!(
-            "target_collection: `{c}` is not a usable collection name (1–120 characters, no `$`, not `system.*`)"
-        ));
-    }
-    Ok(())
 }
 
 /// What a replay run needs besides its record.
@@ -365,91 +214,114 @@ pub async fn run(
         .and_then(|t| parse_time(t).ok());
     let pacer = Pacer::new(runner.job.body.rate.unwrap_or(0));
     let read_at_start = runner.job.body.read;
-    // A dry run's view of the versions its earlier windows would have
-    // written, so its counts match a real run's.
     let mut overlay: HashMap<String, (i64, i64)> = HashMap::new();
     loop {
         if runner.job.body.partitions.values().all(|p| p.done) {
             return finish(runner, &cx, &group, JobState::Done, None).await;
         }
+        let r = &runner.job.body;
+        let before = (r.applied, r.stale, r.filtered, r.errors);
         let Some(window) = gather(&consumer, &cx, &mut runner.job.body, from_ms, to_ms).await
         else {
             return None; // stopping: resumed from the last checkpoint
         };
-        let r = &mut runner.job.body;
         if !window.is_empty() {
-            let c = collapse(&window);
-            let superseded: u64 = c.superseded.iter().map(|(_, n)| n).sum();
-            let mut errors = c.poison.len() as u64;
-            if let Some((_, _, e)) = c.poison.last() {
-                r.last_error = Some(e.clone());
-            }
-            let mut attempt = 0;
-            let outcomes = loop {
-                let written = if r.dry_run {
-                    predict(&target, &c.changes, &mut overlay).await
-                } else {
-                    target.apply(&c.changes).await
-                };
-                match written {
-                    Ok(o) => break o,
-                    Err(e) => {
-                        let wait = cx.retry.delay(attempt);
-                        tracing::warn!(error = %e, retry_in = ?wait, "replay window not written; retrying");
-                        if !pause(&cx.cancel, wait).await {
-                            return None;
-                        }
-                        attempt += 1;
-                    }
-                }
+            let w = Window {
+                target: &target,
+                live,
+                overlay: &mut overlay,
             };
-            let (mut applied, mut stale) = (0, superseded);
-            let mut touched = Vec::new();
-            for (change, o) in c.changes.iter().zip(&outcomes) {
-                match o {
-                    Outcome::Applied => {
-                        applied += 1;
-                        touched.push(change.user_id.as_str());
-                    }
-                    Outcome::Stale => stale += 1,
-                    Outcome::Rejected(e) => {
-                        errors += 1;
-                        r.last_error = Some(format!("user `{}`: {e}", change.user_id));
-                    }
-                }
+            if !w.write(&window, &cx, &mut runner.job.body).await {
+                return None;
             }
-            if live
-                && !r.dry_run
-                && let Some(p) = &cx.profiles
-                && let Err(e) = p.invalidate(&touched).await
-            {
-                tracing::debug!(error = %e, "cannot invalidate cached profiles after a replay window");
-            }
-            r.applied += applied;
-            r.stale += stale;
-            r.errors += errors;
-            if let Some(s) = &cx.stats {
-                s.replayed(applied, stale, 0, errors);
-            }
+        }
+        if let Some(s) = &cx.stats {
+            let r = &runner.job.body;
+            s.replayed(
+                r.applied - before.0,
+                r.stale - before.1,
+                r.filtered - before.2,
+                r.errors - before.3,
+            );
         }
         let elapsed = seconds_since(&runner.job.created_at).max(0.001);
         runner.job.body.events_per_s = runner.job.body.read as f64 / elapsed;
+        runner.job.body.note_positions();
         progress(&runner.job.body);
-        match runner.save().await {
-            Ok(Checkpoint::Saved) => {}
-            Ok(Checkpoint::CancelRequested) => {
-                return finish(runner, &cx, &group, JobState::Cancelled, None).await;
-            }
-            Ok(Checkpoint::Lost) => {
-                tracing::warn!(id = %runner.job.id, "replay taken over by another instance; stopping here");
-                return None;
-            }
-            Err(e) => tracing::warn!(id = %runner.job.id, error = %e, "replay checkpoint failed"),
+        match runner.checkpoint().await {
+            Next::GoOn => {}
+            Next::Cancel => return finish(runner, &cx, &group, JobState::Cancelled, None).await,
+            Next::Stop => return None,
         }
         let wait = pacer.wait_for(runner.job.body.read - read_at_start);
         if !pause(&cx.cancel, wait).await {
             return None;
         }
+    }
+}
+
+/// Where a replay writes its windows.
+struct Window<'a> {
+    target: &'a MongoStore,
+    /// The live collection: cached profiles of applied users are dropped.
+    live: bool,
+    /// A dry run's view of the versions its earlier windows would have
+    /// written, so its counts match a real run's.
+    overlay: &'a mut HashMap<String, (i64, i64)>,
+}
+
+impl Window<'_> {
+    /// Collapses `window` and writes it (a dry run predicts), retrying until
+    /// MongoDB answers, and adds its counts to `r`. False when the engine
+    /// stopped first.
+    async fn write(self, window: &[Record], cx: &Context, r: &mut Replay) -> bool {
+        let c = collapse(window);
+        r.stale += c.superseded.iter().map(|(_, n)| n).sum::<u64>();
+        r.errors += c.poison.len() as u64;
+        if let Some((_, _, e)) = c.poison.last() {
+            r.last_error = Some(e.clone());
+        }
+        let mut attempt = 0;
+        let outcomes = loop {
+            let written = if r.dry_run {
+                dry_run::predict(self.target, &c.changes, self.overlay).await
+            } else {
+                self.target.apply(&c.changes).await
+            };
+            match written {
+                Ok(o) => break o,
+                Err(e) => {
+                    let wait = cx.retry.delay(attempt);
+                    tracing::warn!(error = %e, retry_in = ?wait, "replay window not written; retrying");
+                    if !pause(&cx.cancel, wait).await {
+                        return false;
+                    }
+                    attempt += 1;
+                }
+            }
+        };
+        let mut touched = Vec::new();
+        for (change, o) in c.changes.iter().zip(&outcomes) {
+            match o {
+                Outcome::Applied => {
+                    r.applied += 1;
+                    touched.push(change.user_id.as_str());
+                }
+                Outcome::Stale => r.stale += 1,
+                Outcome::Rejected(e) => {
+                    r.errors += 1;
+                    r.last_error = Some(format!("user `{}`: {e}", change.user_id));
+                }
+            }
+        }
+        if self.live
+            && !r.dry_run
+            && let Some(p) = &cx.profiles
+            && let Err(e) = p.invalidate(&touched).await
+        {
+            tracing::debug!(error = %e, "cannot invalidate cached profiles after a replay window");
+        }
+        true
     }
 }
 
@@ -484,7 +356,7 @@ async fn gather(
         let m = match m {
             Ok(m) => m,
             Err(KafkaError::PartitionEOF(p)) => {
-                if let Some(plan) = r.partitions.get_mut(&p.to_string()) {
+                if let Some(plan) = r.plan_mut(p) {
                     plan.done = true;
                 }
                 continue;
@@ -495,7 +367,7 @@ async fn gather(
             }
         };
         let p = m.partition();
-        let Some(plan) = r.partitions.get_mut(&p.to_string()) else {
+        let Some(plan) = r.plan_mut(p) else {
             continue;
         };
         if plan.done || m.offset() < plan.position {
@@ -512,7 +384,6 @@ async fn gather(
         }
         plan.position = m.offset() + 1;
         plan.done = plan.to.is_some_and(|t| plan.position >= t);
-        r.position.insert(p.to_string(), plan.position);
         r.read += 1;
         if from_ms.is_some_and(|f| ms < f) {
             r.outside_window += 1;
@@ -524,9 +395,6 @@ async fn gather(
             .unwrap_or("");
         if !cx.filter.allows(user) {
             r.filtered += 1;
-            if let Some(s) = &cx.stats {
-                s.replayed(0, 0, 1, 0);
-            }
             continue;
         }
         window.push(Record {
@@ -540,57 +408,8 @@ async fn gather(
     Some(window)
 }
 
-/// What a write of `changes` would do, by MongoDB's newer-wins rules, from
-/// the stored versions and those earlier windows of the dry run would have
-/// written (`overlay`, updated).
-async fn predict(
-    target: &MongoStore,
-    changes: &[Change],
-    overlay: &mut HashMap<String, (i64, i64)>,
-) -> Result<Vec<Outcome>, MongoError> {
-    let missing: Vec<&str> = changes
-        .iter()
-        .map(|c| c.user_id.as_str())
-        .filter(|u| !overlay.contains_key(*u))
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    if !missing.is_empty() {
-        let stored = target.versions(&missing).await?;
-        for u in missing {
-            overlay.insert(u.to_string(), stored.get(u).copied().unwrap_or((0, 0)));
-        }
-    }
-    Ok(changes
-        .iter()
-        .map(|c| {
-            let v = overlay.get_mut(&c.user_id).expect("filled above");
-            if would_apply(v, c) {
-                Outcome::Applied
-            } else {
-                Outcome::Stale
-            }
-        })
-        .collect())
-}
-
-/// Whether `c` changes a document whose versions are `(static, dynamic)`,
-/// and the versions after it: a section change applies over an older
-/// section; a delete over any older section, raising both.
-fn would_apply(v: &mut (i64, i64), c: &Change) -> bool {
-    match (&c.op, c.section) {
-        (Op::Set(_), Section::Static) if v.0 < c.version => v.0 = c.version,
-        (Op::Set(_), Section::Dynamic) if v.1 < c.version => v.1 = c.version,
-        (Op::Delete, _) if v.0 < c.version || v.1 < c.version => {
-            *v = (v.0.max(c.version), v.1.max(c.version));
-        }
-        _ => return false,
-    }
-    true
-}
-
 async fn finish(
-    runner: Runner<Replay>,
+    mut runner: Runner<Replay>,
     cx: &Context,
     group: &str,
     state: JobState,
@@ -599,6 +418,7 @@ async fn finish(
     if let Err(e) = kafka::delete_group(&cx.kafka, group).await {
         tracing::debug!(error = %e, %group, "cannot remove the replay's consumer group");
     }
+    runner.job.body.note_positions();
     let id = runner.job.id.clone();
     match runner.finish(state, error).await {
         Ok(job) => {
@@ -616,44 +436,6 @@ async fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mongodb::bson::doc;
-
-    fn change(section: Section, version: i64, op: Op) -> Change {
-        Change {
-            user_id: "u".into(),
-            section,
-            version,
-            op,
-            event_id: String::new(),
-            marked_at_ms: 0,
-        }
-    }
-
-    #[test]
-    fn predictions_follow_the_newer_wins_rules() {
-        let set = || Op::Set(doc! {});
-        let mut v = (0, 0);
-        assert!(would_apply(&mut v, &change(Section::Dynamic, 5, set())));
-        assert!(!would_apply(&mut v, &change(Section::Dynamic, 5, set())));
-        assert!(would_apply(&mut v, &change(Section::Static, 3, set())));
-        assert_eq!(v, (3, 5));
-        // A delete at 4 beats the static section only, and raises it.
-        assert!(would_apply(
-            &mut v,
-            &change(Section::Dynamic, 4, Op::Delete)
-        ));
-        assert_eq!(v, (4, 5));
-        assert!(!would_apply(&mut v, &change(Section::Static, 4, set())));
-        assert!(!would_apply(
-            &mut v,
-            &change(Section::Dynamic, 4, Op::Delete)
-        ));
-        assert!(would_apply(
-            &mut v,
-            &change(Section::Dynamic, 5, Op::Delete)
-        ));
-        assert_eq!(v, (5, 5));
-    }
 
     #[test]
     fn records_read_back_from_their_json() {
@@ -704,18 +486,5 @@ mod tests {
         let back: super::super::Job<Replay> = serde_json::from_str(&json).unwrap();
         assert_eq!(back.body.partitions["3"].position, 4);
         assert_eq!(back.body.position["3"], 4);
-    }
-
-    #[test]
-    fn collection_names_are_checked() {
-        assert!(check_collection_name("rebuild_1").is_ok());
-        for bad in ["", "system.users", "a$b"] {
-            assert!(
-                check_collection_name(bad)
-                    .unwrap_err()
-                    .contains("target_collection"),
-                "{bad}"
-            );
-        }
     }
 }
