@@ -11,11 +11,14 @@
 #   scripts/stack.sh down     stop what this script started
 #   scripts/stack.sh status   say what answers on each port
 #   scripts/stack.sh env      print the endpoints as shell exports
+#   scripts/stack.sh tools    install what the tests use beside the stack
+#                             (promtool, from Debian's prometheus package)
 #
 # Idempotent: `up` twice reuses what already answers; `down` stops only the
 # processes whose pid files this script wrote (per port, so a second server on
 # another port, e.g. MONGO_PORT=27018 DATASYNC_MONGO_SERVER=rs, is kept apart). Everything it installs or writes
-# lives under .stack/ (ignored by git) except Debian's redis-server package.
+# lives under .stack/ (ignored by git) except Debian's packages (redis-server;
+# prometheus for its promtool, with `tools`).
 #
 # Variables: REDIS_PORT (6379), MONGO_PORT (27017), KAFKA_PORT (9092),
 # REDIS_CLUSTER_PORTS ("7001 7002 7003": three masters, no replicas),
@@ -59,7 +62,8 @@ apt_install() { # packages...
   ((${#missing[@]} == 0)) && return 0
   log "installing ${missing[*]} from Debian"
   as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
 }
 
 install_python_servers() {
@@ -133,7 +137,8 @@ cluster_up() {
 
 up() {
   mkdir -p "$state"
-  apt_install redis-server redis-tools
+  # libssl-dev and pkg-config: librdkafka is built with TLS (SASL_SSL, SSL).
+  apt_install redis-server redis-tools libssl-dev pkg-config
   install_python_servers
   cluster_up
 
@@ -234,5 +239,6 @@ case "${1:-}" in
   down) down ;;
   status) status ;;
   env) print_env ;;
-  *) echo "usage: $0 up|reset|cluster|down|status|env" >&2; exit 2 ;;
+  tools) apt_install prometheus openssl ;;
+  *) echo "usage: $0 up|reset|cluster|down|status|env|tools" >&2; exit 2 ;;
 esac

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 eval "$(scripts/stack.sh up)"
+scripts/stack.sh tools
 export RUST_BACKTRACE=1
 # The benches run once each as smoke tests first, so the suite's last lines are
 # the integration tests' results (the library has no doc tests).

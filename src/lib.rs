@@ -50,6 +50,7 @@
 
 pub mod actors;
 pub mod backends;
+pub mod backlog;
 pub mod cache;
 pub mod clients;
 pub mod config;
@@ -70,6 +71,7 @@ pub mod shard;
 pub mod strategy;
 pub mod tasks;
 pub mod telemetry;
+pub mod tls;
 pub mod whitelist;
 
 pub use config::Config;
@@ -82,6 +84,9 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let timeout = config.shutdown.timeout;
+    if config.http.enabled {
+        config.http.check_exposure().map_err(anyhow::Error::msg)?;
+    }
     let engine = Engine::start(config).await?;
     let server = if engine.config().http.enabled {
         Some(http::serve(engine.clone())?)

@@ -239,14 +239,31 @@ async fn dead_letters_are_listed_and_redriven_with_the_admin_token() {
 }
 
 #[actix_web::test]
-async fn admin_endpoints_are_off_without_a_token() {
-    let ns = Namespace::new("httpnoadmin");
+async fn without_tokens_only_loopback_clients_may_call() {
+    let ns = Namespace::new("httpnotoken");
     let engine = start(&ns).await;
     let app =
         test::init_service(App::new().configure(datasync::http::configure(engine.clone()))).await;
-    let resp = test::call_service(&app, test::TestRequest::get().uri("/v1/dlq").to_request()).await;
+    let from = |ip: &str| {
+        test::TestRequest::get()
+            .uri("/v1/dlq")
+            .peer_addr(format!("{ip}:40000").parse().unwrap())
+            .to_request()
+    };
+    let resp = test::call_service(&app, from("10.1.2.3")).await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     let body: Value = test::read_body_json(resp).await;
-    assert!(body["error"].as_str().unwrap().contains("http.admin_token"));
+    assert!(
+        body["error"].as_str().unwrap().contains("http.tokens"),
+        "{body}"
+    );
+    let resp = test::call_service(&app, from("127.0.0.1")).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    // Health and metrics stay open to everyone.
+    let req = test::TestRequest::get()
+        .uri("/health/live")
+        .peer_addr("10.1.2.3:40000".parse().unwrap())
+        .to_request();
+    assert_eq!(test::call_service(&app, req).await.status(), StatusCode::OK);
     finish(engine, &ns).await;
 }

@@ -7,15 +7,21 @@ use rdkafka::{
     ClientConfig, Offset, TopicPartitionList,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
     client::DefaultClientContext,
-    consumer::{Consumer, ConsumerContext, StreamConsumer},
+    consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer},
     error::KafkaError,
     producer::FutureProducer,
     types::RDKafkaErrorCode,
 };
 use std::time::Duration;
 
+/// The brokers and the `[kafka.client]` pass-through (SASL, SSL…); the
+/// properties datasync relies on are set after it, and config validation
+/// refuses them in `[kafka.client]`.
 fn base(c: &KafkaConfig) -> ClientConfig {
     let mut cfg = ClientConfig::new();
+    for (k, v) in c.client.iter() {
+        cfg.set(k, v);
+    }
     cfg.set("bootstrap.servers", &c.brokers);
     cfg
 }
@@ -269,4 +275,58 @@ pub async fn probe(producer: &FutureProducer, topic: &str) -> Result<(), KafkaEr
     })
     .await
     .unwrap_or(Err(KafkaError::Canceled))
+}
+
+/// How far a consumer group is behind on one partition.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PartitionLag {
+    pub topic: String,
+    pub partition: i32,
+    /// The group's committed offset; `None` when it has committed nothing.
+    pub committed: Option<i64>,
+    /// The partition's end offset (high watermark).
+    pub end: i64,
+    /// Records between the committed offset (or the partition's start when
+    /// nothing is committed) and the end.
+    pub lag: i64,
+}
+
+/// A client that reads `group`'s committed offsets without joining it.
+pub fn lag_reader(c: &KafkaConfig, group: &str) -> Result<BaseConsumer, KafkaError> {
+    consumer_base(c, group, "datasync-lag").create()
+}
+
+/// `reader`'s group's lag on every partition of `topics`. Blocking: run it
+/// on the blocking pool.
+pub fn consumer_lag(
+    reader: &BaseConsumer,
+    topics: &[String],
+) -> Result<Vec<PartitionLag>, KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    for topic in topics {
+        let md = reader.fetch_metadata(Some(topic), LOOKUP_TIMEOUT)?;
+        for t in md.topics().iter().filter(|t| t.error().is_none()) {
+            for p in t.partitions() {
+                tpl.add_partition(topic, p.id());
+            }
+        }
+    }
+    let committed = reader.committed_offsets(tpl, LOOKUP_TIMEOUT)?;
+    let mut out = Vec::new();
+    for e in committed.elements() {
+        let (low, end) = reader.fetch_watermarks(e.topic(), e.partition(), LOOKUP_TIMEOUT)?;
+        let committed = match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        };
+        out.push(PartitionLag {
+            topic: e.topic().to_string(),
+            partition: e.partition(),
+            committed,
+            end,
+            lag: (end - committed.unwrap_or(low)).max(0),
+        });
+    }
+    out.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    Ok(out)
 }

@@ -9,8 +9,13 @@ use std::{fmt, path::Path, time::Duration};
 
 mod healing;
 mod operations;
+mod security;
 pub use healing::{ConsistencyConfig, MissingProfile, ResyncConfig};
 pub use operations::{OperationsConfig, ReplayConfig, WhitelistConfig};
+pub use security::{
+    ADMIN_TOKEN_NAME, HttpConfig, KafkaClientProperties, RateLimit, RateLimits, Role, TokenConfig,
+    is_loopback,
+};
 
 /// The embedded defaults.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
@@ -134,8 +139,11 @@ pub struct InstanceConfig {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`.
+    /// `redis://[user:password@]host:port[/db]`; `rediss://` for TLS.
     pub url: Secret,
+    /// With `rediss://`: PEM file of the CA certificates to trust; empty =
+    /// the system's roots.
+    pub tls_ca: String,
     /// Route commands as a Redis Cluster client.
     pub cluster: bool,
     /// Connections in the client pool.
@@ -173,6 +181,8 @@ pub struct KafkaConfig {
     /// Consumer session timeout (`session.timeout.ms`).
     #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
+    /// librdkafka properties for every producer and consumer (SASL, SSL…).
+    pub client: KafkaClientProperties,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -256,20 +266,6 @@ pub struct CacheConfig {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct HttpConfig {
-    /// Serve the HTTP API.
-    pub enabled: bool,
-    /// Address to bind.
-    pub bind: String,
-    /// Largest accepted request body.
-    pub max_body_bytes: usize,
-    /// Most users in one mark request.
-    pub max_users_per_request: usize,
-    /// Bearer token for admin endpoints; empty disables them.
-    pub admin_token: Secret,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct LeaseConfig {
     /// How long a shard lease (and an instance's heartbeat) lives without
     /// renewal. Renewed every third of it; a page starts only while more than
@@ -317,6 +313,10 @@ pub struct TelemetryConfig {
     pub log_format: String,
     /// Default log filter.
     pub log_filter: String,
+    /// How often the backlog (pending flags, pending immediate changes,
+    /// consumer lag) is sampled into gauges and `/v1/stats`.
+    #[serde(with = "humantime_serde")]
+    pub backlog_interval: Duration,
 }
 
 impl Config {
@@ -470,18 +470,6 @@ impl Config {
             self.cache.l1_capacity >= 1,
             "cache.l1_capacity: must be at least 1",
         );
-        need(
-            self.http.bind.parse::<std::net::SocketAddr>().is_ok(),
-            "http.bind: must be an address like 127.0.0.1:8080",
-        );
-        need(
-            self.http.max_body_bytes >= 1024,
-            "http.max_body_bytes: must be at least 1024",
-        );
-        need(
-            self.http.max_users_per_request >= 1,
-            "http.max_users_per_request: must be at least 1",
-        );
         if self.instance.mode == ShardMode::Fixed {
             need(
                 self.instance.total >= 1,
@@ -505,9 +493,15 @@ impl Config {
             "dlq.list_limit: must be at least 1",
         );
         need(
+            self.telemetry.backlog_interval >= Duration::from_millis(100),
+            "telemetry.backlog_interval: must be at least 100ms",
+        );
+        need(
             self.lease.ttl >= Duration::from_millis(300),
             "lease.ttl: must be at least 300ms",
         );
+        self.http.validate(&mut p);
+        self.kafka.client.validate(&mut p);
         self.retry.validate(&mut p);
         self.resync.validate(&mut p);
         self.consistency.validate(&mut p);

@@ -17,6 +17,7 @@ use crate::{
         static_path::StaticPath,
     },
     backends::BringUp,
+    backlog::{Backlog, BacklogMonitor},
     cache::{AppliedCache, CacheStats},
     clients::{kafka, mongo::MongoStore, redis::RedisStore},
     config::Config,
@@ -95,6 +96,7 @@ struct Inner {
     ranges: Arc<RangeRecorder>,
     whitelist: Arc<Whitelist>,
     oplog: OperationLog,
+    backlog: Arc<BacklogMonitor>,
     system: actix::System,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -175,6 +177,7 @@ impl Engine {
                 ranges: started.ranges,
                 whitelist: started.whitelist,
                 oplog: started.oplog,
+                backlog: started.backlog,
                 system: started.system,
                 thread: Mutex::new(Some(thread)),
             }),
@@ -225,6 +228,18 @@ impl Engine {
     /// This engine's counters.
     pub fn stats(&self) -> StatsSnapshot {
         self.inner.stats.snapshot()
+    }
+
+    /// The latest backlog sample: pending flags, pending immediate changes
+    /// and the applier group's lag.
+    pub fn backlog(&self) -> Backlog {
+        self.inner.backlog.latest()
+    }
+
+    /// Samples the backlog now (the sampler also does every
+    /// `telemetry.backlog_interval`).
+    pub async fn sample_backlog(&self) -> Backlog {
+        self.inner.backlog.sample().await
     }
 
     /// This engine's flag → applied latencies of dynamic changes (milliseconds).

@@ -25,6 +25,7 @@ pub(super) struct Started {
     pub(super) ranges: Arc<RangeRecorder>,
     pub(super) whitelist: Arc<Whitelist>,
     pub(super) oplog: OperationLog,
+    pub(super) backlog: Arc<BacklogMonitor>,
     pub(super) system: actix::System,
 }
 
@@ -325,7 +326,26 @@ pub(super) async fn start_actors(
         ));
     }
 
+    let backlog = Arc::new(BacklogMonitor::new(
+        &config,
+        redis.clone(),
+        ownership.clone(),
+    ));
+    {
+        let (backlog, every, cancel) = (
+            backlog.clone(),
+            config.telemetry.backlog_interval,
+            shared.cancel.clone(),
+        );
+        actix::spawn(supervise(
+            "backlog sampler",
+            supervision.clone(),
+            move || Ok::<_, Infallible>(backlog.clone().run(every, cancel.clone())),
+        ));
+    }
+
     Ok(Started {
+        backlog,
         jobs,
         ready,
         intake,

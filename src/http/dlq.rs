@@ -1,6 +1,6 @@
 //! The dead-letter endpoints (admin): list and redrive.
 
-use super::{ApiError, check_len, require_admin};
+use super::{ApiError, caller, check_len};
 use crate::{actors::dlq::RedriveTarget, engine::Engine};
 use actix_web::{
     HttpRequest, HttpResponse,
@@ -18,10 +18,8 @@ pub struct DlqQuery {
 
 pub(super) async fn dlq_list(
     engine: Data<Engine>,
-    req: HttpRequest,
     query: web::Query<DlqQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    require_admin(&engine, &req)?;
     let limit = match &query.limit {
         None => engine.config().dlq.list_limit,
         Some(l) => l
@@ -49,7 +47,7 @@ pub(super) async fn dlq_redrive(
     req: HttpRequest,
     body: Json<RedriveRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let by = require_admin(&engine, &req)?;
+    let by = caller(&req);
     let target = match body.into_inner() {
         RedriveRequest {
             user_ids: Some(ids),
@@ -68,7 +66,7 @@ pub(super) async fn dlq_redrive(
             ));
         }
     };
-    let r = engine.dlq_redrive(target, by).await?;
+    let r = engine.dlq_redrive(target, &by).await?;
     Ok(HttpResponse::Ok().json(json!({
         "redriven": r.redriven.len(),
         "versions": r.redriven.iter().map(|(u, v)| json!({"user_id": u, "version": v})).collect::<Vec<_>>(),

@@ -1,7 +1,7 @@
 //! The healing jobs (admin): resync and the consistency check. A job
 //! answers `202 {"id", "state", …}` and is polled at `GET <path>/{id}`.
 
-use super::{ApiError, check_len, require_admin};
+use super::{ApiError, caller, check_len};
 use crate::{engine::Engine, jobs::resync::Target};
 use actix_web::{
     HttpRequest, HttpResponse,
@@ -44,7 +44,7 @@ pub(super) async fn start_resync(
     req: HttpRequest,
     body: Json<ResyncRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let by = require_admin(&engine, &req)?;
+    let by = caller(&req);
     let ResyncRequest {
         all,
         user_ids,
@@ -69,16 +69,14 @@ pub(super) async fn start_resync(
         }
     };
     let rate = parse_rate(rate, "users")?;
-    let job = engine.start_resync(target, rate, force, by).await?;
+    let job = engine.start_resync(target, rate, force, &by).await?;
     Ok(HttpResponse::Accepted().json(job))
 }
 
 pub(super) async fn resync_status(
     engine: Data<Engine>,
-    req: HttpRequest,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    require_admin(&engine, &req)?;
     Ok(HttpResponse::Ok().json(engine.resync_job(&id).await?))
 }
 
@@ -87,8 +85,8 @@ pub(super) async fn cancel_resync(
     req: HttpRequest,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let by = require_admin(&engine, &req)?;
-    let job = engine.cancel_resync(&id, by).await?;
+    let by = caller(&req);
+    let job = engine.cancel_resync(&id, &by).await?;
     Ok(cancelled(job))
 }
 
@@ -118,7 +116,7 @@ pub(super) async fn start_check(
     req: HttpRequest,
     body: Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let by = require_admin(&engine, &req)?;
+    let by = caller(&req);
     let request: CheckRequest = if body.iter().all(u8::is_ascii_whitespace) {
         CheckRequest::default()
     } else {
@@ -126,17 +124,15 @@ pub(super) async fn start_check(
             .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))?
     };
     let job = engine
-        .start_consistency_check(request.force, request.repair, request.repair_orphans, by)
+        .start_consistency_check(request.force, request.repair, request.repair_orphans, &by)
         .await?;
     Ok(HttpResponse::Accepted().json(job))
 }
 
 pub(super) async fn check_status(
     engine: Data<Engine>,
-    req: HttpRequest,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    require_admin(&engine, &req)?;
     Ok(HttpResponse::Ok().json(engine.consistency_check(&id).await?))
 }
 
@@ -149,10 +145,8 @@ pub struct ReportQuery {
 
 pub(super) async fn report(
     engine: Data<Engine>,
-    req: HttpRequest,
     query: web::Query<ReportQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    require_admin(&engine, &req)?;
     let hours = match &query.hours {
         None => 24.0,
         Some(h) => h

@@ -1,19 +1,27 @@
 //! The HTTP API (actix-web). Every error answers JSON `{"error": "...", "field": ...}`
 //! with a 4xx for bad input and a 5xx/503 for a backend problem.
 
+mod auth;
 mod dlq;
 mod jobs;
 mod ops;
 mod sync;
 
-use crate::engine::{Engine, EngineError};
+pub(crate) use auth::caller;
+pub use auth::{Caller, Gate};
+
+use crate::{
+    config::Role,
+    engine::{Engine, EngineError},
+};
 use actix_web::{
-    App, HttpRequest, HttpResponse, HttpServer, ResponseError,
-    dev::Server,
+    App, HttpRequest, HttpResponse, HttpServer, ResponseError, Route,
+    dev::{Server, Service},
     error::JsonPayloadError,
-    http::StatusCode,
+    http::{StatusCode, header},
     web::{self, Data, JsonConfig},
 };
+use futures::future::{self, Either};
 use serde_json::json;
 
 /// An API error with its status and a message naming the problem.
@@ -22,14 +30,26 @@ use serde_json::json;
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    /// Seconds for a `Retry-After` header.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
-    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
-            status: StatusCode::BAD_REQUEST,
+            status,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
     }
 }
 
@@ -49,7 +69,14 @@ impl ResponseError for ApiError {
         self.status
     }
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status).json(json!({ "error": self.message }))
+        let mut r = HttpResponse::build(self.status);
+        if let Some(secs) = self.retry_after {
+            r.insert_header((header::RETRY_AFTER, secs));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        }
+        r.json(json!({ "error": self.message }))
     }
 }
 
@@ -57,22 +84,9 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::Invalid(m) => Self::bad_request(m),
-            e @ EngineError::JobBusy { .. } => Self {
-                status: StatusCode::CONFLICT,
-                message: e.to_string(),
-            },
-            e @ EngineError::NoSuchJob { .. } => Self {
-                status: StatusCode::NOT_FOUND,
-                message: e.to_string(),
-            },
-            e @ EngineError::NotPublished { .. } => Self {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                message: e.to_string(),
-            },
-            other => Self {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                message: other.to_string(),
-            },
+            e @ EngineError::JobBusy { .. } => Self::new(StatusCode::CONFLICT, e.to_string()),
+            e @ EngineError::NoSuchJob { .. } => Self::new(StatusCode::NOT_FOUND, e.to_string()),
+            other => Self::new(StatusCode::SERVICE_UNAVAILABLE, other.to_string()),
         }
     }
 }
@@ -85,11 +99,7 @@ fn json_error(err: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
         JsonPayloadError::ContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         _ => StatusCode::BAD_REQUEST,
     };
-    ApiError {
-        status,
-        message: format!("invalid request body: {err}"),
-    }
-    .into()
+    ApiError::new(status, format!("invalid request body: {err}")).into()
 }
 
 async fn live() -> HttpResponse {
@@ -104,42 +114,6 @@ async fn ready(engine: Data<Engine>) -> HttpResponse {
         HttpResponse::ServiceUnavailable().json(r)
     } else {
         HttpResponse::Ok().json(r)
-    }
-}
-
-/// The name the admin token goes by in logs and the operation log.
-pub(crate) const ADMIN_TOKEN_NAME: &str = "admin";
-
-/// Checks `Authorization: Bearer <http.admin_token>`; answers the token's
-/// name (never the secret), for the operation log.
-pub(crate) fn require_admin(engine: &Engine, req: &HttpRequest) -> Result<&'static str, ApiError> {
-    let token = engine.config().http.admin_token.expose();
-    if token.is_empty() {
-        return Err(ApiError {
-            status: StatusCode::FORBIDDEN,
-            message: "admin endpoints are disabled: set http.admin_token".into(),
-        });
-    }
-    let given = req
-        .headers()
-        .get(actix_web::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    // Compare in time independent of where the strings differ.
-    let same = given.len() == token.len()
-        && given
-            .bytes()
-            .zip(token.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if same {
-        Ok(ADMIN_TOKEN_NAME)
-    } else {
-        Err(ApiError {
-            status: StatusCode::UNAUTHORIZED,
-            message: "missing or wrong bearer token".into(),
-        })
     }
 }
 
@@ -166,6 +140,7 @@ async fn stats(engine: Data<Engine>) -> HttpResponse {
         "immediate": immediate,
         "process": crate::telemetry::process_usage(),
         "outages": engine.outages(),
+        "backlog": engine.backlog(),
     }))
 }
 
@@ -174,63 +149,131 @@ async fn shards(engine: Data<Engine>) -> Result<HttpResponse, ApiError> {
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {
-    Err(ApiError {
-        status: StatusCode::NOT_FOUND,
-        message: "no such endpoint".into(),
-    })
+    Err(ApiError::new(StatusCode::NOT_FOUND, "no such endpoint"))
 }
 
-/// The routes, for the server and for in-process tests.
+/// The routes with a gate of their own, for in-process tests and embedding.
 pub fn configure(engine: Engine) -> impl FnOnce(&mut web::ServiceConfig) {
+    let gate = Data::new(Gate::new(&engine.config().http));
+    routes(engine, gate)
+}
+
+/// Every endpoint and the role it needs; `/health/*` and `/metrics` are open.
+fn routes(engine: Engine, gate: Data<Gate>) -> impl FnOnce(&mut web::ServiceConfig) {
+    use Role::{Admin, Read, Write};
     move |cfg: &mut web::ServiceConfig| {
         let limit = engine.config().http.max_body_bytes;
         cfg.app_data(Data::new(engine))
             .app_data(JsonConfig::default().limit(limit).error_handler(json_error))
-            .app_data(web::QueryConfig::default().error_handler(query_error))
-            .route("/v1/sync/dirty", web::post().to(sync::mark_dirty))
-            .route("/v1/sync/immediate", web::post().to(sync::sync_immediate))
-            .route("/v1/sync/delete", web::post().to(sync::delete))
-            .route("/v1/profiles/{user_id}", web::get().to(sync::profile))
-            .route("/v1/cache/stats", web::get().to(sync::cache_stats))
-            .route("/v1/stats", web::get().to(stats))
-            .route("/v1/shards", web::get().to(shards))
-            .route("/v1/dlq", web::get().to(dlq::dlq_list))
-            .route("/v1/dlq/redrive", web::post().to(dlq::dlq_redrive))
-            .route("/v1/resync", web::post().to(jobs::start_resync))
-            .route("/v1/resync/{id}", web::get().to(jobs::resync_status))
-            .route("/v1/resync/{id}", web::delete().to(jobs::cancel_resync))
-            .route("/v1/consistency/check", web::post().to(jobs::start_check))
-            .route(
+            .app_data(web::QueryConfig::default().error_handler(query_error));
+        let (get, post, delete) = (web::get, web::post, web::delete);
+        let table: Vec<(&str, Role, Vec<Route>)> = vec![
+            ("/v1/sync/dirty", Write, vec![post().to(sync::mark_dirty)]),
+            (
+                "/v1/sync/immediate",
+                Write,
+                vec![post().to(sync::sync_immediate)],
+            ),
+            ("/v1/sync/delete", Write, vec![post().to(sync::delete)]),
+            (
+                "/v1/profiles/{user_id}",
+                Read,
+                vec![get().to(sync::profile)],
+            ),
+            ("/v1/cache/stats", Read, vec![get().to(sync::cache_stats)]),
+            ("/v1/stats", Read, vec![get().to(stats)]),
+            ("/v1/shards", Read, vec![get().to(shards)]),
+            ("/v1/dlq", Admin, vec![get().to(dlq::dlq_list)]),
+            ("/v1/dlq/redrive", Admin, vec![post().to(dlq::dlq_redrive)]),
+            ("/v1/resync", Admin, vec![post().to(jobs::start_resync)]),
+            (
+                "/v1/resync/{id}",
+                Admin,
+                vec![
+                    get().to(jobs::resync_status),
+                    delete().to(jobs::cancel_resync),
+                ],
+            ),
+            (
+                "/v1/consistency/check",
+                Admin,
+                vec![post().to(jobs::start_check)],
+            ),
+            (
                 "/v1/consistency/check/{id}",
-                web::get().to(jobs::check_status),
-            )
-            .route("/v1/consistency/report", web::get().to(jobs::report))
-            .route("/v1/replay", web::post().to(ops::start_replay))
-            .route("/v1/replay/{id}", web::get().to(ops::replay_status))
-            .route("/v1/replay/{id}", web::delete().to(ops::cancel_replay))
-            .route("/v1/offsets", web::get().to(ops::offsets))
-            .route("/v1/whitelist", web::get().to(ops::whitelist))
-            .route("/v1/whitelist/add", web::post().to(ops::whitelist_add))
-            .route(
+                Admin,
+                vec![get().to(jobs::check_status)],
+            ),
+            (
+                "/v1/consistency/report",
+                Admin,
+                vec![get().to(jobs::report)],
+            ),
+            ("/v1/replay", Admin, vec![post().to(ops::start_replay)]),
+            (
+                "/v1/replay/{id}",
+                Admin,
+                vec![
+                    get().to(ops::replay_status),
+                    delete().to(ops::cancel_replay),
+                ],
+            ),
+            ("/v1/offsets", Admin, vec![get().to(ops::offsets)]),
+            ("/v1/whitelist", Admin, vec![get().to(ops::whitelist)]),
+            (
+                "/v1/whitelist/add",
+                Admin,
+                vec![post().to(ops::whitelist_add)],
+            ),
+            (
                 "/v1/whitelist/remove",
-                web::post().to(ops::whitelist_remove),
-            )
-            .route("/v1/operations", web::get().to(ops::operations))
-            .route("/health/live", web::get().to(live))
-            .route("/health/ready", web::get().to(ready))
-            .route("/metrics", web::get().to(metrics))
+                Admin,
+                vec![post().to(ops::whitelist_remove)],
+            ),
+            ("/v1/operations", Admin, vec![get().to(ops::operations)]),
+        ];
+        for (path, role, methods) in table {
+            let gate = gate.clone();
+            let resource = methods
+                .into_iter()
+                .fold(web::resource(path), |r, m| r.route(m))
+                .wrap_fn(move |req, srv| match gate.check(role, &req) {
+                    Ok(caller) => {
+                        auth::admit(&req, caller);
+                        Either::Left(srv.call(req))
+                    }
+                    Err(e) => {
+                        Either::Right(future::ready(Ok(req.into_response(e.error_response()))))
+                    }
+                });
+            cfg.service(resource);
+        }
+        cfg.route("/health/live", get().to(live))
+            .route("/health/ready", get().to(ready))
+            .route("/metrics", get().to(metrics))
             .default_service(web::to(not_found));
     }
 }
 
-/// Binds the HTTP server. Runs until the returned server is stopped.
-pub fn serve(engine: Engine) -> std::io::Result<Server> {
-    let bind = engine.config().http.bind.clone();
-    let server = HttpServer::new(move || App::new().configure(configure(engine.clone())))
-        .workers(2)
-        .disable_signals()
-        .bind(&bind)?
-        .run();
-    tracing::info!(%bind, "http api listening");
-    Ok(server)
+/// Binds the HTTP server (HTTPS when `http.tls_cert` is set). Refuses a
+/// non-loopback bind that no token guards. Runs until the returned server
+/// is stopped.
+pub fn serve(engine: Engine) -> anyhow::Result<Server> {
+    let http = engine.config().http.clone();
+    http.check_exposure().map_err(anyhow::Error::msg)?;
+    let gate = Data::new(Gate::new(&http));
+    let server =
+        HttpServer::new(move || App::new().configure(routes(engine.clone(), gate.clone())))
+            .workers(2)
+            .disable_signals();
+    let server = if http.tls() {
+        let tls = crate::tls::server_config(&http.tls_cert, &http.tls_key)?;
+        server.bind_rustls_0_23(&http.bind, tls)
+    } else {
+        server.bind(&http.bind)
+    }
+    .map_err(|e| anyhow::anyhow!("http.bind = {}: {e}", http.bind))?;
+    let scheme = if http.tls() { "https" } else { "http" };
+    tracing::info!(bind = %http.bind, scheme, "http api listening");
+    Ok(server.run())
 }

@@ -119,12 +119,10 @@ pub(super) async fn profile(
     let user_id = path.into_inner();
     match engine.profile(&user_id).await {
         Ok(Some(p)) => Ok(HttpResponse::Ok().json(&*p)),
-        Ok(None) => Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            message: format!(
-                "user `{user_id}`: no profile in MongoDB or Redis (unknown or deleted)"
-            ),
-        }),
+        Ok(None) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("user `{user_id}`: no profile in MongoDB or Redis (unknown or deleted)"),
+        )),
         Err(EngineError::Invalid(m)) => {
             Err(ApiError::bad_request(m.replace("user_ids[0]", "user_id")))
         }

@@ -92,7 +92,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
                 Matcher::Full(names::FLAG_TO_APPLIED.to_string()),
                 &[
                     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-                    300.0,
+                    300.0, 600.0, 1800.0,
                 ],
             )
             .expect("bucket list is not empty")

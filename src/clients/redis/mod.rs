@@ -103,10 +103,24 @@ impl RedisStore {
     /// Connects a pool (cluster routing when configured) with reconnection.
     pub async fn connect(c: &RedisConfig, shards: u32) -> Result<Self, RedisError> {
         let mut url = c.url.expose().to_string();
-        if c.cluster && url.starts_with("redis://") {
-            url = url.replacen("redis://", "redis-cluster://", 1);
+        if c.cluster {
+            for scheme in ["redis", "rediss"] {
+                if let Some(rest) = url.strip_prefix(&format!("{scheme}://")) {
+                    url = format!("{scheme}-cluster://{rest}");
+                    break;
+                }
+            }
         }
-        let config = Config::from_url(&url)?;
+        let mut config = Config::from_url(&url)?;
+        if url.starts_with("rediss") {
+            let tls = crate::tls::client_config(&c.tls_ca).map_err(|e| {
+                fred::error::Error::new(
+                    fred::error::ErrorKind::Tls,
+                    format!("redis.tls_ca: {}", crate::error::report(e.as_ref())),
+                )
+            })?;
+            config.tls = Some(tls.into());
+        }
         let pool = Builder::from_config(config)
             .with_connection_config(|cc| {
                 cc.connection_timeout = Duration::from_secs(5);

@@ -50,6 +50,17 @@ impl RedisStore {
         .await
     }
 
+    /// Immediate changes accepted on every shard and not yet settled in
+    /// MongoDB, acknowledged by the broker or not; one pipeline.
+    pub async fn count_static_pending(&self) -> Result<u64, RedisError> {
+        let pipe = self.client().pipeline();
+        for shard in 0..self.shards {
+            let _: () = pipe.hlen(self.keys.static_pending(shard)).await?;
+        }
+        let counts: Vec<u64> = pipe.all().await?;
+        Ok(counts.into_iter().sum())
+    }
+
     /// Immediate changes of one shard the broker has not acknowledged.
     pub async fn static_pending(&self, shard: u32) -> Result<Vec<PendingStatic>, RedisError> {
         let map: BTreeMap<String, String> = self
