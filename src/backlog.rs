@@ -11,6 +11,7 @@ use crate::{
     config::Config,
     lease::Ownership,
     model::now_ms,
+    telemetry::names,
 };
 use metrics::gauge;
 use rdkafka::consumer::BaseConsumer;
@@ -111,12 +112,12 @@ fn export(b: &Backlog) {
             gauge!(name).set(v as f64);
         }
     };
-    set("datasync_pending_flags_total", b.pending_flags_total);
-    set("datasync_pending_flags_owned", b.pending_flags_owned);
-    set("datasync_pending_static", b.pending_static);
+    set(names::PENDING_FLAGS_TOTAL, b.pending_flags_total);
+    set(names::PENDING_FLAGS_OWNED, b.pending_flags_owned);
+    set(names::PENDING_STATIC, b.pending_static);
     for p in b.consumer_lag.iter().flatten() {
         gauge!(
-            "datasync_consumer_lag",
+            names::CONSUMER_LAG,
             "topic" => p.topic.clone(),
             "partition" => p.partition.to_string()
         )

@@ -1,11 +1,20 @@
 //! rustls configurations from PEM files: the HTTP API's server side and the
-//! Redis client's trusted roots. Both name the ring provider explicitly, so
-//! nothing depends on a process-wide default being installed.
+//! Redis client's trusted roots, on the ring provider.
+//!
+//! Two crypto providers are compiled in (other dependencies enable
+//! aws-lc-rs), so rustls cannot pick a process default by itself and code
+//! that asks for one (fred parsing a `rediss://` URL) would panic:
+//! [`ensure_provider`] installs ring as the default first.
 
 use anyhow::Context;
 use rustls::{ClientConfig, RootCertStore, ServerConfig, crypto::ring};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use std::sync::Arc;
+
+/// Installs ring as the process's default provider unless one is set.
+pub fn ensure_provider() {
+    let _ = ring::default_provider().install_default();
+}
 
 fn certificates(path: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_file_iter(path)
@@ -17,6 +26,7 @@ fn certificates(path: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 
 /// A server configuration from a certificate chain and its private key.
 pub fn server_config(cert: &str, key: &str) -> anyhow::Result<ServerConfig> {
+    ensure_provider();
     let chain = certificates(cert).context("http.tls_cert")?;
     let key = PrivateKeyDer::from_pem_file(key)
         .with_context(|| format!("http.tls_key: reading a private key from {key}"))?;
@@ -30,6 +40,7 @@ pub fn server_config(cert: &str, key: &str) -> anyhow::Result<ServerConfig> {
 /// A client configuration trusting the CA certificates in `ca` (PEM), or
 /// the system's roots when `ca` is empty.
 pub fn client_config(ca: &str) -> anyhow::Result<ClientConfig> {
+    ensure_provider();
     let mut roots = RootCertStore::empty();
     if ca.is_empty() {
         let found = rustls_native_certs::load_native_certs();

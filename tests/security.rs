@@ -332,3 +332,219 @@ fn tokens_are_checked_and_never_print() {
         "{printed}"
     );
 }
+
+/// Metric names a PromQL expression uses.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("datasync_") {
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[i + name.len()..];
+        names.push(name);
+    }
+    names
+}
+
+/// Every `expr` in the dashboard JSON, however deep.
+fn exprs(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("expr" | "query", Value::String(s)) => out.push(s.clone()),
+                    (_, v) => exprs(v, out),
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|v| exprs(v, out)),
+        _ => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backlog_shows_pending_work_and_consumer_lag_and_the_dashboard_names_exported_metrics()
+{
+    use datasync::{backlog::BacklogMonitor, lease::Ownership};
+    use rdkafka::{
+        mocking::MockCluster,
+        producer::{FutureProducer, FutureRecord},
+    };
+    use std::{sync::Arc, time::Duration};
+
+    let ns = Namespace::new("backlog");
+    // librdkafka's mock cluster: its watermarks are exact.
+    let cluster = MockCluster::new(1).unwrap();
+    for t in ["static", "dynamic", "dlq"] {
+        cluster.create_topic(&format!("{ns}-{t}"), 2, 1).unwrap();
+    }
+    let brokers = cluster.bootstrap_servers();
+    let config = config_with(
+        &ns,
+        &format!("[kafka]\nbrokers = \"{brokers}\"\ncreate_topics = false\n"),
+    );
+    let engine = start_with(config.clone()).await;
+    let users: Vec<_> = (0..300)
+        .map(|i| profile(&format!("{ns}-u{i}"), 1))
+        .collect();
+    engine.write_and_mark(&users).await.unwrap();
+    let m = mongo(&ns).await;
+    wait_until("300 users applied", Duration::from_secs(120), || {
+        let m = m.clone();
+        async move { count_docs(&m, mongodb::bson::doc! {}).await == 300 }
+    })
+    .await;
+    let dynamic = format!("{ns}-dynamic");
+    wait_until(
+        "the applier committed everything",
+        Duration::from_secs(60),
+        || {
+            let (engine, dynamic) = (engine.clone(), dynamic.clone());
+            async move {
+                let b = engine.sample_backlog().await;
+                let lag = b.consumer_lag.unwrap_or_default();
+                let on_dynamic: Vec<_> = lag.iter().filter(|p| p.topic == dynamic).collect();
+                on_dynamic.len() == 2
+                    && on_dynamic.iter().map(|p| p.end).sum::<i64>() == 300
+                    && on_dynamic
+                        .iter()
+                        .all(|p| p.lag == 0 && p.committed == Some(p.end))
+            }
+        },
+    )
+    .await;
+    let b = engine.backlog();
+    assert_eq!(b.pending_flags_total, Some(0));
+    // /v1/stats shows the sample.
+    let app = actix_web::test::init_service(
+        App::new().configure(datasync::http::configure(engine.clone())),
+    )
+    .await;
+    let stats: Value =
+        test::call_and_read_body_json(&app, test::TestRequest::get().uri("/v1/stats").to_request())
+            .await;
+    assert_eq!(stats["backlog"]["pending_flags_total"], 0, "{stats}");
+    assert!(stats["backlog"]["consumer_lag"].as_array().unwrap().len() >= 4);
+    engine.shutdown(Duration::from_secs(20)).await;
+
+    // With the service stopped, work piles up: 50 records nobody applies,
+    // 30 flags and 2 immediate changes.
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    for i in 0..50 {
+        let key = format!("{ns}-late{i}");
+        producer
+            .send(
+                FutureRecord::to(&dynamic).key(&key).payload("x"),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    let store = redis(&ns).await;
+    let flagged: Vec<String> = (0..30).map(|i| format!("{ns}-f{i}")).collect();
+    store.mark(&flagged).await.unwrap();
+    store
+        .stage_static(&[
+            (&format!("{ns}-s1"), "{}".into()),
+            (&format!("{ns}-s2"), "{}".into()),
+        ])
+        .await
+        .unwrap();
+    let mut all_mode = config.clone();
+    all_mode.instance.mode = datasync::config::ShardMode::All;
+    let monitor = BacklogMonitor::new(
+        &all_mode,
+        store.clone(),
+        Arc::new(Ownership::new(&all_mode)),
+    );
+    let b = monitor.sample().await;
+    assert_eq!(b.pending_flags_total, Some(30));
+    assert_eq!(b.pending_flags_owned, Some(30));
+    assert_eq!(b.pending_static, Some(2));
+    let lag: i64 = b
+        .consumer_lag
+        .unwrap()
+        .iter()
+        .filter(|p| p.topic == dynamic)
+        .map(|p| p.lag)
+        .sum();
+    assert_eq!(lag, 50);
+
+    // The dashboard's and the rules' queries name only exported metrics.
+    let exported: std::collections::HashSet<String> = datasync::telemetry::prometheus()
+        .render()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap().to_string())
+        .collect();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{root}/config/grafana/datasync.json")).unwrap(),
+    )
+    .unwrap();
+    let mut queries = Vec::new();
+    exprs(&dashboard, &mut queries);
+    assert!(queries.len() >= 10, "{queries:?}");
+    let mut named = std::collections::BTreeSet::new();
+    for q in &queries {
+        named.extend(metric_names(q));
+    }
+    for needed in [
+        "datasync_consumer_lag",
+        "datasync_pending_flags_owned",
+        "datasync_flag_to_applied_seconds_bucket",
+        "datasync_backend_up",
+        "datasync_dlq_open_entries",
+    ] {
+        assert!(
+            named.contains(needed),
+            "the dashboard does not show {needed}"
+        );
+    }
+    for name in &named {
+        assert!(
+            exported.contains(name),
+            "the dashboard queries `{name}`, which /metrics does not export"
+        );
+    }
+    cleanup(&ns).await;
+}
+
+#[std::prelude::v1::test]
+fn the_alert_rules_fire_as_their_unit_tests_say() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts.test.yml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("promtool is installed (scripts/stack.sh tools)");
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Every rule has a unit test.
+    let rules = std::fs::read_to_string(format!("{dir}/alerts.yml")).unwrap();
+    let tests = std::fs::read_to_string(format!("{dir}/alerts.test.yml")).unwrap();
+    for alert in rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+    {
+        assert!(
+            tests.contains(&format!("alertname: {alert}")),
+            "{alert} has no unit test"
+        );
+    }
+}

@@ -7,6 +7,7 @@
 
 use super::ApiError;
 use crate::config::{HttpConfig, Role};
+use crate::telemetry::names;
 use actix_web::{HttpMessage, HttpRequest, dev::ServiceRequest, http::StatusCode};
 use governor::{
     DefaultKeyedRateLimiter, Quota, RateLimiter,
@@ -88,7 +89,7 @@ impl Gate {
             } else {
                 "forbidden"
             };
-            counter!("datasync_http_refused_total", "reason" => reason).increment(1);
+            counter!(names::HTTP_REFUSED, "reason" => reason).increment(1);
             tracing::debug!(path = req.path(), ?peer, %e, "request refused");
         })?;
         let key = if self.tokens.is_empty() {
@@ -167,7 +168,7 @@ impl Gate {
             limiter.retain_recent();
         }
         limiter.check_key(&key).map_err(|not_until| {
-            counter!("datasync_http_refused_total", "reason" => "rate_limited").increment(1);
+            counter!(names::HTTP_REFUSED, "reason" => "rate_limited").increment(1);
             let wait = not_until.wait_time_from(self.clock.now());
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             ApiError::new(

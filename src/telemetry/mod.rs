@@ -62,6 +62,13 @@ pub mod names {
     pub const OFFSET_RANGES_DELETED: &str = "datasync_offset_ranges_deleted_total";
     /// Label `outcome`: applied, stale, filtered, error.
     pub const REPLAY_EVENTS: &str = "datasync_replay_events_total";
+    /// Label `reason`: unauthorized, forbidden, rate_limited.
+    pub const HTTP_REFUSED: &str = "datasync_http_refused_total";
+    pub const PENDING_FLAGS_TOTAL: &str = "datasync_pending_flags_total";
+    pub const PENDING_FLAGS_OWNED: &str = "datasync_pending_flags_owned";
+    pub const PENDING_STATIC: &str = "datasync_pending_static";
+    /// Labels `topic`, `partition`.
+    pub const CONSUMER_LAG: &str = "datasync_consumer_lag";
     /// Label `kind`: missing, different, orphan, stuck_flag, static_pending.
     pub const CONSISTENCY_FINDINGS: &str = "datasync_consistency_findings_total";
     pub const CONSISTENCY_REPAIRED: &str = "datasync_consistency_repaired_total";
@@ -170,6 +177,19 @@ fn register_zeroes() {
     }
     for reason in ["missing", "bad_json", "not_an_object", "wrong_type"] {
         counter!(names::LOAD_FAILURES, "reason" => reason).increment(0);
+    }
+    for outcome in ["applied", "stale", "filtered", "error"] {
+        counter!(names::REPLAY_EVENTS, "outcome" => outcome).increment(0);
+    }
+    for reason in ["unauthorized", "forbidden", "rate_limited"] {
+        counter!(names::HTTP_REFUSED, "reason" => reason).increment(0);
+    }
+    for name in [
+        names::PENDING_FLAGS_TOTAL,
+        names::PENDING_FLAGS_OWNED,
+        names::PENDING_STATIC,
+    ] {
+        gauge!(name).set(0.0);
     }
 }
 
