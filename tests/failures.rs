@@ -322,23 +322,10 @@ async fn alert_rules_name_only_metrics_that_exist() {
     }
     let rules =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/alerts.yml")).unwrap();
-    let exported: std::collections::HashSet<String> = datasync::telemetry::prometheus()
-        .render()
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| l.split(['{', ' ']).next().unwrap().to_string())
-        .collect();
+    let exported = exported_metrics();
     let mut named = std::collections::BTreeSet::new();
     for expr in rules.lines().filter_map(|l| l.trim().strip_prefix("expr:")) {
-        let mut rest = expr;
-        while let Some(i) = rest.find("datasync_") {
-            let name: String = rest[i..]
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            rest = &rest[i + name.len()..];
-            named.insert(name);
-        }
+        named.extend(metric_names(expr));
     }
     assert!(named.len() >= 5, "{named:?}");
     // The lag gauge is exported once the backlog sampler has read the

@@ -333,21 +333,6 @@ fn tokens_are_checked_and_never_print() {
     );
 }
 
-/// Metric names a PromQL expression uses.
-fn metric_names(expr: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    let mut rest = expr;
-    while let Some(i) = rest.find("datasync_") {
-        let name: String = rest[i..]
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
-        rest = &rest[i + name.len()..];
-        names.push(name);
-    }
-    names
-}
-
 /// Every `expr` in the dashboard JSON, however deep.
 fn exprs(v: &Value, out: &mut Vec<String>) {
     match v {
@@ -476,12 +461,7 @@ async fn the_backlog_shows_pending_work_and_consumer_lag_and_the_dashboard_names
     assert_eq!(lag, 50);
 
     // The dashboard's and the rules' queries name only exported metrics.
-    let exported: std::collections::HashSet<String> = datasync::telemetry::prometheus()
-        .render()
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| l.split(['{', ' ']).next().unwrap().to_string())
-        .collect();
+    let exported = exported_metrics();
     let root = env!("CARGO_MANIFEST_DIR");
     let dashboard: Value = serde_json::from_str(
         &std::fs::read_to_string(format!("{root}/config/grafana/datasync.json")).unwrap(),

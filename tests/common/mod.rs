@@ -442,3 +442,28 @@ pub fn repeats_a_cause(message: &str) -> Option<String> {
     }
     None
 }
+
+/// The metric names a PromQL expression uses.
+pub fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("datasync_") {
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[i + name.len()..];
+        names.push(name);
+    }
+    names
+}
+
+/// The metric names this process's `/metrics` exports now.
+pub fn exported_metrics() -> std::collections::HashSet<String> {
+    datasync::telemetry::prometheus()
+        .render()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap().to_string())
+        .collect()
+}
