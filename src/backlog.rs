@@ -65,17 +65,23 @@ impl BacklogMonitor {
 
     /// Reads every part once, exports the gauges and keeps the sample.
     pub async fn sample(&self) -> Backlog {
-        let owned = self.ownership.scannable();
-        let shards = self.redis.shards();
-        let (total, mine, statics, lag) = tokio::join!(
-            self.redis.count_flags(0..shards),
-            self.redis.count_flags(owned),
+        let (flags, statics, lag) = tokio::join!(
+            self.redis.flag_counts(0..self.redis.shards()),
             self.redis.count_static_pending(),
             self.lag(),
         );
+        // One read of every shard gives both the total and this instance's part.
+        let flags = flags.ok();
+        let owned = flags.as_ref().map(|per_shard| {
+            self.ownership
+                .scannable()
+                .into_iter()
+                .filter_map(|s| per_shard.get(s as usize))
+                .sum()
+        });
         let b = Backlog {
-            pending_flags_total: total.ok(),
-            pending_flags_owned: mine.ok(),
+            pending_flags_total: flags.as_ref().map(|per_shard| per_shard.iter().sum()),
+            pending_flags_owned: owned,
             pending_static: statics.ok(),
             consumer_lag: lag,
             sampled_at_ms: now_ms(),

@@ -2,9 +2,10 @@
 //! Redis client's trusted roots, on the ring provider.
 //!
 //! Two crypto providers are compiled in (other dependencies enable
-//! aws-lc-rs), so rustls cannot pick a process default by itself and code
-//! that asks for one (fred parsing a `rediss://` URL) would panic:
-//! [`ensure_provider`] installs ring as the default first.
+//! aws-lc-rs), so rustls cannot pick a process default by itself and a
+//! client library that asks for one (fred parsing a `rediss://` URL) would
+//! panic: the Redis and MongoDB clients call [`ensure_provider`] before they
+//! parse their URL.
 
 use anyhow::Context;
 use rustls::{ClientConfig, RootCertStore, ServerConfig, crypto::ring};
@@ -26,7 +27,6 @@ fn certificates(path: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 
 /// A server configuration from a certificate chain and its private key.
 pub fn server_config(cert: &str, key: &str) -> anyhow::Result<ServerConfig> {
-    ensure_provider();
     let chain = certificates(cert).context("http.tls_cert")?;
     let key = PrivateKeyDer::from_pem_file(key)
         .with_context(|| format!("http.tls_key: reading a private key from {key}"))?;
@@ -40,7 +40,6 @@ pub fn server_config(cert: &str, key: &str) -> anyhow::Result<ServerConfig> {
 /// A client configuration trusting the CA certificates in `ca` (PEM), or
 /// the system's roots when `ca` is empty.
 pub fn client_config(ca: &str) -> anyhow::Result<ClientConfig> {
-    ensure_provider();
     let mut roots = RootCertStore::empty();
     if ca.is_empty() {
         let found = rustls_native_certs::load_native_certs();

@@ -19,9 +19,7 @@ use std::time::Duration;
 /// refuses them in `[kafka.client]`.
 fn base(c: &KafkaConfig) -> ClientConfig {
     let mut cfg = ClientConfig::new();
-    for (k, v) in c.client.iter() {
-        cfg.set(k, v);
-    }
+    c.client.apply_to(&mut cfg);
     cfg.set("bootstrap.servers", &c.brokers);
     cfg
 }

@@ -208,6 +208,25 @@ impl KafkaClientProperties {
             .any(|s| key.contains(s))
     }
 
+    /// A value as it may be printed.
+    fn shown<'a>(key: &str, value: &'a str) -> &'a str {
+        if Self::is_secret(key) { "***" } else { value }
+    }
+
+    /// `text` with every secret value replaced by `***`.
+    fn masked(&self, text: &str) -> String {
+        self.iter()
+            .filter(|(k, v)| Self::is_secret(k) && !v.is_empty())
+            .fold(text.to_string(), |t, (_, v)| t.replace(v, "***"))
+    }
+
+    /// Sets every property on a librdkafka configuration.
+    pub fn apply_to(&self, cfg: &mut rdkafka::ClientConfig) {
+        for (k, v) in self.iter() {
+            cfg.set(k, v);
+        }
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
@@ -223,20 +242,12 @@ impl KafkaClientProperties {
         // Some values are only checked together, when a client is made
         // (the SASL mechanism, certificate files): make one and drop it.
         let mut all = rdkafka::ClientConfig::new();
-        for (k, v) in self.iter() {
-            all.set(k, v);
-        }
+        self.apply_to(&mut all);
         all.set("bootstrap.servers", "127.0.0.1:9");
         if let Err(e) = all.create::<rdkafka::producer::BaseProducer>() {
-            let mut e = e.to_string();
-            for (k, v) in self
-                .iter()
-                .filter(|(k, v)| Self::is_secret(k) && !v.is_empty())
-            {
-                e = e.replace(v, &format!("<{k}>"));
-            }
             p.push(format!(
-                "kafka.client: librdkafka refuses these properties together: {e}"
+                "kafka.client: librdkafka refuses these properties together: {}",
+                self.masked(&e.to_string())
             ));
         }
     }
@@ -252,13 +263,10 @@ impl KafkaClientProperties {
             let mut one = rdkafka::ClientConfig::new();
             one.set(key, value);
             if let Err(e) = one.create_native_config() {
-                let shown = if Self::is_secret(key) { "***" } else { value };
-                let mut e = e.to_string();
-                if Self::is_secret(key) && !value.is_empty() {
-                    e = e.replace(value, "***");
-                }
                 p.push(format!(
-                    "kafka.client.\"{key}\" = \"{shown}\": librdkafka refuses it: {e}"
+                    "kafka.client.\"{key}\" = \"{}\": librdkafka refuses it: {}",
+                    Self::shown(key, value),
+                    self.masked(&e.to_string())
                 ));
             }
         }
@@ -269,7 +277,7 @@ impl fmt::Debug for KafkaClientProperties {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut m = f.debug_map();
         for (k, v) in self.iter() {
-            m.entry(&k, &if Self::is_secret(k) { "***" } else { v });
+            m.entry(&k, &Self::shown(k, v));
         }
         m.finish()
     }

@@ -1,6 +1,9 @@
 //! The dead-letter endpoints (admin): list and redrive.
 
-use super::{ApiError, caller, check_len};
+use super::{ApiError, caller, check_len, parse_limit};
+
+/// Most dead letters one answer lists.
+const MAX_DEAD_LETTERS: usize = 10_000;
 use crate::{actors::dlq::RedriveTarget, engine::Engine};
 use actix_web::{
     HttpRequest, HttpResponse,
@@ -20,15 +23,11 @@ pub(super) async fn dlq_list(
     engine: Data<Engine>,
     query: web::Query<DlqQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let limit = match &query.limit {
-        None => engine.config().dlq.list_limit,
-        Some(l) => l
-            .parse::<usize>()
-            .map_err(|_| ApiError::bad_request(format!("limit: `{l}` is not a whole number")))?,
-    };
-    if !(1..=10_000).contains(&limit) {
-        return Err(ApiError::bad_request("limit: must be between 1 and 10000"));
-    }
+    let limit = parse_limit(
+        query.limit.as_deref(),
+        engine.config().dlq.list_limit,
+        MAX_DEAD_LETTERS,
+    )?;
     Ok(HttpResponse::Ok().json(engine.dlq_list(limit).await?))
 }
 

@@ -53,6 +53,22 @@ impl ApiError {
     }
 }
 
+/// A `limit` query parameter: `default` when absent, else a whole number
+/// in `1..=max`; the error names the parameter.
+pub(crate) fn parse_limit(v: Option<&str>, default: usize, max: usize) -> Result<usize, ApiError> {
+    let Some(l) = v else {
+        return Ok(default);
+    };
+    l.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "limit: `{l}` must be a whole number from 1 to {max}"
+            ))
+        })
+}
+
 /// Refuses a list longer than `http.max_users_per_request`, naming `field`.
 pub(crate) fn check_len(engine: &Engine, field: &str, len: usize) -> Result<(), ApiError> {
     let max = engine.config().http.max_users_per_request;

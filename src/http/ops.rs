@@ -5,6 +5,7 @@
 use super::{
     ApiError, caller, check_len,
     jobs::{cancelled, parse_rate},
+    parse_limit,
 };
 use crate::{
     engine::{Engine, OffsetsQuery},
@@ -135,16 +136,7 @@ pub(super) async fn offsets(
             })
         })
         .transpose()?;
-    let limit = match q.limit.as_deref() {
-        None => 1000,
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|l| (1..=MAX_RANGES).contains(l))
-            .ok_or_else(|| {
-                ApiError::bad_request(format!("limit: `{l}` must be between 1 and {MAX_RANGES}"))
-            })?,
-    };
+    let limit = parse_limit(q.limit.as_deref(), 1000, MAX_RANGES)?;
     let query = OffsetsQuery {
         topic: q.topic,
         partition,
@@ -201,24 +193,13 @@ pub struct OperationsParams {
 }
 
 /// Most operations one answer lists.
-const MAX_OPERATIONS: u64 = 1000;
+const MAX_OPERATIONS: usize = 1000;
 
 pub(super) async fn operations(
     engine: Data<Engine>,
     q: web::Query<OperationsParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let limit = match q.limit.as_deref() {
-        None => 100,
-        Some(l) => l
-            .parse::<u64>()
-            .ok()
-            .filter(|l| (1..=MAX_OPERATIONS).contains(l))
-            .ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "limit: `{l}` must be between 1 and {MAX_OPERATIONS}"
-                ))
-            })?,
-    };
-    let ops = engine.operations(limit).await?;
+    let limit = parse_limit(q.limit.as_deref(), 100, MAX_OPERATIONS)?;
+    let ops = engine.operations(limit as u64).await?;
     Ok(HttpResponse::Ok().json(json!({ "operations": ops })))
 }

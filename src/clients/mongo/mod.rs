@@ -189,6 +189,7 @@ impl MongoStore {
         c: &MongoConfig,
         app_name: &str,
     ) -> Result<Self, MongoError> {
+        crate::tls::ensure_provider();
         let mut opts = ClientOptions::parse(c.url.expose()).await?;
         opts.app_name = Some(app_name.to_string());
         let write_concern = match &opts.write_concern {

@@ -54,12 +54,19 @@ impl RedisStore {
         &self,
         shards: impl IntoIterator<Item = u32>,
     ) -> Result<u64, RedisError> {
+        Ok(self.flag_counts(shards).await?.into_iter().sum())
+    }
+
+    /// How many flags each of the given shards holds, in order; one pipeline.
+    pub async fn flag_counts(
+        &self,
+        shards: impl IntoIterator<Item = u32>,
+    ) -> Result<Vec<u64>, RedisError> {
         let pipe = self.client().pipeline();
         for shard in shards {
             let _: () = pipe.zcard(self.keys.dirty(shard)).await?;
         }
-        let counts: Vec<u64> = pipe.all().await?;
-        Ok(counts.into_iter().sum())
+        Ok(pipe.all().await?)
     }
 
     /// Compare-and-delete of a shard's flags. Returns how many were removed.

@@ -111,11 +111,9 @@ impl RedisStore {
                 }
             }
         }
-        if url.starts_with("rediss") {
-            crate::tls::ensure_provider();
-        }
+        crate::tls::ensure_provider();
         let mut config = Config::from_url(&url)?;
-        if url.starts_with("rediss") {
+        if config.tls.is_some() {
             let tls = crate::tls::client_config(&c.tls_ca).map_err(|e| {
                 fred::error::Error::new(
                     fred::error::ErrorKind::Tls,
