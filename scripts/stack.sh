@@ -146,8 +146,10 @@ up() {
     log "redis: reusing what answers on $REDIS_PORT"
   else
     mkdir -p "$state/redis"
+    # The append-only file on: a Redis restart keeps every flag it acknowledged
+    # (datasync's promise rests on that; see README, "Redis durability").
     start_bg "redis-$REDIS_PORT" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$state/redis" \
-      --save "" --appendonly no --daemonize no
+      --save "" --appendonly yes --appendfsync everysec --daemonize no
     wait_port "$REDIS_PORT" "redis-$REDIS_PORT" 20
     log "redis: started on $REDIS_PORT"
   fi

@@ -3,6 +3,7 @@
 //! applier group's lag per partition. Sampled every `telemetry.backlog_interval`
 //! into gauges and into `GET /v1/stats`.
 
+use crate::durability::{self, Durability};
 use crate::{
     clients::{
         kafka::{self, PartitionLag},
@@ -31,6 +32,9 @@ pub struct Backlog {
     /// The applier group's lag on each partition of the static and dynamic
     /// topics.
     pub consumer_lag: Option<Vec<PartitionLag>>,
+    /// Whether Redis keeps acknowledged flags across its restart (see
+    /// [`crate::durability`]).
+    pub redis_durability: Option<Durability>,
     pub sampled_at_ms: i64,
 }
 
@@ -65,10 +69,11 @@ impl BacklogMonitor {
 
     /// Reads every part once, exports the gauges and keeps the sample.
     pub async fn sample(&self) -> Backlog {
-        let (flags, statics, lag) = tokio::join!(
+        let (flags, statics, lag, durability) = tokio::join!(
             self.redis.flag_counts(0..self.redis.shards()),
             self.redis.count_static_pending(),
             self.lag(),
+            durability::check(&self.redis),
         );
         // One read of every shard gives both the total and this instance's part.
         let flags = flags.ok();
@@ -84,10 +89,18 @@ impl BacklogMonitor {
             pending_flags_owned: owned,
             pending_static: statics.ok(),
             consumer_lag: lag,
+            redis_durability: Some(durability),
             sampled_at_ms: now_ms(),
         };
         export(&b);
-        *self.latest.lock().expect("backlog lock") = b.clone();
+        let previous =
+            std::mem::replace(&mut *self.latest.lock().expect("backlog lock"), b.clone());
+        // Said once at start and again whenever it changes, not every sample.
+        if previous.redis_durability != b.redis_durability
+            && let Some(warning) = b.redis_durability.as_ref().and_then(Durability::warning)
+        {
+            tracing::warn!("{warning}");
+        }
         b
     }
 

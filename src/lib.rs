@@ -54,6 +54,7 @@ pub mod backlog;
 pub mod cache;
 pub mod clients;
 pub mod config;
+pub mod durability;
 pub mod engine;
 pub mod error;
 pub mod faults;

@@ -312,7 +312,7 @@ async fn processes_share_shards_take_over_a_killed_one_and_rebalance_on_join() {
     }
     let rebalance = joined_at.elapsed();
     // Each process's own view agrees: disjoint, and together every shard.
-    let client = reqwest::Client::new();
+    let client = http_client();
     let mut seen = vec![0; 64];
     for i in 2..=4 {
         let report: serde_json::Value = client

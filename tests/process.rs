@@ -260,7 +260,7 @@ async fn a_resync_killed_halfway_resumes_after_a_restart() {
             .await
             .unwrap();
     }
-    let http = reqwest::Client::new();
+    let http = http_client();
     let base = format!("http://127.0.0.1:{port}");
     let mut child = spawn(&config, &log);
     wait_until("the api answers", LONG, || async {

@@ -72,7 +72,7 @@ async fn the_api_serves_https_with_a_generated_certificate() {
     assert_eq!(answered, 200);
     // Plain HTTP on the same port gets no answer, and a client that does not
     // trust the CA is refused.
-    let plain = reqwest::Client::new()
+    let plain = http_client()
         .get(format!("http://127.0.0.1:{port}/health/live"))
         .send()
         .await;

@@ -63,6 +63,9 @@ pub struct Readiness {
     /// `ready`, `degraded` or `unavailable`.
     pub status: &'static str,
     pub reasons: Vec<String>,
+    /// What weakens a promise without stopping the instance: today, a Redis
+    /// that loses acknowledged flags on restart (see [`crate::durability`]).
+    pub warnings: Vec<String>,
 }
 
 /// A handle to a running engine. Cheap to clone; `Send + Sync`.
@@ -373,6 +376,10 @@ impl Engine {
         Readiness {
             status,
             reasons: unavailable,
+            warnings: (self.backlog().redis_durability.as_ref())
+                .and_then(crate::durability::Durability::warning)
+                .into_iter()
+                .collect(),
         }
     }
 

@@ -67,6 +67,8 @@ pub mod names {
     pub const PENDING_FLAGS_TOTAL: &str = "datasync_pending_flags_total";
     pub const PENDING_FLAGS_OWNED: &str = "datasync_pending_flags_owned";
     pub const PENDING_STATIC: &str = "datasync_pending_static";
+    /// 1 with Redis' append-only file on, 0 without, -1 when unknown.
+    pub const REDIS_DURABLE: &str = "datasync_redis_durable";
     /// Labels `topic`, `partition`.
     pub const CONSUMER_LAG: &str = "datasync_consumer_lag";
     /// Label `kind`: missing, different, orphan, stuck_flag, static_pending.
@@ -191,6 +193,8 @@ fn register_zeroes() {
     ] {
         gauge!(name).set(0.0);
     }
+    // Unknown until the first backlog sample reads Redis' settings.
+    gauge!(names::REDIS_DURABLE).set(-1.0);
 }
 
 /// This process's resident memory and CPU time, from `/proc` (zero elsewhere).

@@ -222,6 +222,13 @@ pub fn generation_profiles(users: &[String], generation: i64) -> Vec<(String, St
         .collect()
 }
 
+/// An HTTP client for the tests. It runs on the ring provider the service
+/// installs, so it is installed first.
+pub fn http_client() -> reqwest::Client {
+    datasync::tls::ensure_provider();
+    reqwest::Client::new()
+}
+
 /// A plain Redis client of the test's own, for setting up what the upstream
 /// or a crash would leave (raw keys, sets), and for cleaning up.
 pub async fn raw_redis() -> fred::clients::Client {

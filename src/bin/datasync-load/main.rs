@@ -10,11 +10,14 @@
 //! 4. datasync end to end (flag → applied in MongoDB), driven the way the
 //!    upstream does it, with latency, per-stage rates, RSS and CPU.
 //!
+//! A scenario in `chaos` mode runs the chaos soak instead (see [`chaos`]).
+//!
 //! Output: a console summary plus `report.json`, `throughput.svg`,
 //! `latency.svg` and a self-contained `report.html` under `--out`.
 
 mod baseline;
 mod ceilings;
+mod chaos;
 mod report;
 mod scenario;
 mod target;
@@ -463,8 +466,12 @@ async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Result<
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    datasync::telemetry::init_logging("text", "warn");
+    // fred warns of every connection the chaos soak breaks; its errors stay.
+    datasync::telemetry::init_logging("text", "warn,fred=error");
     let mut sc = Scenario::load(&cli.scenario)?;
+    if sc.mode == "chaos" {
+        return chaos::run(&sc, &cli.out).await;
+    }
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();

@@ -61,6 +61,69 @@ pub struct Scenario {
     /// With `mode = "external"`: the running services to drive.
     #[serde(default)]
     pub external: Option<External>,
+    /// The chaos soak's settings (mode "chaos").
+    #[serde(default)]
+    pub chaos: Option<Chaos>,
+}
+
+/// The chaos soak (mode "chaos"): `instances` services of the harness's own,
+/// on servers of its own, under a steady workload of `rate` changes per
+/// second for `duration_secs`, while a nemesis injects faults on a schedule
+/// drawn from `seed`. `timeout_secs` bounds the drain after the soak.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Chaos {
+    /// Faults of each kind in the soak.
+    #[serde(default = "default_faults_per_kind")]
+    pub faults_per_kind: usize,
+    /// Which kinds: kill, zombie, redis_restart, mongo_restart, broker_pause.
+    #[serde(default = "default_kinds")]
+    pub kinds: Vec<String>,
+    /// Seconds without faults at the start and at the end of the soak.
+    #[serde(default = "default_quiet")]
+    pub quiet_secs: f64,
+    /// How long a fault lasts, drawn between these (a zombie always outlives
+    /// its lease).
+    #[serde(default = "default_min_fault")]
+    pub min_fault_secs: f64,
+    #[serde(default = "default_max_fault")]
+    pub max_fault_secs: f64,
+    /// Deletes per second, of users written before.
+    #[serde(default = "default_delete_rate")]
+    pub delete_rate: f64,
+    /// The services' lease TTL.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_secs: f64,
+}
+
+fn default_faults_per_kind() -> usize {
+    20
+}
+fn default_kinds() -> Vec<String> {
+    [
+        "kill",
+        "zombie",
+        "redis_restart",
+        "mongo_restart",
+        "broker_pause",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn default_quiet() -> f64 {
+    10.0
+}
+fn default_min_fault() -> f64 {
+    1.0
+}
+fn default_max_fault() -> f64 {
+    5.0
+}
+fn default_delete_rate() -> f64 {
+    0.5
+}
+fn default_lease_ttl() -> f64 {
+    3.0
 }
 
 /// A scenario's target rate.
@@ -191,7 +254,30 @@ impl Scenario {
                     );
                 }
             }
-            _ => problems.push("mode: must be \"embedded\" or \"external\""),
+            "chaos" => {
+                match &self.chaos {
+                    None => problems.push("chaos: chaos mode needs a [chaos] table"),
+                    Some(c) => {
+                        if self.duration_secs.is_none() || self.rate.per_s() == 0 {
+                            problems.push("duration_secs, rate: chaos mode needs a soak length and a fixed rate");
+                        }
+                        if let Some(k) = c.kinds.iter().find(|k| !default_kinds().contains(k)) {
+                            problems.push(if k.is_empty() { "chaos.kinds: an empty kind" } else {
+                            "chaos.kinds: each must be kill, zombie, redis_restart, mongo_restart or broker_pause"
+                        });
+                        }
+                        if !(0.0 < c.min_fault_secs && c.min_fault_secs <= c.max_fault_secs) {
+                            problems.push(
+                                "chaos.min_fault_secs: must be above 0 and at most max_fault_secs",
+                            );
+                        }
+                        if c.lease_ttl_secs < 1.0 {
+                            problems.push("chaos.lease_ttl_secs: must be at least 1");
+                        }
+                    }
+                }
+            }
+            _ => problems.push("mode: must be \"embedded\", \"external\" or \"chaos\""),
         }
         if !problems.is_empty() {
             bail!(

@@ -51,7 +51,7 @@ use crate::{
     model::Section,
     shard::{Keys, shard_of},
 };
-use fred::{prelude::*, types::scripts::Script};
+use fred::{interfaces::ConfigInterface, prelude::*, types::scripts::Script};
 use std::{collections::BTreeMap, time::Duration};
 
 /// A Lua script from `scripts/`, with the fragments it names from
@@ -205,6 +205,21 @@ impl RedisStore {
     pub async fn ping(&self) -> Result<(), RedisError> {
         let _: String = self.client().ping(None).await?;
         Ok(())
+    }
+
+    /// `CONFIG GET` of each parameter; a parameter the server does not know
+    /// is absent from the answer.
+    pub async fn config_get(
+        &self,
+        parameters: &[&str],
+    ) -> Result<std::collections::HashMap<String, String>, RedisError> {
+        let mut out = std::collections::HashMap::new();
+        for p in parameters {
+            let answer: std::collections::HashMap<String, String> =
+                self.client().config_get(*p).await?;
+            out.extend(answer);
+        }
+        Ok(out)
     }
 
     /// A connection of the pool, for the commands of this module's files.

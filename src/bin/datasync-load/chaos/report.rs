@@ -1,0 +1,266 @@
+//! The chaos soak's report: console, `report.json`, and `report.html` with
+//! the throughput chart (faults shaded) and the fault log.
+
+use super::{
+    checker::{EndState, Point, Violations},
+    nemesis::{Fault, FaultKind},
+    workload::Counts,
+};
+use crate::scenario::Scenario;
+use plotters::prelude::*;
+use serde::Serialize;
+use std::{fmt::Write, path::Path};
+
+#[derive(Debug, Serialize)]
+pub struct ChaosReport {
+    pub scenario: Scenario,
+    pub namespace: String,
+    pub soak_secs: f64,
+    pub drain_secs: f64,
+    /// Whether everything acknowledged was applied and nothing was left in
+    /// Redis before the drain's timeout.
+    pub drained: bool,
+    pub faults: Vec<Fault>,
+    pub counts: Counts,
+    /// Versions seen going down during the soak.
+    pub regressions: Violations,
+    pub end_state: EndState,
+    pub flags_left: u64,
+    pub legacy_left: u64,
+    pub static_pending_left: u64,
+    /// Open dead letters (each names its error) and those without one.
+    pub dead_letters: u64,
+    pub dead_letters_without_reason: Violations,
+    /// Samples the MongoDB-wire server did not answer (during its restarts).
+    pub failed_samples: u64,
+    pub points: Vec<Point>,
+}
+
+const KINDS: [(FaultKind, RGBColor); 5] = [
+    (FaultKind::Kill, RGBColor(230, 85, 13)),
+    (FaultKind::Zombie, RGBColor(117, 107, 177)),
+    (FaultKind::RedisRestart, RGBColor(222, 45, 38)),
+    (FaultKind::MongoRestart, RGBColor(49, 163, 84)),
+    (FaultKind::BrokerPause, RGBColor(49, 130, 189)),
+];
+
+impl ChaosReport {
+    pub fn ok(&self) -> bool {
+        self.regressions.count == 0
+            && self.end_state.ok()
+            && self.flags_left == 0
+            && self.legacy_left == 0
+            && self.static_pending_left == 0
+            && self.dead_letters_without_reason.count == 0
+            && self.faults.iter().all(|f| f.error.is_none())
+    }
+
+    pub fn console(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "chaos soak `{}`, seed {}: {:.0}s under faults, drained in {:.1}s{}",
+            self.scenario.name,
+            self.scenario.seed,
+            self.soak_secs,
+            self.drain_secs,
+            if self.drained { "" } else { " (timed out)" }
+        );
+        let _ = writeln!(
+            s,
+            "changes       {} acknowledged, {} indeterminate; deletes {} acknowledged, {} indeterminate",
+            self.counts.acked,
+            self.counts.indeterminate,
+            self.counts.deletes_acked,
+            self.counts.deletes_indeterminate
+        );
+        let _ = writeln!(
+            s,
+            "faults        kind            count  recovery s (median / max)"
+        );
+        for (kind, _) in KINDS {
+            let of: Vec<&Fault> = self.faults.iter().filter(|f| f.kind == kind).collect();
+            if of.is_empty() {
+                continue;
+            }
+            let mut r: Vec<f64> = of.iter().filter_map(|f| f.recovery_s).collect();
+            r.sort_by(f64::total_cmp);
+            let unrecovered = of.len() - r.len();
+            let _ = writeln!(
+                s,
+                "              {:<15} {:>5}  {} / {}{}",
+                kind.name(),
+                of.len(),
+                r.get(r.len() / 2).map_or("-".into(), |v| format!("{v:.1}")),
+                r.last().map_or("-".into(), |v| format!("{v:.1}")),
+                if unrecovered > 0 {
+                    format!("  ({unrecovered} never recovered)")
+                } else {
+                    String::new()
+                }
+            );
+        }
+        for f in self.faults.iter().filter(|f| f.error.is_some()) {
+            let _ = writeln!(
+                s,
+                "fault error   {}: {}",
+                f.kind.name(),
+                f.error.as_deref().unwrap_or_default()
+            );
+        }
+        let mut line = |name: &str, v: &Violations| {
+            let _ = writeln!(s, "{name:<13} {}", v.count);
+            for e in &v.examples {
+                let _ = writeln!(s, "                {e}");
+            }
+        };
+        line("regressions", &self.regressions);
+        line("lost", &self.end_state.lost);
+        line("phantom", &self.end_state.phantom);
+        line("dlq w/o reason", &self.dead_letters_without_reason);
+        let _ = writeln!(
+            s,
+            "end state     {} users checked; {} lost immediate; left in Redis: {} flags, {} legacy, {} immediate; {} dead letters",
+            self.end_state.users_checked,
+            self.end_state.lost_immediate,
+            self.flags_left,
+            self.legacy_left,
+            self.static_pending_left,
+            self.dead_letters
+        );
+        let _ = writeln!(
+            s,
+            "verdict       {}",
+            if self.ok() {
+                "no violation"
+            } else {
+                "VIOLATIONS"
+            }
+        );
+        s
+    }
+
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(self)?)?;
+        let chart = self.throughput_svg()?;
+        std::fs::write(dir.join("throughput.svg"), &chart)?;
+        let mut rows = String::new();
+        let num = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
+        for (i, f) in self.faults.iter().enumerate() {
+            let _ = write!(
+                rows,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                i + 1,
+                f.kind.name(),
+                f.instance.map_or("-".into(), |n| format!("datasync-{n}")),
+                num(f.start_s),
+                num(f.end_s),
+                num(f.recovery_s),
+                f.error.as_deref().unwrap_or("")
+            );
+        }
+        let html = format!(
+            "<!doctype html><html><head><meta charset=\"utf-8\"><title>datasync chaos {name}</title>\
+             <style>body{{font-family:sans-serif;margin:2em}}pre{{background:#f4f4f4;padding:1em}}\
+             td,th{{padding:2px 8px;text-align:right}}</style></head>\
+             <body><h1>datasync chaos soak: {name}</h1><pre>{summary}</pre>\
+             <h2>Throughput, faults shaded</h2>{chart}\
+             <h2>Faults</h2><table><tr><th>#</th><th>kind</th><th>target</th><th>start s</th>\
+             <th>end s</th><th>recovery s</th><th>error</th></tr>{rows}</table>\
+             <h2>Scenario</h2><pre>{scenario}</pre></body></html>",
+            name = self.scenario.name,
+            summary = super::super::report::html_escape(&self.console()),
+            scenario = super::super::report::html_escape(
+                &toml::to_string_pretty(&self.scenario).unwrap_or_default()
+            ),
+        );
+        std::fs::write(dir.join("report.html"), html)?;
+        Ok(())
+    }
+
+    /// Acknowledged and applied changes per second (over 5 s), with each
+    /// fault's span shaded in its kind's colour.
+    fn throughput_svg(&self) -> anyhow::Result<String> {
+        const WINDOW_S: f64 = 5.0;
+        let mut out = String::new();
+        {
+            let root = SVGBackend::with_string(&mut out, (1000, 420)).into_drawing_area();
+            root.fill(&WHITE)?;
+            let p = &self.points;
+            let rate = |f: fn(&Point) -> u64| -> Vec<(f64, f64)> {
+                let mut from = 0;
+                (1..p.len())
+                    .map(|i| {
+                        while from + 1 < i && p[i].t_s - p[from + 1].t_s >= WINDOW_S {
+                            from += 1;
+                        }
+                        let dt = (p[i].t_s - p[from].t_s).max(1e-3);
+                        (p[i].t_s, f(&p[i]).saturating_sub(f(&p[from])) as f64 / dt)
+                    })
+                    .collect()
+            };
+            let acked = rate(|x| x.acked);
+            let applied = rate(|x| x.applied);
+            let max_t = p.last().map_or(1.0, |x| x.t_s).max(1.0);
+            let max_y = acked
+                .iter()
+                .chain(&applied)
+                .map(|x| x.1)
+                .fold(1.0, f64::max)
+                * 1.15;
+            let mut chart = ChartBuilder::on(&root)
+                .caption(
+                    format!(
+                        "{}: changes per second (over {WINDOW_S:.0} s), faults shaded",
+                        self.scenario.name
+                    ),
+                    ("sans-serif", 18),
+                )
+                .margin(10)
+                .x_label_area_size(35)
+                .y_label_area_size(70)
+                .build_cartesian_2d(0.0..max_t, 0.0..max_y)?;
+            chart
+                .configure_mesh()
+                .x_desc("seconds")
+                .y_desc("changes per second")
+                .draw()?;
+            for (kind, color) in KINDS {
+                let spans: Vec<(f64, f64)> = self
+                    .faults
+                    .iter()
+                    .filter(|f| f.kind == kind)
+                    .filter_map(|f| Some((f.start_s?, f.end_s?)))
+                    .collect();
+                if spans.is_empty() {
+                    continue;
+                }
+                chart
+                    .draw_series(spans.into_iter().map(|(a, b)| {
+                        Rectangle::new([(a, 0.0), (b, max_y)], color.mix(0.25).filled())
+                    }))?
+                    .label(kind.name())
+                    .legend(move |(x, y)| {
+                        Rectangle::new([(x, y - 5), (x + 20, y + 5)], color.mix(0.5).filled())
+                    });
+            }
+            for (name, points, color) in [
+                ("acknowledged/s", acked, BLACK),
+                ("applied/s", applied, RED),
+            ] {
+                chart
+                    .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+                    .label(name)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
+            root.present()?;
+        }
+        Ok(out)
+    }
+}
