@@ -158,6 +158,21 @@ fn an_invalid_scenario_is_refused_with_the_reason() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("rate: `fast` is neither"), "{err}");
+    std::fs::write(
+        &scenario,
+        "name = \"bad\"\nseed = 1\nusers = 5\nmode = \"chaos\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_datasync-load"))
+        .arg(&scenario)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("chaos: chaos mode needs a [chaos] table"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,4 +224,57 @@ async fn external_mode_drives_a_running_service_over_http() {
     );
     let _ = service.wait();
     common::cleanup(&ns).await;
+}
+
+/// The short chaos soak: three services on servers of the harness's own, one
+/// fault of each kind, and the checker's verdict. Any regression seen during
+/// the soak, or any acknowledged change missing at its end, fails it.
+#[test]
+fn the_short_chaos_soak_recovers_from_every_fault_without_a_violation() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/load/chaos-short.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_datasync-load"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg(&scenario)
+        .arg("--out")
+        .arg(dir.path())
+        .env("DATASYNC_BIN", env!("CARGO_BIN_EXE_datasync"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("verdict       no violation"), "{stdout}");
+    let (run, json) = report_of(dir.path(), "chaos-short");
+    assert!(run.join("report.html").exists());
+    let faults = json["faults"].as_array().unwrap();
+    let kinds: std::collections::BTreeSet<&str> =
+        faults.iter().map(|f| f["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds.into_iter().collect::<Vec<_>>(),
+        [
+            "broker_pause",
+            "kill",
+            "mongo_restart",
+            "redis_restart",
+            "zombie"
+        ]
+    );
+    for f in faults {
+        assert!(f["error"].is_null(), "{f}");
+        assert!(f["end_s"].as_f64() >= f["start_s"].as_f64(), "{f}");
+        assert!(f["recovery_s"].as_f64().is_some(), "never recovered: {f}");
+        // Every fault was logged when it began and when it was over.
+        let kind = f["kind"].as_str().unwrap();
+        assert!(stderr.contains(&format!("healed: {kind}")), "{stderr}");
+    }
+    assert_eq!(json["regressions"]["count"], 0, "{stdout}");
+    assert_eq!(json["end_state"]["lost"]["count"], 0, "{stdout}");
+    assert_eq!(json["end_state"]["phantom"]["count"], 0, "{stdout}");
+    assert!(json["counts"]["acked"].as_u64().unwrap() > 0);
+    assert!(json["counts"]["deletes_acked"].as_u64().unwrap() > 0);
+    for left in ["flags_left", "legacy_left", "static_pending_left"] {
+        assert_eq!(json[left], 0, "{left}: {stdout}");
+    }
 }

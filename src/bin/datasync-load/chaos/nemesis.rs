@@ -153,3 +153,49 @@ pub async fn inject(
     f.end_s = Some(t0.elapsed().as_secs_f64());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chaos() -> Chaos {
+        toml::from_str("faults_per_kind = 4").unwrap()
+    }
+
+    fn plan(seed: u64) -> Vec<(FaultKind, Option<usize>, u64, u64)> {
+        schedule(&chaos(), seed, 300.0, 3)
+            .into_iter()
+            .map(|f| {
+                let ms = |s: f64| (s * 1000.0) as u64;
+                (f.kind, f.instance, ms(f.planned_at_s), ms(f.planned_secs))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_schedule() {
+        assert_eq!(plan(7), plan(7));
+        assert_ne!(plan(7), plan(8));
+    }
+
+    #[test]
+    fn the_schedule_has_every_kind_in_order_inside_the_quiet_edges() {
+        let c = chaos();
+        let faults = schedule(&c, 1, 300.0, 3);
+        assert_eq!(faults.len(), 20);
+        for kind in c.kinds.iter().map(|k| FaultKind::parse(k).unwrap()) {
+            assert_eq!(faults.iter().filter(|f| f.kind == kind).count(), 4);
+        }
+        for w in faults.windows(2) {
+            // One at a time: each ends before the next begins.
+            assert!(w[0].planned_at_s + w[0].planned_secs < w[1].planned_at_s);
+        }
+        assert!(faults[0].planned_at_s >= c.quiet_secs);
+        let last = faults.last().unwrap();
+        assert!(last.planned_at_s + last.planned_secs <= 300.0 - c.quiet_secs);
+        // A zombie outlives its lease.
+        for z in faults.iter().filter(|f| f.kind == FaultKind::Zombie) {
+            assert!(z.planned_secs > c.lease_ttl_secs);
+        }
+    }
+}
