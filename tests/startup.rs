@@ -200,3 +200,88 @@ fn redis_down_at_start_fails_within_its_timeout_naming_it_once() {
         "{error}"
     );
 }
+
+/// A Redis of the test's own, with or without the append-only file.
+struct OwnRedis(std::process::Child, u16);
+
+impl OwnRedis {
+    async fn start(appendonly: &str, dir: &std::path::Path) -> Self {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", appendonly])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/stack.sh up installs it)");
+        wait_until("the test's redis answers", LONG, || async {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .await;
+        OwnRedis(child, port)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.1)
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Redis' durability is read from its settings: the append-only file on is
+/// durable; off, the instance still serves (ready) but says what a restart
+/// would lose, as a readiness warning and in the backlog sample.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_without_the_append_only_file_is_reported_and_the_instance_stays_ready() {
+    use datasync::durability::{self, Durability};
+    let dir = tempfile::tempdir().unwrap();
+    let with = OwnRedis::start("yes", dir.path()).await;
+    let ns = Namespace::new("durable");
+    let config = config_with(&ns, &format!("[redis]\nurl = \"{}\"\n", with.url()));
+    let redis = datasync::clients::redis::RedisStore::connect(&config.redis, 4)
+        .await
+        .unwrap();
+    assert_eq!(
+        durability::check(&redis).await,
+        Durability::Aof {
+            fsync: "everysec".into()
+        }
+    );
+
+    let without_dir = tempfile::tempdir().unwrap();
+    let without = OwnRedis::start("no", without_dir.path()).await;
+    let config = config_with(&ns, &format!("[redis]\nurl = \"{}\"\n", without.url()));
+    let engine = start_with(config).await;
+    let sample = engine.sample_backlog().await;
+    assert_eq!(sample.redis_durability, Some(Durability::Off));
+    let r = engine.readiness().await;
+    assert_eq!(r.status, "ready", "{r:?}");
+    assert_eq!(r.warnings.len(), 1, "{r:?}");
+    assert!(r.warnings[0].contains("appendonly is off"), "{r:?}");
+    // The same through the API: /health/ready answers 200 with the warning.
+    let app =
+        web::init_service(App::new().configure(datasync::http::configure(engine.clone()))).await;
+    let resp = web::call_service(
+        &app,
+        web::TestRequest::get().uri("/health/ready").to_request(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = web::read_body_json(resp).await;
+    assert!(
+        body["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("appendonly is off"),
+        "{body}"
+    );
+    finish(engine, &ns).await;
+    drop(without);
+    drop(with);
+}
