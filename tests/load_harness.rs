@@ -126,49 +126,28 @@ fn a_half_peak_scenario_measures_the_peak_first() {
 fn an_invalid_scenario_is_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let scenario = dir.path().join("bad.toml");
-    std::fs::write(
-        &scenario,
-        "name = \"bad\"\nseed = 1\nusers = 0\nlegacy_share = 1.5\nmode = \"external\"\n",
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_datasync-load"))
-        .arg(&scenario)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("users: must be at least 1"), "{err}");
-    assert!(
-        err.contains("legacy_share: must be between 0 and 1"),
-        "{err}"
-    );
-    assert!(
-        err.contains("external.apis: external mode needs at least one API URL"),
-        "{err}"
-    );
-    std::fs::write(
-        &scenario,
-        "name = \"bad\"\nseed = 1\nusers = 5\nrate = \"fast\"\n",
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_datasync-load"))
-        .arg(&scenario)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    // The harness's error output for a scenario file holding `text`.
+    let refused = |text: &str| {
+        std::fs::write(&scenario, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_datasync-load"))
+            .arg(&scenario)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err =
+        refused("name = \"bad\"\nseed = 1\nusers = 0\nlegacy_share = 1.5\nmode = \"external\"\n");
+    for reason in [
+        "users: must be at least 1",
+        "legacy_share: must be between 0 and 1",
+        "external.apis: external mode needs at least one API URL",
+    ] {
+        assert!(err.contains(reason), "{err}");
+    }
+    let err = refused("name = \"bad\"\nseed = 1\nusers = 5\nrate = \"fast\"\n");
     assert!(err.contains("rate: `fast` is neither"), "{err}");
-    std::fs::write(
-        &scenario,
-        "name = \"bad\"\nseed = 1\nusers = 5\nmode = \"chaos\"\n",
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_datasync-load"))
-        .arg(&scenario)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused("name = \"bad\"\nseed = 1\nusers = 5\nmode = \"chaos\"\n");
     assert!(
         err.contains("chaos: chaos mode needs a [chaos] table"),
         "{err}"

@@ -239,19 +239,9 @@ impl Report {
             // Counters move in steps (a page, a window), so a rate between two
             // samples half a second apart aliases into a sawtooth: each point
             // is the rate over the last RATE_WINDOW_S seconds instead.
-            let rates = |f: fn(&Sample) -> u64| -> Vec<(f64, f64)> {
-                let mut from = 0;
-                s.iter()
-                    .enumerate()
-                    .skip(1)
-                    .map(|(i, now)| {
-                        while from + 1 < i && now.t_s - s[from + 1].t_s >= RATE_WINDOW_S {
-                            from += 1;
-                        }
-                        let dt = (now.t_s - s[from].t_s).max(1e-3);
-                        (now.t_s, (f(now) - f(&s[from])) as f64 / dt)
-                    })
-                    .collect()
+            let rates = |f: fn(&Sample) -> u64| {
+                let points: Vec<(f64, u64)> = s.iter().map(|x| (x.t_s, f(x))).collect();
+                windowed_rates(&points, RATE_WINDOW_S)
             };
             let series = [
                 ("marked/s", rates(|x| x.marked), BLUE),
@@ -264,23 +254,15 @@ impl Report {
                 .flat_map(|(_, v, _)| v.iter().map(|p| p.1))
                 .fold(1.0, f64::max)
                 * 1.1;
-            let mut chart = ChartBuilder::on(&root)
-                .caption(
-                    format!(
-                        "Throughput over time ({}; rates over {RATE_WINDOW_S:.0} s)",
-                        self.scenario.name
-                    ),
-                    ("sans-serif", 18),
-                )
-                .margin(10)
-                .x_label_area_size(35)
-                .y_label_area_size(70)
-                .build_cartesian_2d(0.0..max_t, 0.0..max_y)?;
-            chart
-                .configure_mesh()
-                .x_desc("seconds")
-                .y_desc("changes per second")
-                .draw()?;
+            let mut chart = rate_chart(
+                &root,
+                format!(
+                    "Throughput over time ({}; rates over {RATE_WINDOW_S:.0} s)",
+                    self.scenario.name
+                ),
+                max_t,
+                max_y,
+            )?;
             for (name, points, color) in series {
                 chart
                     .draw_series(LineSeries::new(points, color.stroke_width(2)))?
@@ -345,8 +327,46 @@ impl Report {
     }
 }
 
+/// Rates per second of a counter sampled as `(seconds, value)`. Counters move
+/// in steps (a page, a window), so a rate between two close samples aliases
+/// into a sawtooth: each point is the rate over the last `window_s` instead.
+pub fn windowed_rates(points: &[(f64, u64)], window_s: f64) -> Vec<(f64, f64)> {
+    let mut from = 0;
+    (1..points.len())
+        .map(|i| {
+            let (t, v) = points[i];
+            while from + 1 < i && t - points[from + 1].0 >= window_s {
+                from += 1;
+            }
+            let dt = (t - points[from].0).max(1e-3);
+            (t, v.saturating_sub(points[from].1) as f64 / dt)
+        })
+        .collect()
+}
+
+/// A captioned chart of changes per second against seconds, mesh drawn.
+pub fn rate_chart<'a, 'b>(
+    root: &'b DrawingArea<SVGBackend<'a>, plotters::coord::Shift>,
+    caption: String,
+    max_t: f64,
+    max_y: f64,
+) -> anyhow::Result<ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>> {
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..max_t, 0.0..max_y)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc("changes per second")
+        .draw()?;
+    Ok(chart)
+}
+
 /// The legend box of a chart, the same on every chart of the report.
-fn draw_legend<'a, DB: DrawingBackend + 'a>(
+pub fn draw_legend<'a, DB: DrawingBackend + 'a>(
     chart: &mut ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
 ) -> anyhow::Result<()>
 where

@@ -6,7 +6,10 @@ use super::{
     nemesis::{Fault, FaultKind},
     workload::Counts,
 };
-use crate::scenario::Scenario;
+use crate::{
+    report::{draw_legend, html_escape, rate_chart, windowed_rates},
+    scenario::Scenario,
+};
 use plotters::prelude::*;
 use serde::Serialize;
 use std::{fmt::Write, path::Path};
@@ -170,10 +173,8 @@ impl ChaosReport {
              <th>end s</th><th>recovery s</th><th>error</th></tr>{rows}</table>\
              <h2>Scenario</h2><pre>{scenario}</pre></body></html>",
             name = self.scenario.name,
-            summary = super::super::report::html_escape(&self.console()),
-            scenario = super::super::report::html_escape(
-                &toml::to_string_pretty(&self.scenario).unwrap_or_default()
-            ),
+            summary = html_escape(&self.console()),
+            scenario = html_escape(&toml::to_string_pretty(&self.scenario).unwrap_or_default()),
         );
         std::fs::write(dir.join("report.html"), html)?;
         Ok(())
@@ -188,17 +189,9 @@ impl ChaosReport {
             let root = SVGBackend::with_string(&mut out, (1000, 420)).into_drawing_area();
             root.fill(&WHITE)?;
             let p = &self.points;
-            let rate = |f: fn(&Point) -> u64| -> Vec<(f64, f64)> {
-                let mut from = 0;
-                (1..p.len())
-                    .map(|i| {
-                        while from + 1 < i && p[i].t_s - p[from + 1].t_s >= WINDOW_S {
-                            from += 1;
-                        }
-                        let dt = (p[i].t_s - p[from].t_s).max(1e-3);
-                        (p[i].t_s, f(&p[i]).saturating_sub(f(&p[from])) as f64 / dt)
-                    })
-                    .collect()
+            let rate = |f: fn(&Point) -> u64| {
+                let points: Vec<(f64, u64)> = p.iter().map(|x| (x.t_s, f(x))).collect();
+                windowed_rates(&points, WINDOW_S)
             };
             let acked = rate(|x| x.acked);
             let applied = rate(|x| x.applied);
@@ -209,23 +202,15 @@ impl ChaosReport {
                 .map(|x| x.1)
                 .fold(1.0, f64::max)
                 * 1.15;
-            let mut chart = ChartBuilder::on(&root)
-                .caption(
-                    format!(
-                        "{}: changes per second (over {WINDOW_S:.0} s), faults shaded",
-                        self.scenario.name
-                    ),
-                    ("sans-serif", 18),
-                )
-                .margin(10)
-                .x_label_area_size(35)
-                .y_label_area_size(70)
-                .build_cartesian_2d(0.0..max_t, 0.0..max_y)?;
-            chart
-                .configure_mesh()
-                .x_desc("seconds")
-                .y_desc("changes per second")
-                .draw()?;
+            let mut chart = rate_chart(
+                &root,
+                format!(
+                    "{}: changes per second (over {WINDOW_S:.0} s), faults shaded",
+                    self.scenario.name
+                ),
+                max_t,
+                max_y,
+            )?;
             for (kind, color) in KINDS {
                 let spans: Vec<(f64, f64)> = self
                     .faults
@@ -254,11 +239,7 @@ impl ChaosReport {
                     .label(name)
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
             }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()?;
+            draw_legend(&mut chart)?;
             root.present()?;
         }
         Ok(out)
