@@ -46,6 +46,17 @@ async fn round_trip_on_a_redis_cluster() {
     .await;
     let report = engine.shards().await.unwrap();
     assert_eq!(report.held.len(), 8, "every shard leased on the cluster");
+    // Deletes on the cluster: the profile keys lie in other slots than the
+    // shard's, so they go first, then each shard's script records the deletes.
+    let gone: Vec<String> = (0..20).map(|i| format!("u{i}")).collect();
+    engine.delete(&gone).await.unwrap();
+    let docs = mongo(&ns).await;
+    wait_until("the deleted users are tombstones", LONG, || async {
+        count_docs(&docs, doc! { "deleted": true }).await == 20
+    })
+    .await;
+    let profiles = r.load_profiles(&gone).await.unwrap();
+    assert!(profiles.iter().all(Result::is_err), "profile keys removed");
     engine.shutdown(Duration::from_secs(20)).await;
     let _ = mongo(&ns).await.collection().drop().await;
     // Each master holds some of the keys: clean them node by node.

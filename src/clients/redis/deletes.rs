@@ -12,25 +12,40 @@ static DELETE: LazyLock<Script> = lua_script!("delete.lua", "clock.lua");
 static CLEAR_DELETES: LazyLock<Script> = lua_script!("clear_deletes.lua");
 
 impl RedisStore {
-    /// Deletes users: removes their profile keys, then records the deletes
-    /// and flags them, one script per shard. Returns `(user, version)` in
-    /// input order. The profile keys go first: if the script then fails, the
-    /// call fails and is retried, and a user is never left recorded as
-    /// deleted with its profile still in Redis (a consistency check would
-    /// bring it back).
+    /// Deletes users: removes their profile keys, records the deletes and
+    /// flags them, one script per shard. Returns `(user, version)` in input
+    /// order.
+    ///
+    /// On a single Redis the script removes the profile keys itself, so a
+    /// delete happens whole or not at all: a delete whose caller gave up
+    /// half-way (a timeout) can never leave the profile gone with nothing
+    /// recorded, which would strand the user's pending change on a missing
+    /// profile. On a Redis Cluster the profile keys lie in other slots than
+    /// the shard's, so they are removed first, in a pipeline: if the script
+    /// then fails, the call fails and must be retried, and a user is never
+    /// left recorded as deleted with its profile still in Redis (a consistency
+    /// check would bring it back).
     pub async fn delete(&self, users: &[String]) -> Result<Vec<(String, i64)>, RedisError> {
-        let pipe = self.client().pipeline();
-        for u in users {
-            let _: () = pipe.del(self.keys.profile(u)).await?;
+        if self.cluster {
+            let pipe = self.client().pipeline();
+            for u in users {
+                let _: () = pipe.del(self.keys.profile(u)).await?;
+            }
+            let _: Vec<RValue> = pipe.all().await?;
         }
-        let _: Vec<RValue> = pipe.all().await?;
         let ids: Vec<&str> = users.iter().map(String::as_str).collect();
         let versions = self
             .allocate_versions(
                 &DELETE,
                 &ids,
                 |shard| vec![self.keys.dirty(shard), self.keys.deleted(shard)],
-                |i| vec![users[i].clone()],
+                |i| {
+                    let profile = match self.cluster {
+                        true => String::new(),
+                        false => self.keys.profile(&users[i]),
+                    };
+                    vec![users[i].clone(), profile]
+                },
             )
             .await?;
         Ok(users.iter().cloned().zip(versions).collect())

@@ -97,6 +97,8 @@ pub struct RedisStore {
     pool: Pool,
     keys: Keys,
     shards: u32,
+    /// A Redis Cluster: a script may only touch keys of one slot.
+    cluster: bool,
 }
 
 impl RedisStore {
@@ -137,6 +139,7 @@ impl RedisStore {
             pool,
             keys: Keys::from_config(c),
             shards,
+            cluster: c.cluster,
         })
     }
 

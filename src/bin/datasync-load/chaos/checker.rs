@@ -238,10 +238,16 @@ impl Checker {
                     _ => DeleteState::None,
                 };
                 let in_range = (t.acked..=t.attempted).contains(&d.number);
+                // A write that timed out before the delete was sent may still
+                // take effect after it (its service was paused, say): the user
+                // then comes back with that write's number.
+                let late_write = t.attempted > t.acked && d.number > t.acked && in_range;
                 match deleted {
-                    DeleteState::Acked if !d.deleted => end
-                        .lost
-                        .add(format!("{user}: delete acknowledged, document not deleted")),
+                    DeleteState::Acked if !d.deleted && !late_write => end.lost.add(format!(
+                        "{user}: delete acknowledged, document not deleted (it has {}; \
+                         writes acknowledged up to {}, sent up to {})",
+                        d.number, t.acked, t.attempted
+                    )),
                     DeleteState::Acked => {}
                     DeleteState::Attempted if d.deleted || in_range => {}
                     _ if d.number < t.acked => {

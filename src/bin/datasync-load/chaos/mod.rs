@@ -19,7 +19,7 @@ mod workload;
 
 use crate::{scenario::Scenario, target::wait_ready};
 use anyhow::Context;
-use checker::Checker;
+use checker::{Checker, Violations};
 use datasync::{
     Config,
     clients::{mongo::MongoStore, redis::RedisStore},
@@ -82,13 +82,66 @@ log_filter = "warn,datasync=info"
     Ok(toml::to_string(&table)?)
 }
 
-/// Flags, legacy members and pending immediate changes not yet synced.
-async fn left_in_redis(redis: &RedisStore) -> anyhow::Result<(u64, u64, u64)> {
-    Ok((
-        redis.count_flags(0..redis.shards()).await?,
-        redis.legacy_pending().await?,
-        redis.count_static_pending().await?,
-    ))
+/// What is left in Redis: flags, legacy members and pending immediate
+/// changes. A flag or pending change whose user has an open dead letter of
+/// that section is left *with a reason* (the dead letter names its error: a
+/// flag on a missing profile, for one); any other is left without one.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Leftovers {
+    pub without_reason: Violations,
+    pub with_dead_letter: Violations,
+    pub legacy: u64,
+    pub dead_letters: u64,
+    pub dead_letters_without_reason: Violations,
+}
+
+impl Leftovers {
+    pub fn clean(&self) -> bool {
+        self.without_reason.count == 0
+            && self.legacy == 0
+            && self.dead_letters_without_reason.count == 0
+    }
+}
+
+async fn left_in_redis(redis: &RedisStore) -> anyhow::Result<Leftovers> {
+    let dlq = datasync::actors::dlq::list(redis, 100_000).await?;
+    let mut left = Leftovers {
+        legacy: redis.legacy_pending().await?,
+        dead_letters: dlq.open,
+        ..Default::default()
+    };
+    let mut explained = std::collections::HashSet::new();
+    for e in &dlq.entries {
+        if e.error.trim().is_empty() {
+            left.dead_letters_without_reason
+                .add(format!("{} v{} ({})", e.user_id, e.version, e.stage));
+        } else {
+            // A delete's dead letter is its user's dynamic one.
+            let section = if e.sync_type == "static" {
+                "static"
+            } else {
+                "dynamic"
+            };
+            explained.insert((e.user_id.clone(), section));
+        }
+    }
+    let mut sort = |user: &str, section: &'static str, version: i64| {
+        let what = format!("{section} {user} v{version}");
+        if explained.contains(&(user.to_string(), section)) {
+            left.with_dead_letter.add(what);
+        } else {
+            left.without_reason.add(what);
+        }
+    };
+    for shard in 0..redis.shards() {
+        for (user, version) in redis.read_flags(shard, None, 100_000).await? {
+            sort(&user, "dynamic", version);
+        }
+        for p in redis.static_pending(shard).await? {
+            sort(&p.user_id, "static", p.version);
+        }
+    }
+    Ok(left)
 }
 
 pub async fn run(sc: &Scenario, out: &Path) -> anyhow::Result<()> {
@@ -218,12 +271,12 @@ pub async fn run(sc: &Scenario, out: &Path) -> anyhow::Result<()> {
     let drain_started = Instant::now();
     let deadline = drain_started + Duration::from_secs(sc.timeout_secs);
     let drained = loop {
-        let left = left_in_redis(&redis).await.ok();
+        let clean = left_in_redis(&redis).await.is_ok_and(|l| l.clean());
         let end = {
             let h = history.lock().expect("history").clone();
             checker.lock().await.end_state(&h).await.ok()
         };
-        if left == Some((0, 0, 0)) && end.is_some_and(|e| e.ok()) {
+        if clean && end.is_some_and(|e| e.ok()) {
             break true;
         }
         if Instant::now() > deadline {
@@ -247,12 +300,7 @@ pub async fn run(sc: &Scenario, out: &Path) -> anyhow::Result<()> {
         faults[i].recovery_s = Some(secs);
     }
     let end_state = checker.end_state(&h).await?;
-    let (flags_left, legacy_left, static_pending_left) = left_in_redis(&redis).await?;
-    let dlq = datasync::actors::dlq::list(&redis, 10_000).await?;
-    let mut without_reason = checker::Violations::default();
-    for e in dlq.entries.iter().filter(|e| e.error.trim().is_empty()) {
-        without_reason.add(format!("{} v{} ({})", e.user_id, e.version, e.stage));
-    }
+    let left = left_in_redis(&redis).await?;
     let report = ChaosReport {
         scenario: sc.clone(),
         namespace: ns.clone(),
@@ -263,11 +311,7 @@ pub async fn run(sc: &Scenario, out: &Path) -> anyhow::Result<()> {
         counts: h.counts,
         regressions: checker.regressions.clone(),
         end_state,
-        flags_left,
-        legacy_left,
-        static_pending_left,
-        dead_letters: dlq.open,
-        dead_letters_without_reason: without_reason,
+        left,
         failed_samples: checker.failed_samples,
         points: checker.points.clone(),
     };

@@ -2,6 +2,7 @@
 //! the throughput chart (faults shaded) and the fault log.
 
 use super::{
+    Leftovers,
     checker::{EndState, Point, Violations},
     nemesis::{Fault, FaultKind},
     workload::Counts,
@@ -28,12 +29,8 @@ pub struct ChaosReport {
     /// Versions seen going down during the soak.
     pub regressions: Violations,
     pub end_state: EndState,
-    pub flags_left: u64,
-    pub legacy_left: u64,
-    pub static_pending_left: u64,
-    /// Open dead letters (each names its error) and those without one.
-    pub dead_letters: u64,
-    pub dead_letters_without_reason: Violations,
+    /// What is left in Redis after the drain.
+    pub left: Leftovers,
     /// Samples the MongoDB-wire server did not answer (during its restarts).
     pub failed_samples: u64,
     pub points: Vec<Point>,
@@ -51,10 +48,7 @@ impl ChaosReport {
     pub fn ok(&self) -> bool {
         self.regressions.count == 0
             && self.end_state.ok()
-            && self.flags_left == 0
-            && self.legacy_left == 0
-            && self.static_pending_left == 0
-            && self.dead_letters_without_reason.count == 0
+            && self.left.clean()
             && self.faults.iter().all(|f| f.error.is_none())
     }
 
@@ -112,7 +106,7 @@ impl ChaosReport {
             );
         }
         let mut line = |name: &str, v: &Violations| {
-            let _ = writeln!(s, "{name:<13} {}", v.count);
+            let _ = writeln!(s, "{name:<15} {}", v.count);
             for e in &v.examples {
                 let _ = writeln!(s, "                {e}");
             }
@@ -120,16 +114,16 @@ impl ChaosReport {
         line("regressions", &self.regressions);
         line("lost", &self.end_state.lost);
         line("phantom", &self.end_state.phantom);
-        line("dlq w/o reason", &self.dead_letters_without_reason);
+        line("left w/o reason", &self.left.without_reason);
+        line("dlq w/o reason", &self.left.dead_letters_without_reason);
+        line("left, explained", &self.left.with_dead_letter);
         let _ = writeln!(
             s,
-            "end state     {} users checked; {} lost immediate; left in Redis: {} flags, {} legacy, {} immediate; {} dead letters",
+            "end state     {} users checked; {} lost immediate; {} legacy members left; {} open dead letters",
             self.end_state.users_checked,
             self.end_state.lost_immediate,
-            self.flags_left,
-            self.legacy_left,
-            self.static_pending_left,
-            self.dead_letters
+            self.left.legacy,
+            self.left.dead_letters
         );
         let _ = writeln!(
             s,
