@@ -65,6 +65,36 @@ fn a_tiny_scenario_runs_and_writes_every_report() {
         assert!(stdout.contains(ratio), "missing {ratio}: {stdout}");
     }
     let (run, json) = report_of(dir.path(), "tiny");
+    // The run removed what it made on the shared stack.
+    let ns = json["namespace"].as_str().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cleanup: removed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (keys, collections) = rt.block_on(async {
+        let r = common::raw_redis().await;
+        let keys: i64 = fred::interfaces::LuaInterface::eval(
+            &r,
+            "local n=0 local c='0' repeat local r=redis.call('SCAN',c,'MATCH',ARGV[1],'COUNT',1000) \
+             c=r[1] n=n+#r[2] until c=='0' return n",
+            Vec::<String>::new(),
+            vec![format!("{ns}*")],
+        )
+        .await
+        .unwrap();
+        let m = mongodb::Client::with_uri_str(common::mongo_url())
+            .await
+            .unwrap();
+        let names = m
+            .database("datasync_load")
+            .list_collection_names()
+            .await
+            .unwrap();
+        (keys, names.into_iter().filter(|n| n.starts_with(ns)).count())
+    });
+    assert_eq!((keys, collections), (0, 0), "left behind by {ns}");
     for f in [
         "report.json",
         "report.html",

@@ -18,6 +18,7 @@
 mod baseline;
 mod ceilings;
 mod chaos;
+mod cleanup;
 mod report;
 mod scenario;
 mod target;
@@ -55,6 +56,10 @@ struct Cli {
     /// Skip the seed baseline loop.
     #[arg(long)]
     skip_baseline: bool,
+    /// Remove the run's keys, topics, consumer groups and collections at the
+    /// end (`--cleanup false` keeps them to look at).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    cleanup: bool,
 }
 
 /// Per-second rate of `n` operations in `d`.
@@ -468,7 +473,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // fred warns of every connection the chaos soak breaks; its errors stay.
     datasync::telemetry::init_logging("text", "warn,fred=error");
-    let mut sc = Scenario::load(&cli.scenario)?;
+    let sc = Scenario::load(&cli.scenario)?;
     if sc.mode == "chaos" {
         return chaos::run(&sc, &cli.out).await;
     }
@@ -477,6 +482,24 @@ async fn main() -> anyhow::Result<()> {
         .as_secs();
     let ns = format!("load-{}-{stamp}", sc.name);
     let config = engine_config(&sc, &ns, 0)?;
+    let external = sc.mode == "external";
+    let outcome = measure(&cli, sc, &ns, &config).await;
+    if cli.cleanup && !external {
+        match cleanup::run(&config, &ns).await {
+            Ok(r) => eprintln!(
+                "cleanup: removed {} keys, {} topics and {} collections of {ns}",
+                r.keys, r.topics, r.collections
+            ),
+            Err(e) => eprintln!("cleanup of {ns} failed (the run's data stays): {e:#}"),
+        }
+    }
+    outcome
+}
+
+/// Every phase of a measured run, then its report.
+async fn measure(cli: &Cli, mut sc: Scenario, ns: &str, config: &Config) -> anyhow::Result<()> {
+    let ns = ns.to_string();
+    let config = config.clone();
     let mut report = Report {
         scenario: sc.clone(),
         namespace: ns.clone(),
