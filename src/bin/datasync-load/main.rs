@@ -461,6 +461,7 @@ async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Result<
         latency_buckets,
         peak_rss_mb: samples.iter().map(|s| s.rss_mb).fold(end.rss_mb, f64::max),
         mean_cpu_percent: (end.cpu_seconds - cpu0) / seconds * 100.0,
+        cpu_us_per_change: (end.cpu_seconds - cpu0) * 1e6 / total.max(1) as f64,
         documents,
         verified: documents == sc.users as u64 && last_round == sc.users as u64,
         samples,

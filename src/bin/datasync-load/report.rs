@@ -49,6 +49,9 @@ pub struct Run {
     pub latency_buckets: Vec<(u64, u64)>,
     pub peak_rss_mb: f64,
     pub mean_cpu_percent: f64,
+    /// The engines' CPU time per change, in microseconds (embedded: this
+    /// whole process, driver included; external: the services').
+    pub cpu_us_per_change: f64,
     pub documents: u64,
     pub verified: bool,
     pub samples: Vec<Sample>,
@@ -192,8 +195,8 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "process       peak RSS {:.0} MB | mean CPU {:.0}%",
-            r.peak_rss_mb, r.mean_cpu_percent
+            "process       peak RSS {:.0} MB | mean CPU {:.0}% | {:.0} CPU-µs per change",
+            r.peak_rss_mb, r.mean_cpu_percent, r.cpu_us_per_change
         );
         let _ = writeln!(
             s,
