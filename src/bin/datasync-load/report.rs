@@ -1,7 +1,7 @@
 //! The run's report: a console summary, a JSON file, SVG charts and one
 //! self-contained HTML page.
 
-use crate::{baseline::Baseline, ceilings::Ceilings};
+use crate::{baseline::Baseline, ceilings::Ceilings, scenario::Scenario};
 use datasync::telemetry::LatencySummary;
 use plotters::{coord::types::RangedCoordf64, prelude::*};
 use serde::Serialize;
@@ -73,7 +73,7 @@ pub struct ImmediateRun {
 
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Report {
-    pub scenario: crate::scenario::Scenario,
+    pub scenario: Scenario,
     pub namespace: String,
     pub ceilings: Option<Ceilings>,
     pub baseline: Option<Baseline>,
@@ -220,14 +220,13 @@ impl Report {
         let latency = self.latency_svg()?;
         std::fs::write(dir.join("throughput.svg"), &throughput)?;
         std::fs::write(dir.join("latency.svg"), &latency)?;
-        let html = format!(
-            "<!doctype html><html><head><meta charset=\"utf-8\"><title>datasync-load {name}</title>\
-             <style>body{{font-family:sans-serif;margin:2em}}pre{{background:#f4f4f4;padding:1em}}</style></head>\
-             <body><h1>datasync-load: {name}</h1><pre>{summary}</pre><h2>Throughput over time</h2>{throughput}\
-             <h2>Flag → applied latency</h2>{latency}<h2>Scenario</h2><pre>{scenario}</pre></body></html>",
-            name = self.scenario.name,
-            summary = html_escape(&self.console()),
-            scenario = html_escape(&toml::to_string_pretty(&self.scenario).unwrap_or_default()),
+        let html = html_page(
+            &format!("datasync-load: {}", self.scenario.name),
+            &self.console(),
+            &format!(
+                "<h2>Throughput over time</h2>{throughput}<h2>Flag → applied latency</h2>{latency}"
+            ),
+            &self.scenario,
         );
         std::fs::write(dir.join("report.html"), html)?;
         Ok(())
@@ -382,6 +381,21 @@ where
         .draw()
         .map_err(|e| anyhow::anyhow!("chart legend: {e}"))?;
     Ok(())
+}
+
+/// A self-contained report page: the console summary, the sections (HTML),
+/// then the scenario.
+pub fn html_page(title: &str, summary: &str, sections: &str, scenario: &Scenario) -> String {
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title>\
+         <style>body{{font-family:sans-serif;margin:2em}}pre{{background:#f4f4f4;padding:1em}}\
+         td,th{{padding:2px 8px;text-align:right}}</style></head>\
+         <body><h1>{title}</h1><pre>{summary}</pre>{sections}\
+         <h2>Scenario</h2><pre>{scenario}</pre></body></html>",
+        title = html_escape(title),
+        summary = html_escape(summary),
+        scenario = html_escape(&toml::to_string_pretty(scenario).unwrap_or_default()),
+    )
 }
 
 pub fn html_escape(s: &str) -> String {

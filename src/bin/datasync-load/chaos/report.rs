@@ -8,7 +8,7 @@ use super::{
     workload::Counts,
 };
 use crate::{
-    report::{draw_legend, html_escape, rate_chart, windowed_rates},
+    report::{draw_legend, html_page, rate_chart, windowed_rates},
     scenario::Scenario,
 };
 use plotters::prelude::*;
@@ -157,18 +157,15 @@ impl ChaosReport {
                 f.error.as_deref().unwrap_or("")
             );
         }
-        let html = format!(
-            "<!doctype html><html><head><meta charset=\"utf-8\"><title>datasync chaos {name}</title>\
-             <style>body{{font-family:sans-serif;margin:2em}}pre{{background:#f4f4f4;padding:1em}}\
-             td,th{{padding:2px 8px;text-align:right}}</style></head>\
-             <body><h1>datasync chaos soak: {name}</h1><pre>{summary}</pre>\
-             <h2>Throughput, faults shaded</h2>{chart}\
-             <h2>Faults</h2><table><tr><th>#</th><th>kind</th><th>target</th><th>start s</th>\
-             <th>end s</th><th>recovery s</th><th>error</th></tr>{rows}</table>\
-             <h2>Scenario</h2><pre>{scenario}</pre></body></html>",
-            name = self.scenario.name,
-            summary = html_escape(&self.console()),
-            scenario = html_escape(&toml::to_string_pretty(&self.scenario).unwrap_or_default()),
+        let html = html_page(
+            &format!("datasync chaos soak: {}", self.scenario.name),
+            &self.console(),
+            &format!(
+                "<h2>Throughput, faults shaded</h2>{chart}\
+                 <h2>Faults</h2><table><tr><th>#</th><th>kind</th><th>target</th><th>start s</th>\
+                 <th>end s</th><th>recovery s</th><th>error</th></tr>{rows}</table>"
+            ),
+            &self.scenario,
         );
         std::fs::write(dir.join("report.html"), html)?;
         Ok(())
