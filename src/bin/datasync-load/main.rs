@@ -472,6 +472,9 @@ async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Result<
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The HTTP clients (external and chaos modes) run on the same rustls
+    // provider as the service.
+    datasync::tls::ensure_provider();
     // fred warns of every connection the chaos soak breaks; its errors stay.
     datasync::telemetry::init_logging("text", "warn,fred=error");
     let sc = Scenario::load(&cli.scenario)?;
