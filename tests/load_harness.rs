@@ -231,6 +231,18 @@ async fn external_mode_drives_a_running_service_over_http() {
         stdout.contains("every user at its last change: yes"),
         "{stdout}"
     );
+    // The service's own histogram, merged: the run's distribution, warm-up
+    // left out, with buckets for the chart.
+    let (_, json) = report_of(dir.path(), "external");
+    let latency = &json["run"]["latency"];
+    let count = latency["count"].as_u64().unwrap();
+    assert!(count > 0 && count <= 800, "{latency}");
+    assert!(
+        !json["run"]["latency_buckets"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
     let _ = service.wait();
     common::cleanup(&ns).await;
 }

@@ -145,18 +145,23 @@ async fn metrics() -> HttpResponse {
 
 async fn stats(engine: Data<Engine>) -> HttpResponse {
     let (ack, applied) = engine.immediate_latency_histograms();
+    use crate::telemetry::Latency;
     let immediate = json!({
-        "to_broker_ack": crate::telemetry::Latency::summarize(&ack),
-        "to_applied": crate::telemetry::Latency::summarize(&applied),
+        "to_broker_ack": Latency::summarize(&ack),
+        "to_applied": Latency::summarize(&applied),
     });
     HttpResponse::Ok().json(json!({
         "engine": engine.stats(),
         "cache": engine.cache_stats(),
-        "latency": crate::telemetry::Latency::summarize(&engine.latency_histogram()),
+        "latency": Latency::summarize(&engine.latency_histogram()),
         "immediate": immediate,
         "process": crate::telemetry::process_usage(),
         "outages": engine.outages(),
         "backlog": engine.backlog(),
+        "histograms": {
+            "latency": Latency::encode(&engine.latency_histogram()),
+            "immediate_to_applied": Latency::encode(&applied),
+        },
     }))
 }
 

@@ -87,9 +87,9 @@ impl Target {
                 }
                 Ok(Latency::summarize(&h))
             }
-            Target::External { http, apis } => {
-                worst_summary(http, apis, "/immediate/to_applied").await
-            }
+            Target::External { http, apis } => Ok(Latency::summarize(
+                &merged_histogram(http, apis, "immediate_to_applied").await?,
+            )),
         }
     }
 
@@ -120,8 +120,8 @@ impl Target {
         Ok(o)
     }
 
-    /// Merged latency histogram (embedded) or the services' own summaries
-    /// (external: counts add up, quantiles are the worst service's).
+    /// The flag → applied latency histogram, merged over the engines or the
+    /// services (which give theirs encoded in `/v1/stats`).
     pub async fn latency(
         &self,
     ) -> anyhow::Result<(Option<hdrhistogram::Histogram<u64>>, LatencySummary)> {
@@ -135,7 +135,9 @@ impl Target {
                 Ok((Some(h), s))
             }
             Target::External { http, apis } => {
-                Ok((None, worst_summary(http, apis, "/latency").await?))
+                let h = merged_histogram(http, apis, "latency").await?;
+                let s = Latency::summarize(&h);
+                Ok((Some(h), s))
             }
         }
     }
@@ -149,28 +151,22 @@ impl Target {
     }
 }
 
-/// The services' latency summaries at `pointer` (a JSON pointer into
-/// `/v1/stats`), combined: counts add up, quantiles are the worst service's.
-async fn worst_summary(
+/// The services' histograms under `histograms.<name>` in `/v1/stats`,
+/// merged, so the quantiles are those of every change together.
+async fn merged_histogram(
     http: &reqwest::Client,
     apis: &[String],
-    pointer: &str,
-) -> anyhow::Result<LatencySummary> {
-    let mut s = LatencySummary::default();
+    name: &str,
+) -> anyhow::Result<hdrhistogram::Histogram<u64>> {
+    let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000, 3)?;
     for api in apis {
         let v = service_stats(http, api).await?;
-        let l: LatencySummary = serde_json::from_value(
-            v.pointer(pointer)
-                .cloned()
-                .with_context(|| format!("{api}/v1/stats has no {pointer}"))?,
-        )?;
-        s.count += l.count;
-        s.p50_ms = s.p50_ms.max(l.p50_ms);
-        s.p95_ms = s.p95_ms.max(l.p95_ms);
-        s.p99_ms = s.p99_ms.max(l.p99_ms);
-        s.max_ms = s.max_ms.max(l.max_ms);
+        let encoded = v["histograms"][name]
+            .as_str()
+            .with_context(|| format!("{api}/v1/stats has no histograms.{name}"))?;
+        h.add(Latency::decode(encoded)?)?;
     }
-    Ok(s)
+    Ok(h)
 }
 
 /// A running service's `GET /v1/stats`.
