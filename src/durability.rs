@@ -68,7 +68,9 @@ impl Durability {
 
 /// Reads the settings from Redis and exports the gauge.
 pub async fn check(redis: &RedisStore) -> Durability {
-    let d = match redis.config_get(&["appendonly", "appendfsync"]).await {
+    // One round trip: the pattern answers appendonly and appendfsync (and
+    // the file names), on every Redis version.
+    let d = match redis.config_get("append*").await {
         Ok(settings) => Durability::from_settings(
             settings.get("appendonly").map(String::as_str),
             settings.get("appendfsync").map(String::as_str),

@@ -265,12 +265,7 @@ impl Report {
                 max_t,
                 max_y,
             )?;
-            for (name, points, color) in series {
-                chart
-                    .draw_series(LineSeries::new(points, color.stroke_width(2)))?
-                    .label(name)
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-            }
+            draw_lines(&mut chart, series)?;
             draw_legend(&mut chart)?;
             root.present()?;
         }
@@ -365,6 +360,20 @@ pub fn rate_chart<'a, 'b>(
         .y_desc("changes per second")
         .draw()?;
     Ok(chart)
+}
+
+/// Labelled lines of `(seconds, rate)` points, as every rate chart draws them.
+pub fn draw_lines<'a, const N: usize>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    series: [(&'static str, Vec<(f64, f64)>, RGBColor); N],
+) -> anyhow::Result<()> {
+    for (name, points, color) in series {
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    Ok(())
 }
 
 /// The legend box of a chart, the same on every chart of the report.

@@ -210,19 +210,13 @@ impl RedisStore {
         Ok(())
     }
 
-    /// `CONFIG GET` of each parameter; a parameter the server does not know
-    /// is absent from the answer.
+    /// `CONFIG GET` of a parameter or glob pattern: each matching parameter
+    /// and its value.
     pub async fn config_get(
         &self,
-        parameters: &[&str],
+        pattern: &str,
     ) -> Result<std::collections::HashMap<String, String>, RedisError> {
-        let mut out = std::collections::HashMap::new();
-        for p in parameters {
-            let answer: std::collections::HashMap<String, String> =
-                self.client().config_get(*p).await?;
-            out.extend(answer);
-        }
-        Ok(out)
+        Ok(self.client().config_get(pattern).await?)
     }
 
     /// A connection of the pool, for the commands of this module's files.

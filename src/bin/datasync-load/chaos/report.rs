@@ -8,7 +8,7 @@ use super::{
     workload::Counts,
 };
 use crate::{
-    report::{draw_legend, html_page, rate_chart, windowed_rates},
+    report::{draw_legend, draw_lines, html_page, rate_chart, windowed_rates},
     scenario::Scenario,
 };
 use plotters::prelude::*;
@@ -221,15 +221,13 @@ impl ChaosReport {
                         Rectangle::new([(x, y - 5), (x + 20, y + 5)], color.mix(0.5).filled())
                     });
             }
-            for (name, points, color) in [
-                ("acknowledged/s", acked, BLACK),
-                ("applied/s", applied, RED),
-            ] {
-                chart
-                    .draw_series(LineSeries::new(points, color.stroke_width(2)))?
-                    .label(name)
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-            }
+            draw_lines(
+                &mut chart,
+                [
+                    ("acknowledged/s", acked, BLACK),
+                    ("applied/s", applied, RED),
+                ],
+            )?;
             draw_legend(&mut chart)?;
             root.present()?;
         }
