@@ -479,7 +479,16 @@ impl Engine {
         inner.system.stop();
         let thread = inner.thread.lock().expect("not poisoned").take();
         if let Some(t) = thread {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            // The actor system's thread ends once its actors are dropped. A
+            // consumer whose close waits on the broker (leaving its group)
+            // can hold it, so the wait is bounded too: what is left of the
+            // budget, and at least a few seconds for the stop itself.
+            let by = (started + timeout).max(tokio::time::Instant::now() + Duration::from_secs(5));
+            let joined = tokio::time::timeout_at(by, tokio::task::spawn_blocking(move || t.join()));
+            if joined.await.is_err() {
+                tracing::warn!("the actor system did not stop in time; leaving it behind");
+                return;
+            }
         }
         tracing::info!("engine stopped");
     }
