@@ -13,9 +13,10 @@ use crate::{
     model::Section,
     shard::shard_of,
 };
+use foldhash::{HashMap, HashMapExt, quality::RandomState};
 use moka::future::Cache;
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -43,7 +44,7 @@ impl crate::retry::Retryable for CacheError {
 /// Applied versions per user: `(static, dynamic)`.
 #[derive(Clone)]
 pub struct AppliedCache {
-    l1: Cache<String, (i64, i64)>,
+    l1: Cache<String, (i64, i64), RandomState>,
     redis: RedisStore,
     mongo: MongoStore,
     hits: Arc<[AtomicU64; 3]>,
@@ -77,7 +78,7 @@ impl AppliedCache {
             l1: Cache::builder()
                 .max_capacity(capacity)
                 .time_to_live(ttl)
-                .build(),
+                .build_with_hasher(RandomState::default()),
             redis,
             mongo,
             hits: Arc::new(Default::default()),

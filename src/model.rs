@@ -210,6 +210,16 @@ impl RawProfile {
         }
     }
 
+    /// The profile as a JSON object map (what an event carries).
+    pub fn to_object(&self, key: &str) -> Result<crate::proto::JsonProfile, ProfileError> {
+        match self.to_json(key)? {
+            serde_json::Value::Object(o) => Ok(o),
+            _ => Err(ProfileError::NotAnObject {
+                key: key.to_string(),
+            }),
+        }
+    }
+
     /// The profile as a JSON object (what reads answer). A hash's values are
     /// strings.
     pub fn to_json(&self, key: &str) -> Result<serde_json::Value, ProfileError> {

@@ -32,11 +32,14 @@ async fn produce(ns: &str, t: SyncType, user: &str, version: i64, generation: i6
     let item = Outgoing {
         user_id: user.into(),
         version,
-        profile: doc! { "gen": generation },
+        profile: serde_json::json!({ "gen": generation })
+            .as_object()
+            .cloned()
+            .unwrap(),
         base_version: 0,
         lease_epoch: 0,
     };
-    let payload = build_event(t, &item, "test").unwrap().encode_to_vec();
+    let payload = build_event(t, &item, "test").encode_to_vec();
     producer
         .send(
             FutureRecord::to(&config.kafka.dynamic_topic)

@@ -166,13 +166,14 @@ fn event(user: &str, version: i64, sync_type: SyncType) -> Vec<u8> {
     let item = datasync::actors::publisher::Outgoing {
         user_id: user.into(),
         version,
-        profile: doc! { "v": version },
+        profile: serde_json::json!({ "v": version })
+            .as_object()
+            .cloned()
+            .unwrap(),
         base_version: 0,
         lease_epoch: 0,
     };
-    datasync::actors::publisher::build_event(sync_type, &item, "test")
-        .unwrap()
-        .encode_to_vec()
+    datasync::actors::publisher::build_event(sync_type, &item, "test").encode_to_vec()
 }
 
 async fn produce(ns: &str, topic_suffix: &str, events: Vec<Vec<u8>>, user: &str) {

@@ -5,7 +5,6 @@
 use super::{Flag, Shared, StageError, guard, restart_pause};
 use crate::{clients::redis::RedisStore, faults::Stage, model::ProfileError, shard::shard_of};
 use actix::prelude::*;
-use mongodb::bson::Document;
 
 pub struct ProfileLoader {
     redis: RedisStore,
@@ -48,7 +47,7 @@ pub struct Loaded {
     /// later mark flagged over (both must be published).
     pub delete: Option<i64>,
     /// The profile; `None` when the flag is the delete itself.
-    pub profile: Option<Result<Document, ProfileError>>,
+    pub profile: Option<Result<crate::proto::JsonProfile, ProfileError>>,
 }
 
 /// Loads one profile per flag, and the deletes recorded for its users. A
@@ -97,7 +96,7 @@ impl Handler<Load> for ProfileLoader {
                     // back what Redis holds, the loader decides what a profile is.
                     _ => {
                         let key = redis.keys().profile(&flag.user_id);
-                        Some(raw.and_then(|r| r.to_document(&key)))
+                        Some(raw.and_then(|r| r.to_object(&key)))
                     }
                 };
                 out.push(Loaded {

@@ -10,7 +10,6 @@ use crate::{
     retry::Retryable,
 };
 use actix::prelude::*;
-use mongodb::bson::Document;
 use prost::Message as _;
 use rdkafka::{
     error::KafkaError,
@@ -24,16 +23,14 @@ use tokio::sync::RwLock;
 pub struct Outgoing {
     pub user_id: String,
     pub version: i64,
-    pub profile: Document,
+    /// The profile as the upstream wrote it (empty for a delete).
+    pub profile: proto::JsonProfile,
     pub base_version: i64,
     pub lease_epoch: i64,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PublishError {
-    /// The profile cannot be encoded; retrying will not help.
-    #[error("cannot encode the profile: {0}")]
-    Encode(String),
     /// The broker did not take the event.
     #[error("kafka delivery failed: {reason}")]
     Delivery { reason: String, retryable: bool },
@@ -139,12 +136,11 @@ pub fn build_event(
     sync_type: SyncType,
     item: &Outgoing,
     instance_id: &str,
-) -> Result<UserProfileSyncEvent, PublishError> {
-    Ok(UserProfileSyncEvent {
+) -> UserProfileSyncEvent {
+    UserProfileSyncEvent {
         user_id: item.user_id.clone(),
         sync_type: sync_type as i32,
-        profile_data: proto::pack_profile(&item.profile)
-            .map_err(|e| PublishError::Encode(e.to_string()))?,
+        profile_data: proto::pack_json_profile(&item.profile),
         version: item.version,
         timestamp: crate::model::now_ms(),
         // The version is the flag's hybrid clock in microseconds.
@@ -153,7 +149,7 @@ pub fn build_event(
         source_instance: instance_id.to_string(),
         lease_epoch: item.lease_epoch,
         base_version: item.base_version,
-    })
+    }
 }
 
 fn type_label(t: SyncType) -> &'static str {
@@ -202,24 +198,14 @@ async fn publish_all(
     shared: &Shared,
 ) -> PublishResults {
     let label = type_label(msg.sync_type);
-    let mut events: Vec<Vec<u8>> = Vec::with_capacity(msg.items.len());
-    let mut results: Vec<Option<Result<Delivered, PublishError>>> =
-        Vec::with_capacity(msg.items.len());
-    for item in &msg.items {
-        match build_event(msg.sync_type, item, &shared.instance_id) {
-            Ok(e) => {
-                events.push(e.encode_to_vec());
-                results.push(None);
-            }
-            Err(e) => {
-                events.push(Vec::new());
-                results.push(Some(Err(e)));
-            }
-        }
-    }
-    let mut pending: Vec<usize> = (0..msg.items.len())
-        .filter(|&i| results[i].is_none())
+    let events: Vec<Vec<u8>> = msg
+        .items
+        .iter()
+        .map(|item| build_event(msg.sync_type, item, &shared.instance_id).encode_to_vec())
         .collect();
+    let mut results: Vec<Option<Result<Delivered, PublishError>>> =
+        (0..msg.items.len()).map(|_| None).collect();
+    let mut pending: Vec<usize> = (0..msg.items.len()).collect();
     let mut retries = 0;
     loop {
         let sends = pending.iter().map(|&i| {

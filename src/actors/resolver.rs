@@ -4,7 +4,7 @@
 use super::{Shared, StageError, guard, restart_pause};
 use crate::{cache::AppliedCache, faults::Stage, model::Section};
 use actix::prelude::*;
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 pub struct VersionResolver {
     cache: AppliedCache,

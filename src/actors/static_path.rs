@@ -13,10 +13,8 @@ use super::{
 use crate::{
     clients::redis::{PendingStatic, RedisStore},
     model::{DeadLetter, DlqStage, ProfileWrite, Section},
-    proto::json_to_bson,
 };
 use actix::Addr;
-use mongodb::bson::Bson;
 
 /// What the static flow needs; cheap to clone.
 #[derive(Clone)]
@@ -39,11 +37,11 @@ impl StaticPath {
         Ok(changes
             .iter()
             .zip(versions)
-            .filter_map(|(c, version)| match json_to_bson(&c.profile) {
-                Bson::Document(profile) => Some(Outgoing {
+            .filter_map(|(c, version)| match &c.profile {
+                serde_json::Value::Object(profile) => Some(Outgoing {
                     user_id: c.user_id.clone(),
                     version,
-                    profile,
+                    profile: profile.clone(),
                     base_version: 0,
                     lease_epoch: 0,
                 }),
@@ -59,8 +57,7 @@ impl StaticPath {
         pending
             .into_iter()
             .filter_map(|c| {
-                let value: serde_json::Value = serde_json::from_str(&c.json).ok()?;
-                let Bson::Document(profile) = json_to_bson(&value) else {
+                let serde_json::Value::Object(profile) = serde_json::from_str(&c.json).ok()? else {
                     return None;
                 };
                 Some(Outgoing {

@@ -49,21 +49,19 @@ pub enum ProtoError {
 
 const MAX_SAFE_INT: f64 = 9_007_199_254_740_992.0; // 2^53
 
-const TYPE_PREFIX: &str = "type.googleapis.com/google.protobuf.";
-
 fn url_of<M: WellKnown>() -> String {
-    format!("{TYPE_PREFIX}{}", M::NAME)
+    M::URL.to_string()
 }
 
-/// The well-known types of the packing convention, by their protobuf names.
+/// The well-known types of the packing convention, by their type URLs.
 trait WellKnown: Message + Default {
-    const NAME: &'static str;
+    const URL: &'static str;
 }
 
 macro_rules! well_known {
     ($($t:ty => $name:literal),* $(,)?) => {$(
         impl WellKnown for $t {
-            const NAME: &'static str = $name;
+            const URL: &'static str = concat!("type.googleapis.com/google.protobuf.", $name);
         }
     )*};
 }
@@ -121,24 +119,24 @@ pub fn unpack(field: &str, any: &Any) -> Result<Bson, ProtoError> {
         reason: reason.to_string(),
     };
     let url = any.type_url.as_str();
-    Ok(if url == url_of::<String>() {
+    Ok(if url == String::URL {
         Bson::String(from_any::<String>(any).map_err(err)?)
-    } else if url == url_of::<i64>() {
+    } else if url == i64::URL {
         Bson::Int64(from_any::<i64>(any).map_err(err)?)
-    } else if url == url_of::<f64>() {
+    } else if url == f64::URL {
         Bson::Double(from_any::<f64>(any).map_err(err)?)
-    } else if url == url_of::<bool>() {
+    } else if url == bool::URL {
         Bson::Boolean(from_any::<bool>(any).map_err(err)?)
-    } else if url == url_of::<Vec<u8>>() {
+    } else if url == <Vec<u8>>::URL {
         Bson::Binary(bson::Binary {
             subtype: BinarySubtype::Generic,
             bytes: from_any::<Vec<u8>>(any).map_err(err)?,
         })
-    } else if url == url_of::<Value>() {
+    } else if url == Value::URL {
         from_value(&from_any::<Value>(any).map_err(err)?)
-    } else if url == url_of::<Struct>() {
+    } else if url == Struct::URL {
         Bson::Document(from_struct(&from_any::<Struct>(any).map_err(err)?))
-    } else if url == url_of::<ListValue>() {
+    } else if url == ListValue::URL {
         Bson::Array(from_list(&from_any::<ListValue>(any).map_err(err)?))
     } else {
         return Err(ProtoError::UnknownType {
@@ -164,6 +162,64 @@ pub fn unpack_profile(map: &HashMap<String, Any>) -> Result<Document, ProtoError
         doc.insert(k.clone(), unpack(k, &map[k])?);
     }
     Ok(doc)
+}
+
+/// A profile as the upstream writes it: a JSON object.
+pub type JsonProfile = serde_json::Map<String, serde_json::Value>;
+
+/// Packs a JSON profile straight into its wire form: the same `Any`s as
+/// [`pack_profile`] of its [`json_to_bson`] conversion, without building the
+/// BSON document in between (the publish path's form). Every JSON value has
+/// a packing, so this cannot fail.
+pub fn pack_json_profile(profile: &JsonProfile) -> HashMap<String, Any> {
+    profile
+        .iter()
+        .map(|(k, v)| (k.clone(), pack_json(v)))
+        .collect()
+}
+
+/// Packs one JSON value: integers as Int64Value, other numbers as
+/// DoubleValue, as [`json_to_bson`] then [`pack`] would.
+pub fn pack_json(v: &serde_json::Value) -> Any {
+    use serde_json::Value as J;
+    match v {
+        J::Null => to_any(&Value {
+            kind: Some(Kind::NullValue(0)),
+        }),
+        J::Bool(b) => to_any(b),
+        J::Number(n) => match n.as_i64() {
+            Some(i) => to_any(&i),
+            None => to_any(&n.as_f64().unwrap_or(f64::NAN)),
+        },
+        J::String(s) => to_any(s),
+        J::Array(a) => to_any(&json_list(a)),
+        J::Object(o) => to_any(&json_struct(o)),
+    }
+}
+
+fn json_value(v: &serde_json::Value) -> Value {
+    use serde_json::Value as J;
+    let kind = match v {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(*b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        J::String(s) => Kind::StringValue(s.clone()),
+        J::Array(a) => Kind::ListValue(json_list(a)),
+        J::Object(o) => Kind::StructValue(json_struct(o)),
+    };
+    Value { kind: Some(kind) }
+}
+
+fn json_struct(o: &JsonProfile) -> Struct {
+    Struct {
+        fields: o.iter().map(|(k, v)| (k.clone(), json_value(v))).collect(),
+    }
+}
+
+fn json_list(a: &[serde_json::Value]) -> ListValue {
+    ListValue {
+        values: a.iter().map(json_value).collect(),
+    }
 }
 
 /// Converts a JSON value to BSON: integers become Int64 (never Int32, never a
@@ -365,6 +421,31 @@ mod tests {
             unpack("name", &any),
             Err(ProtoError::Decode { .. })
         ));
+    }
+
+    #[test]
+    fn json_packs_as_its_bson_conversion_does() {
+        let json = serde_json::json!({
+            "name": "张三", "age": 25, "neg": -3, "big": 9007199254740993i64,
+            "huge": 18446744073709551615u64, "score": 1.5, "vip": false, "none": null,
+            "tags": ["a", 2, 2.5, null, true, {"k": [1]}], "addr": {"city": "X", "n": 7, "in": {}},
+            "empty": [], "nested_big": [9007199254740993i64]
+        });
+        let serde_json::Value::Object(obj) = &json else {
+            panic!()
+        };
+        let Bson::Document(doc) = json_to_bson(&json) else {
+            panic!()
+        };
+        let direct = pack_json_profile(obj);
+        let via_bson = pack_profile(&doc).unwrap();
+        assert_eq!(direct.len(), via_bson.len());
+        for (k, any) in &via_bson {
+            let d = &direct[k];
+            assert_eq!(d.type_url, any.type_url, "{k}");
+            // Struct fields are a map: compare decoded, not bytes.
+            assert_eq!(unpack(k, d).unwrap(), unpack(k, any).unwrap(), "{k}");
+        }
     }
 
     #[test]

@@ -168,14 +168,16 @@ impl Handler<ApplyWindow> for MongoApplier {
 mod tests {
     use super::*;
     use crate::actors::publisher::{Outgoing, build_event};
-    use mongodb::bson::doc;
     use prost::Message;
 
     fn record(user: &str, version: i64, t: SyncType) -> Record {
         let item = Outgoing {
             user_id: user.into(),
             version,
-            profile: doc! { "v": version },
+            profile: serde_json::json!({ "v": version })
+                .as_object()
+                .cloned()
+                .unwrap(),
             base_version: 0,
             lease_epoch: 0,
         };
@@ -184,7 +186,7 @@ mod tests {
             partition: 0,
             offset: version,
             timestamp_ms: 0,
-            payload: build_event(t, &item, "test").unwrap().encode_to_vec(),
+            payload: build_event(t, &item, "test").encode_to_vec(),
         }
     }
 

@@ -22,9 +22,8 @@ use crate::{
     faults::Stage,
     lease::Ticket,
     model::{DeadLetter, DlqStage, ProfileError, Section, now_ms},
-    proto::{SyncType, UserProfileSyncEvent},
+    proto::{JsonProfile, SyncType, UserProfileSyncEvent},
 };
-use mongodb::bson::Document;
 use prost::Message as _;
 use std::collections::HashSet;
 
@@ -42,7 +41,7 @@ struct PendingDelete {
 #[derive(Default)]
 struct Sorted {
     deletes: Vec<PendingDelete>,
-    changes: Vec<(Flag, Document)>,
+    changes: Vec<(Flag, JsonProfile)>,
     dead: Vec<DeadLetter>,
 }
 
@@ -178,7 +177,7 @@ async fn publish_deletes(
         .map(|d| Outgoing {
             user_id: d.flag.user_id.clone(),
             version: d.version,
-            profile: Document::new(),
+            profile: JsonProfile::new(),
             base_version: 0,
             lease_epoch: ticket.epoch,
         })
@@ -221,7 +220,7 @@ async fn publish_deletes(
 async fn publish_changes(
     p: &Pipeline,
     ticket: &Ticket,
-    ready: Vec<(Flag, Document)>,
+    ready: Vec<(Flag, JsonProfile)>,
     report: &mut CycleReport,
     to_clear: &mut Vec<(String, i64)>,
     dead: &mut Vec<DeadLetter>,
