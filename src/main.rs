@@ -8,6 +8,13 @@ use datasync::{
 };
 use std::{path::PathBuf, process::ExitCode};
 
+/// mimalloc instead of glibc's malloc: the publish stage allocates and frees
+/// many small buffers per flag, and glibc's trimming and consolidation made
+/// its CPU cost per flag vary by a third from run to run. The library sets
+/// no allocator; an application embedding it chooses its own.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "datasync",

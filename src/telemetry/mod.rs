@@ -205,29 +205,27 @@ pub struct ProcessUsage {
 }
 
 pub fn process_usage() -> ProcessUsage {
-    let rss_kb = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<f64>().ok())
-            })
-        })
+    process_usage_of("self").unwrap_or_default()
+}
+
+/// Another process's (`pid`, or `"self"`): `None` when `/proc/<pid>` cannot
+/// be read (the process is gone, or there is no `/proc`).
+pub fn process_usage_of(pid: &str) -> Option<ProcessUsage> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         .unwrap_or(0.0);
-    // Fields 14 and 15 of /proc/self/stat (utime, stime), in clock ticks of 1/100 s.
-    let ticks = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(')')?.1.to_string();
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
-        })
-        .unwrap_or(0.0);
-    ProcessUsage {
+    // Fields 14 and 15 of /proc/<pid>/stat (utime, stime), in clock ticks of 1/100 s.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1.to_string();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ProcessUsage {
         rss_mb: rss_kb / 1024.0,
         cpu_seconds: ticks / 100.0,
-    }
+    })
 }
 
 /// Starts logging to stderr. `filter` is a tracing-subscriber filter; RUST_LOG

@@ -21,7 +21,13 @@ mod chaos;
 mod cleanup;
 mod report;
 mod scenario;
+mod sweep;
 mod target;
+
+/// mimalloc, as the service uses (see `src/main.rs`), so the embedded
+/// engines are measured on the allocator the service runs on.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -170,7 +176,8 @@ async fn publish_only(sc: &Scenario, ns: &str) -> anyhow::Result<PublishOnly> {
     }
     let flags = users.len();
     drop(users); // not part of the engine's memory
-    let rss_before = datasync::telemetry::process_usage().rss_mb;
+    let before = datasync::telemetry::process_usage();
+    let rss_before = before.rss_mb;
     let started = Instant::now();
     let scans = futures::future::try_join_all(engines.iter().map(|e| e.scan_now()));
     let watch = async {
@@ -193,10 +200,12 @@ async fn publish_only(sc: &Scenario, ns: &str) -> anyhow::Result<PublishOnly> {
     let peak_rss_mb = peak?;
     scanned?;
     let seconds = started.elapsed().as_secs_f64();
+    let cpu = datasync::telemetry::process_usage().cpu_seconds - before.cpu_seconds;
     for e in &engines {
         e.shutdown(Duration::from_secs(30)).await;
     }
     Ok(PublishOnly {
+        cpu_us_per_flag: cpu * 1e6 / flags.max(1) as f64,
         users: flags,
         seconds,
         flags_per_s: flags as f64 / seconds,
@@ -487,7 +496,11 @@ async fn main() -> anyhow::Result<()> {
     let ns = format!("load-{}-{stamp}", sc.name);
     let config = engine_config(&sc, &ns, 0)?;
     let external = sc.mode == "external";
-    let outcome = measure(&cli, sc, &ns, &config).await;
+    let outcome = if sc.mode == "sweep" {
+        sweep::run(&sc, &config, &ns, &cli.out).await
+    } else {
+        measure(&cli, sc, &ns, &config).await
+    };
     if cli.cleanup && !external {
         match cleanup::run(&config, &ns).await {
             Ok(r) => eprintln!(

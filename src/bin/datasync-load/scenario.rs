@@ -64,6 +64,26 @@ pub struct Scenario {
     /// The chaos soak's settings (mode "chaos").
     #[serde(default)]
     pub chaos: Option<Chaos>,
+    /// The scale sweep's settings (mode "sweep").
+    #[serde(default)]
+    pub sweep: Option<Sweep>,
+}
+
+/// The scale sweep (mode "sweep"): for each step, that many users flagged,
+/// then drained by one `datasync run` service whose memory and CPU time are
+/// sampled.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sweep {
+    /// Users of each step, e.g. `[10000, 100000, 1000000]`.
+    pub steps: Vec<usize>,
+    /// End to end (true) or the publish stage alone (false).
+    #[serde(default = "yes")]
+    pub applier: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The chaos soak (mode "chaos"): `instances` services of the harness's own,
@@ -277,7 +297,16 @@ impl Scenario {
                     }
                 }
             }
-            _ => problems.push("mode: must be \"embedded\", \"external\" or \"chaos\""),
+            "sweep" => {
+                if self
+                    .sweep
+                    .as_ref()
+                    .is_none_or(|s| s.steps.is_empty() || s.steps.contains(&0))
+                {
+                    problems.push("sweep.steps: sweep mode needs a [sweep] table with steps of at least 1 user");
+                }
+            }
+            _ => problems.push("mode: must be \"embedded\", \"external\", \"chaos\" or \"sweep\""),
         }
         if !problems.is_empty() {
             bail!(

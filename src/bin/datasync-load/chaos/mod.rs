@@ -13,7 +13,7 @@
 
 mod checker;
 mod nemesis;
-mod processes;
+pub mod processes;
 mod report;
 mod workload;
 

@@ -56,6 +56,11 @@ impl Proc {
         Ok(())
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Sends a signal by name (`STOP`, `CONT`, `TERM`).
     pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
         let pid = self
