@@ -5,9 +5,12 @@ mod common;
 
 use std::process::Command;
 
-/// Runs the harness on `scenario` against the test stack, writing under `out`.
+/// Runs the harness on `scenario` against the test stack, writing under `out`;
+/// the services it starts (sweep and chaos modes) are this build's binary.
 fn run_harness(scenario: &std::path::Path, out: &std::path::Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_datasync-load"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("DATASYNC_BIN", env!("CARGO_BIN_EXE_datasync"))
         .arg(scenario)
         .arg("--out")
         .arg(out)
@@ -182,6 +185,9 @@ fn an_invalid_scenario_is_refused_with_the_reason() {
         err.contains("chaos: chaos mode needs a [chaos] table"),
         "{err}"
     );
+    let err =
+        refused("name = \"bad\"\nseed = 1\nusers = 5\nmode = \"sweep\"\n[sweep]\nsteps = [0]\n");
+    assert!(err.contains("sweep.steps: sweep mode needs"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,14 +261,7 @@ fn the_short_chaos_soak_recovers_from_every_fault_without_a_violation() {
     let dir = tempfile::tempdir().unwrap();
     let scenario =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/load/chaos-short.toml");
-    let out = Command::new(env!("CARGO_BIN_EXE_datasync-load"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .arg(&scenario)
-        .arg("--out")
-        .arg(dir.path())
-        .env("DATASYNC_BIN", env!("CARGO_BIN_EXE_datasync"))
-        .output()
-        .unwrap();
+    let out = run_harness(&scenario, dir.path());
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
@@ -302,4 +301,43 @@ fn the_short_chaos_soak_recovers_from_every_fault_without_a_violation() {
         "{stdout}"
     );
     assert_eq!(json["left"]["legacy"], 0, "{stdout}");
+}
+
+#[test]
+fn a_tiny_sweep_drains_each_step_in_a_service_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("sweep-tiny.toml");
+    std::fs::write(
+        &scenario,
+        "name = \"sweep-tiny\"\nmode = \"sweep\"\nseed = 1\nusers = 1\nprofile_bytes = 64\n\
+         timeout_secs = 300\n[sweep]\nsteps = [200, 1000]\n",
+    )
+    .unwrap();
+    let out = run_harness(&scenario, dir.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (run, json) = report_of(dir.path(), "sweep-tiny");
+    assert!(run.join("sweep.svg").exists() && run.join("report.html").exists());
+    let steps = json["steps"].as_array().unwrap();
+    assert_eq!(
+        steps
+            .iter()
+            .map(|s| s["users"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [200, 1000]
+    );
+    for s in steps {
+        // Read from the service's own /proc entry, not the harness's.
+        assert!(s["rss_pending_mb"].as_f64().unwrap() > 1.0, "{s}");
+        assert!(
+            s["peak_rss_mb"].as_f64() >= s["rss_pending_mb"].as_f64(),
+            "{s}"
+        );
+        assert!(s["cpu_us_per_change"].as_f64().unwrap() > 0.0, "{s}");
+    }
+    assert!(stdout.contains("spread (max − min) / mean"), "{stdout}");
 }

@@ -184,6 +184,21 @@ async fn step(
     let seconds = started.elapsed().as_secs_f64();
     let end = usage_of(pid)?;
     service.terminate(Duration::from_secs(30)).await;
+    if applier {
+        // The applied counter is the service's word; the documents are the proof.
+        let mut mongo = config.mongo.clone();
+        mongo.database = "datasync_load".into();
+        mongo.collection = ns.clone();
+        let docs = datasync::clients::mongo::MongoStore::connect(&mongo, "datasync-load")
+            .await?
+            .collection()
+            .count_documents(mongodb::bson::doc! {})
+            .await?;
+        anyhow::ensure!(
+            docs == users as u64,
+            "{users} users drained but {docs} documents in {ns}"
+        );
+    }
     let s = Step {
         users,
         seconds,
