@@ -38,23 +38,48 @@ fn report_of(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, serde_js
     (run, json)
 }
 
+/// A scenario run that must succeed: the scenario `text` (named `name`) is
+/// written to a fresh folder and run; its output and its report come back
+/// (bind `_dir`: the folder goes when it does).
+struct Ran {
+    _dir: tempfile::TempDir,
+    stdout: String,
+    stderr: String,
+    run: std::path::PathBuf,
+    json: serde_json::Value,
+}
+
+fn run_ok(name: &str, text: &str) -> Ran {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join(format!("{name}.toml"));
+    std::fs::write(&scenario, text).unwrap();
+    let out = run_harness(&scenario, dir.path());
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let (run, json) = report_of(dir.path(), name);
+    Ran {
+        _dir: dir,
+        stdout,
+        stderr,
+        run,
+        json,
+    }
+}
+
 #[test]
 fn a_tiny_scenario_runs_and_writes_every_report() {
-    let dir = tempfile::tempdir().unwrap();
-    let scenario = dir.path().join("tiny.toml");
-    std::fs::write(
-        &scenario,
+    let Ran {
+        _dir,
+        stdout,
+        stderr,
+        run,
+        json,
+    } = run_ok(
+        "tiny",
         "name = \"tiny\"\nseed = 1\nusers = 300\nrounds = 2\nlegacy_share = 0.2\nimmediate_rate = 20\nrate = 200\n\
          publish_only_users = 500\nbaseline_users = 30\nceiling_ops = 500\ntimeout_secs = 300\n\
          [engine.sync]\npage_size = 100\n",
-    )
-    .unwrap();
-    let out = run_harness(&scenario, dir.path());
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     assert!(
         stdout.contains("every user at its last change: yes"),
@@ -67,14 +92,9 @@ fn a_tiny_scenario_runs_and_writes_every_report() {
     ] {
         assert!(stdout.contains(ratio), "missing {ratio}: {stdout}");
     }
-    let (run, json) = report_of(dir.path(), "tiny");
     // The run removed what it made on the shared stack.
     let ns = json["namespace"].as_str().unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("cleanup: removed"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(stderr.contains("cleanup: removed"), "{stderr}");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (keys, collections) = rt.block_on(async {
         let r = common::raw_redis().await;
@@ -130,22 +150,13 @@ fn a_tiny_scenario_runs_and_writes_every_report() {
 /// at half of it, and reports both.
 #[test]
 fn a_half_peak_scenario_measures_the_peak_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let scenario = dir.path().join("half.toml");
-    std::fs::write(
-        &scenario,
+    let Ran {
+        _dir, stdout, json, ..
+    } = run_ok(
+        "half",
         "name = \"half\"\nseed = 2\nusers = 300\nrate = \"half_peak\"\nduration_secs = 2\n\
          publish_only_users = 0\nbaseline_users = 0\nceiling_ops = 0\ntimeout_secs = 300\n",
-    )
-    .unwrap();
-    let out = run_harness(&scenario, dir.path());
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
     );
-    let (_, json) = report_of(dir.path(), "half");
     let peak = json["peak"]["changes_per_s"].as_f64().expect("a peak run");
     assert!(peak > 0.0);
     assert!(
@@ -305,22 +316,17 @@ fn the_short_chaos_soak_recovers_from_every_fault_without_a_violation() {
 
 #[test]
 fn a_tiny_sweep_drains_each_step_in_a_service_of_its_own() {
-    let dir = tempfile::tempdir().unwrap();
-    let scenario = dir.path().join("sweep-tiny.toml");
-    std::fs::write(
-        &scenario,
+    let Ran {
+        _dir,
+        stdout,
+        run,
+        json,
+        ..
+    } = run_ok(
+        "sweep-tiny",
         "name = \"sweep-tiny\"\nmode = \"sweep\"\nseed = 1\nusers = 1\nprofile_bytes = 64\n\
          timeout_secs = 300\n[sweep]\nsteps = [200, 1000]\n",
-    )
-    .unwrap();
-    let out = run_harness(&scenario, dir.path());
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
     );
-    let (run, json) = report_of(dir.path(), "sweep-tiny");
     assert!(run.join("sweep.svg").exists() && run.join("report.html").exists());
     let steps = json["steps"].as_array().unwrap();
     assert_eq!(
