@@ -118,9 +118,24 @@ pub fn prometheus() -> &'static PrometheusHandle {
         if metrics::set_global_recorder(recorder).is_ok() {
             register_zeroes();
         }
+        // Histogram samples are buffered until drained: by a scrape of
+        // /metrics, or by this upkeep. Without it, a process nobody scrapes
+        // would keep one sample of every change it applied.
+        let upkeep = handle.clone();
+        let _ = std::thread::Builder::new()
+            .name("datasync-metrics".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(METRICS_UPKEEP);
+                    upkeep.run_upkeep();
+                }
+            });
         handle
     })
 }
+
+/// How often the recorder's buffered histogram samples are drained.
+const METRICS_UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Makes every counter visible from the start, at zero.
 fn register_zeroes() {
