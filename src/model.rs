@@ -10,7 +10,7 @@
 //! - [`fields`]: the MongoDB document's field names.
 
 use crate::proto::SyncType;
-use mongodb::bson::{Bson, Document};
+use mongodb::bson::Document;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -199,30 +199,9 @@ pub enum RawProfile {
 }
 
 impl RawProfile {
-    /// The profile as a BSON document (what events carry); `key` names the
-    /// Redis key in errors.
-    pub fn to_document(&self, key: &str) -> Result<Document, ProfileError> {
-        match crate::proto::json_to_bson(&self.to_json(key)?) {
-            Bson::Document(d) => Ok(d),
-            _ => Err(ProfileError::NotAnObject {
-                key: key.to_string(),
-            }),
-        }
-    }
-
-    /// The profile as a JSON object map (what an event carries).
+    /// The profile as a JSON object map (what an event carries); `key`
+    /// names the Redis key in errors. A hash's values are strings.
     pub fn to_object(&self, key: &str) -> Result<crate::proto::JsonProfile, ProfileError> {
-        match self.to_json(key)? {
-            serde_json::Value::Object(o) => Ok(o),
-            _ => Err(ProfileError::NotAnObject {
-                key: key.to_string(),
-            }),
-        }
-    }
-
-    /// The profile as a JSON object (what reads answer). A hash's values are
-    /// strings.
-    pub fn to_json(&self, key: &str) -> Result<serde_json::Value, ProfileError> {
         match self {
             RawProfile::Json(bytes) => {
                 let v: serde_json::Value =
@@ -230,20 +209,33 @@ impl RawProfile {
                         key: key.to_string(),
                         reason: e.to_string(),
                     })?;
-                if v.is_object() {
-                    Ok(v)
-                } else {
-                    Err(ProfileError::NotAnObject {
+                match v {
+                    serde_json::Value::Object(o) => Ok(o),
+                    _ => Err(ProfileError::NotAnObject {
                         key: key.to_string(),
-                    })
+                    }),
                 }
             }
-            RawProfile::Hash(map) => Ok(serde_json::Value::Object(
-                map.iter()
-                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                    .collect(),
-            )),
+            RawProfile::Hash(map) => Ok(map
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect()),
         }
+    }
+
+    /// The profile as a JSON object (what reads answer).
+    pub fn to_json(&self, key: &str) -> Result<serde_json::Value, ProfileError> {
+        self.to_object(key).map(serde_json::Value::Object)
+    }
+
+    /// The profile as a BSON document (what the consistency check compares
+    /// with MongoDB).
+    pub fn to_document(&self, key: &str) -> Result<Document, ProfileError> {
+        Ok(self
+            .to_object(key)?
+            .iter()
+            .map(|(k, v)| (k.clone(), crate::proto::json_to_bson(v)))
+            .collect())
     }
 }
 
