@@ -98,14 +98,43 @@ fn engine_config(sc: &Scenario, ns: &str, index: u32) -> anyhow::Result<Config> 
     layers.push((
         "namespace".to_string(),
         format!(
-            "[instance]\nid = \"{ns}-{index}\"\nmode = \"{mode}\"\nindex = {index}\ntotal = {total}\n\
-             [redis]\nkey_prefix = \"{ns}\"\nprofile_key = \"{ns}:user:{{id}}:profile\"\nlegacy_dirty_set = \"{ns}:legacy\"\n\
-             [kafka]\nstatic_topic = \"{ns}-static\"\ndynamic_topic = \"{ns}-dynamic\"\ndlq_topic = \"{ns}-dlq\"\n\
-             consumer_group = \"{ns}-applier\"\n[mongo]\ndatabase = \"datasync_load\"\ncollection = \"{ns}\"\n",
-            total = sc.instances
+            "[instance]\nid = \"{ns}-{index}\"\nmode = \"{mode}\"\nindex = {index}\ntotal = {total}\n{names}",
+            total = sc.instances,
+            names = namespace_names(ns),
         ),
     ));
     Config::from_layers(&layers, std::env::vars()).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The keys, topics, consumer group and collection of a run's namespace, as
+/// config TOML: everything the cleanup finds by the `ns` prefix.
+pub fn namespace_names(ns: &str) -> String {
+    format!(
+        "[redis]\nkey_prefix = \"{ns}\"\nprofile_key = \"{ns}:user:{{id}}:profile\"\nlegacy_dirty_set = \"{ns}:legacy\"\n\
+         [kafka]\nstatic_topic = \"{ns}-static\"\ndynamic_topic = \"{ns}-dynamic\"\ndlq_topic = \"{ns}-dlq\"\n\
+         consumer_group = \"{ns}-applier\"\n[mongo]\ndatabase = \"datasync_load\"\ncollection = \"{ns}\"\n"
+    )
+}
+
+/// Writes `users` profiles of about `profile_bytes` (ids `<prefix><i>`) and
+/// flags them, a pipeline of 1,000 at a time.
+pub async fn write_and_flag(
+    redis: &RedisStore,
+    prefix: &str,
+    users: usize,
+    profile_bytes: usize,
+) -> anyhow::Result<()> {
+    for (n, from) in (0..users).step_by(1000).enumerate() {
+        let ids: Vec<String> = (from..users.min(from + 1000))
+            .map(|i| format!("{prefix}{i}"))
+            .collect();
+        let profile = serde_json::json!({ "pad": padding(profile_bytes, n as u64) }).to_string();
+        let writes: Vec<(String, String)> =
+            ids.iter().map(|u| (u.clone(), profile.clone())).collect();
+        redis.write_profiles(&writes).await?;
+        redis.mark(&ids).await?;
+    }
+    Ok(())
 }
 
 async fn start_engines(sc: &Scenario, ns: &str, applier: bool) -> anyhow::Result<Vec<Engine>> {
@@ -158,24 +187,8 @@ async fn publish_only(sc: &Scenario, ns: &str) -> anyhow::Result<PublishOnly> {
     }
     let engines = start_engines(&sc, &ns, false).await?;
     let redis = engines[0].redis().clone();
-    let users: Vec<String> = (0..sc.publish_only_users)
-        .map(|i| format!("p{i}"))
-        .collect();
-    for (n, chunk) in users.chunks(1000).enumerate() {
-        let w: Vec<(String, String)> = chunk
-            .iter()
-            .map(|u| {
-                (
-                    u.clone(),
-                    serde_json::json!({ "pad": padding(sc.profile_bytes, n as u64) }).to_string(),
-                )
-            })
-            .collect();
-        redis.write_profiles(&w).await?;
-        redis.mark(chunk).await?;
-    }
-    let flags = users.len();
-    drop(users); // not part of the engine's memory
+    let flags = sc.publish_only_users;
+    write_and_flag(&redis, "p", flags, sc.profile_bytes).await?;
     let before = datasync::telemetry::process_usage();
     let rss_before = before.rss_mb;
     let started = Instant::now();

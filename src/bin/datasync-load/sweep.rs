@@ -11,10 +11,11 @@
 
 use crate::{
     chaos::processes::{Proc, datasync_bin, free_port},
-    padding, rate,
+    namespace_names,
     report::{draw_legend, draw_lines, html_page},
     scenario::Scenario,
     target::wait_ready,
+    write_and_flag,
 };
 use anyhow::{Context, bail};
 use datasync::{Config, clients::redis::RedisStore, telemetry::ProcessUsage};
@@ -74,20 +75,18 @@ fn service_config(
     applier: bool,
     port: u16,
 ) -> anyhow::Result<String> {
-    let base = format!(
+    let settings = format!(
         "[instance]\nid = \"{ns}\"\nmode = \"all\"\n\
-         [redis]\nurl = {redis}\nkey_prefix = \"{ns}\"\nprofile_key = \"{ns}:user:{{id}}:profile\"\nlegacy_dirty_set = \"{ns}:legacy\"\n\
-         [kafka]\nbrokers = {brokers}\nstatic_topic = \"{ns}-static\"\ndynamic_topic = \"{ns}-dynamic\"\ndlq_topic = \"{ns}-dlq\"\n\
-         consumer_group = \"{ns}-applier\"\nsession_timeout = \"6s\"\n\
-         [mongo]\nurl = {mongo}\ndatabase = \"datasync_load\"\ncollection = \"{ns}\"\n\
-         [sync]\ninterval = \"0s\"\n[applier]\nenabled = {applier}\n\
+         [redis]\nurl = {redis}\n[kafka]\nbrokers = {brokers}\nsession_timeout = \"6s\"\n\
+         [mongo]\nurl = {mongo}\n[sync]\ninterval = \"0s\"\n[applier]\nenabled = {applier}\n\
          [http]\nbind = \"127.0.0.1:{port}\"\n[consistency]\ninterval = \"0s\"\n\
          [telemetry]\nlog_filter = \"warn\"\n",
         redis = toml::Value::String(config.redis.url.expose().to_string()),
         brokers = toml::Value::String(config.kafka.brokers.clone()),
         mongo = toml::Value::String(config.mongo.url.expose().to_string()),
     );
-    let mut table: toml::Table = base.parse()?;
+    let mut table: toml::Table = namespace_names(ns).parse()?;
+    datasync::config::merge(&mut table, settings.parse()?);
     datasync::config::merge(&mut table, sc.engine.clone());
     Ok(toml::to_string(&table)?)
 }
@@ -124,28 +123,17 @@ async fn step(
     logs: &Path,
 ) -> anyhow::Result<Step> {
     let ns = format!("{run_ns}-{users}");
-    let mut keys = config.redis.clone();
-    keys.key_prefix = ns.clone();
-    keys.profile_key = format!("{ns}:user:{{id}}:profile");
-    keys.legacy_dirty_set = format!("{ns}:legacy");
-    let redis = RedisStore::connect(&keys, config.sync.shards).await?;
-    eprintln!("sweep: writing and flagging {users} users…");
-    for (n, chunk) in (0..users).collect::<Vec<_>>().chunks(2000).enumerate() {
-        let ids: Vec<String> = chunk.iter().map(|i| format!("w{i}")).collect();
-        let writes: Vec<(String, String)> = ids
-            .iter()
-            .map(|u| {
-                let pad = padding(sc.profile_bytes, n as u64);
-                (u.clone(), serde_json::json!({ "pad": pad }).to_string())
-            })
-            .collect();
-        redis.write_profiles(&writes).await?;
-        redis.mark(&ids).await?;
-    }
-
     let port = free_port()?;
+    let text = service_config(sc, config, &ns, applier, port)?;
+    // The service's own configuration says where its keys and documents are.
+    let service_side = Config::from_layers(&[("sweep".into(), text.clone())], std::iter::empty())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let redis = RedisStore::connect(&service_side.redis, service_side.sync.shards).await?;
+    eprintln!("sweep: writing and flagging {users} users…");
+    write_and_flag(&redis, "w", users, sc.profile_bytes).await?;
+
     let path = logs.join(format!("datasync-{users}.toml"));
-    std::fs::write(&path, service_config(sc, config, &ns, applier, port)?)?;
+    std::fs::write(&path, text)?;
     let mut service = Proc::new(
         &format!("datasync-{users}"),
         datasync_bin()?,
@@ -186,14 +174,12 @@ async fn step(
     service.terminate(Duration::from_secs(30)).await;
     if applier {
         // The applied counter is the service's word; the documents are the proof.
-        let mut mongo = config.mongo.clone();
-        mongo.database = "datasync_load".into();
-        mongo.collection = ns.clone();
-        let docs = datasync::clients::mongo::MongoStore::connect(&mongo, "datasync-load")
-            .await?
-            .collection()
-            .count_documents(mongodb::bson::doc! {})
-            .await?;
+        let docs =
+            datasync::clients::mongo::MongoStore::connect(&service_side.mongo, "datasync-load")
+                .await?
+                .collection()
+                .count_documents(mongodb::bson::doc! {})
+                .await?;
         anyhow::ensure!(
             docs == users as u64,
             "{users} users drained but {docs} documents in {ns}"
@@ -202,7 +188,7 @@ async fn step(
     let s = Step {
         users,
         seconds,
-        changes_per_s: rate(users, started.elapsed()),
+        changes_per_s: users as f64 / seconds,
         rss_pending_mb: at_ready.rss_mb,
         peak_rss_mb: peak.max(end.rss_mb),
         rss_drained_mb: end.rss_mb,
