@@ -145,21 +145,26 @@ pub fn test_config(ns: &str) -> Config {
 }
 
 /// Polls `cond` until it holds or `timeout` passes; panics naming `what`.
+/// The pause between polls grows from 50 ms to 1 s: many conditions count
+/// documents, and a MongoDB-wire server scanning a large collection every
+/// 50 ms for the length of a long wait slows the very writes being waited
+/// for (and every other test's).
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut poll = tokio::time::interval(Duration::from_millis(50));
+    let mut pause = Duration::from_millis(50);
     loop {
-        poll.tick().await;
         if cond().await {
             return;
         }
         if tokio::time::Instant::now() > deadline {
             panic!("timed out after {timeout:?} waiting for: {what}");
         }
+        tokio::time::sleep_until(tokio::time::Instant::now() + pause).await;
+        pause = (pause * 3 / 2).min(Duration::from_secs(1));
     }
 }
 
