@@ -508,3 +508,48 @@ async fn a_bulk_update_over_the_message_limit_is_split_and_applies() {
     );
     assert_eq!(count_docs(&store, doc! {}).await, 4);
 }
+
+/// A job's lease that expired while its runner was busy between two
+/// checkpoints (a replay window slower than the lease) is taken back at the
+/// next checkpoint, so the runner does not stop and hand its own job to a
+/// second run that would count everything again; a job another runner took
+/// over, or that ended, is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_takes_back_an_expired_lease_only_when_nobody_else_took_the_job() {
+    use datasync::clients::redis::Checkpoint;
+    let ns = Namespace::new("joblease");
+    let r = redis(&ns).await;
+    let raw = raw_redis().await;
+    let (kind, id) = ("replay", "replay-lease-test");
+    let (record, lease) = (r.keys().job(kind, id), r.keys().job_lease(kind, id));
+    let job = |state: &str, instance: &str| {
+        json!({ "id": id, "kind": kind, "state": state, "instance_id": instance }).to_string()
+    };
+    let lease_ttl = Duration::from_secs(30);
+    let holder = || async { raw.get::<Option<String>, _>(&lease).await.unwrap() };
+
+    // Expired (no lease key), the record still this runner's: taken back.
+    let _: () = raw.set(&record, job("running", "me"), None, None, false).await.unwrap();
+    let saved = r.job_save(kind, id, &job("running", "me"), "me", lease_ttl).await.unwrap();
+    assert_eq!(saved, Checkpoint::Saved);
+    assert_eq!(holder().await.as_deref(), Some("me"));
+
+    // Another runner holds it: lost, nothing written.
+    let _: () = raw.set(&lease, "other", None, None, false).await.unwrap();
+    let lost = r.job_save(kind, id, &job("running", "me"), "me", lease_ttl).await.unwrap();
+    assert_eq!(lost, Checkpoint::Lost);
+    assert_eq!(holder().await.as_deref(), Some("other"));
+
+    // Expired after another runner took it over (the record names it), or
+    // after the job ended: lost, and the lease stays free.
+    for (state, instance) in [("running", "other"), ("done", "me")] {
+        let _: i64 = raw.del(&lease).await.unwrap();
+        let _: () = raw.set(&record, job(state, instance), None, None, false).await.unwrap();
+        let lost = r.job_save(kind, id, &job("running", "me"), "me", lease_ttl).await.unwrap();
+        assert_eq!(lost, Checkpoint::Lost, "{state} by {instance}");
+        assert_eq!(holder().await, None, "{state} by {instance}");
+        let stored: String = raw.get(&record).await.unwrap();
+        assert!(stored.contains(instance) && stored.contains(state), "{stored}");
+    }
+    cleanup(&ns).await;
+}
