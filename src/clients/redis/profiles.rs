@@ -18,58 +18,90 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Loads profiles as Redis holds them: one pipeline of GETs, then one of
-    /// HGETALLs for the keys that hold hashes. One result per user, in order;
-    /// parsing is the caller's.
+    /// Loads profiles as Redis holds them: one MGET (a pipeline of GETs on a
+    /// Redis Cluster, where the keys lie in many slots), then one pipeline
+    /// of HGETALL and TYPE for the keys that held no string (a hash, or
+    /// nothing). One result per user, in order; parsing is the caller's.
     pub async fn load_profiles(
         &self,
         users: &[String],
     ) -> Result<Vec<Result<RawProfile, ProfileError>>, RedisError> {
-        let pipe = self.client().pipeline();
-        for u in users {
-            let _: () = pipe.get(self.keys.profile(u)).await?;
+        if users.is_empty() {
+            return Ok(Vec::new());
         }
-        let replies: Vec<Result<RValue, fred::error::Error>> = pipe.try_all().await;
-        let mut out = Vec::with_capacity(users.len());
-        let mut hashes = Vec::new();
-        for (i, (u, r)) in users.iter().zip(replies).enumerate() {
-            let key = self.keys.profile(u);
-            out.push(match r {
-                Ok(RValue::Null) => Err(ProfileError::Missing { key }),
-                Ok(RValue::Bytes(b)) => Ok(RawProfile::Json(b)),
-                Ok(RValue::String(s)) => Ok(RawProfile::Json(s.into_inner())),
-                Ok(v) => Err(ProfileError::WrongType {
-                    key,
-                    kind: format!("{:?}", v.kind()),
-                }),
-                Err(e) if e.details().contains("WRONGTYPE") => {
-                    hashes.push(i);
-                    Err(ProfileError::WrongType {
-                        key,
-                        kind: "unknown".into(),
-                    })
-                }
-                Err(e) => return Err(e.into()),
+        let keys: Vec<String> = users.iter().map(|u| self.keys.profile(u)).collect();
+        let replies: Vec<RValue> = if self.cluster {
+            self.get_each(&keys).await?
+        } else {
+            // MGET answers nil for a key of another type, where GET fails
+            // with WRONGTYPE: the nils are looked at below.
+            match self.client().mget::<RValue, _>(keys.clone()).await? {
+                RValue::Array(a) => a,
+                one => vec![one],
+            }
+        };
+        if replies.len() != users.len() {
+            return Err(RedisError::Reply {
+                what: "profile load",
+                reply: format!("{} values for {} keys", replies.len(), keys.len()),
             });
         }
-        if !hashes.is_empty() {
+        let mut out = Vec::with_capacity(users.len());
+        let mut unknown = Vec::new();
+        for (i, r) in replies.into_iter().enumerate() {
+            out.push(match r {
+                RValue::Bytes(b) => Ok(RawProfile::Json(b)),
+                RValue::String(s) => Ok(RawProfile::Json(s.into_inner())),
+                RValue::Null => {
+                    unknown.push(i);
+                    Err(ProfileError::Missing {
+                        key: keys[i].clone(),
+                    })
+                }
+                v => Err(ProfileError::WrongType {
+                    key: keys[i].clone(),
+                    kind: format!("{:?}", v.kind()),
+                }),
+            });
+        }
+        if !unknown.is_empty() {
             let pipe = self.client().pipeline();
-            for &i in &hashes {
-                let _: () = pipe.hgetall(self.keys.profile(&users[i])).await?;
-                let _: () = pipe.r#type(self.keys.profile(&users[i])).await?;
+            for &i in &unknown {
+                let _: () = pipe.r#type(&keys[i]).await?;
+                let _: () = pipe.hgetall(&keys[i]).await?;
             }
             let replies: Vec<RValue> = pipe.all().await?;
-            for (&i, pair) in hashes.iter().zip(replies.chunks(2)) {
-                let key = self.keys.profile(&users[i]);
-                let kind = pair[1].as_string().unwrap_or_default();
-                out[i] = if kind == "hash" {
-                    Ok(RawProfile::Hash(pair[0].clone().convert()?))
-                } else {
-                    Err(ProfileError::WrongType { key, kind })
+            for (&i, pair) in unknown.iter().zip(replies.chunks(2)) {
+                let key = &keys[i];
+                out[i] = match pair[0].as_string().unwrap_or_default().as_str() {
+                    "hash" => Ok(RawProfile::Hash(pair[1].clone().convert()?)),
+                    "none" => Err(ProfileError::Missing { key: key.clone() }),
+                    kind => Err(ProfileError::WrongType {
+                        key: key.clone(),
+                        kind: kind.to_string(),
+                    }),
                 };
             }
         }
         Ok(out)
+    }
+
+    /// GET of each key, pipelined (keys of many slots); a key of another
+    /// type answers nil, as in MGET.
+    async fn get_each(&self, keys: &[String]) -> Result<Vec<RValue>, RedisError> {
+        let pipe = self.client().pipeline();
+        for k in keys {
+            let _: () = pipe.get(k).await?;
+        }
+        let replies: Vec<Result<RValue, fred::error::Error>> = pipe.try_all().await;
+        replies
+            .into_iter()
+            .map(|r| match r {
+                Ok(v) => Ok(v),
+                Err(e) if e.details().contains("WRONGTYPE") => Ok(RValue::Null),
+                Err(e) => Err(e.into()),
+            })
+            .collect()
     }
 }
 
