@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The local stack datasync runs against: Redis, a MongoDB-wire server and a
-# Kafka-protocol broker, all on loopback (DESIGN.md §5).
+# The local stack datasync runs against: Redis, a MongoDB-wire server, a
+# Kafka-protocol broker and PostgreSQL (the second sink), all on loopback
+# (DESIGN.md §5, §9).
 #
 #   scripts/stack.sh up       install what is missing, start what is not running
 #                             (including a three-master Redis Cluster, below)
@@ -17,10 +18,11 @@
 # Idempotent: `up` twice reuses what already answers; `down` stops only the
 # processes whose pid files this script wrote (per port, so a second server on
 # another port, e.g. MONGO_PORT=27018 DATASYNC_MONGO_SERVER=rs, is kept apart). Everything it installs or writes
-# lives under .stack/ (ignored by git) except Debian's packages (redis-server;
-# prometheus for its promtool, with `tools`).
+# lives under .stack/ (ignored by git) except Debian's packages (redis-server,
+# postgresql; prometheus for its promtool, with `tools`).
 #
 # Variables: REDIS_PORT (6379), MONGO_PORT (27017), KAFKA_PORT (9092),
+# PG_PORT (55432: a cluster of this script's own, apart from any Debian one),
 # REDIS_CLUSTER_PORTS ("7001 7002 7003": three masters, no replicas),
 # DATASYNC_MONGO_SERVER=py|rs (py: SecantusDB's Python server, the default;
 # rs: its Rust build, faster, for benchmarks; built once with cargo install).
@@ -32,6 +34,7 @@ venv="$state/venv"
 REDIS_PORT=${REDIS_PORT:-6379}
 MONGO_PORT=${MONGO_PORT:-27017}
 KAFKA_PORT=${KAFKA_PORT:-9092}
+PG_PORT=${PG_PORT:-55432}
 MONGO_SERVER=${DATASYNC_MONGO_SERVER:-py}
 REDIS_CLUSTER_PORTS=${REDIS_CLUSTER_PORTS:-7001 7002 7003}
 SECANTUS_PY_VERSION=0.7.0b3
@@ -91,6 +94,58 @@ install_secantus_rs() {
   apt_install cmake
   log "building secantusd-rs $SECANTUS_RS_VERSION with cargo (about 8 minutes, once)"
   cargo install secantus-mdb --version "$SECANTUS_RS_VERSION" --ignore-rust-version --locked
+}
+
+# PostgreSQL's tools, newest installed version.
+pg_bin() {
+  local dir
+  dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  [ -n "$dir" ] || { log "postgres: no server binaries under /usr/lib/postgresql"; return 1; }
+  echo "$dir"
+}
+
+# PostgreSQL refuses to run as root: as root, its commands run as the
+# `postgres` user Debian's package created.
+pg_run() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+postgres_up() {
+  apt_install postgresql
+  if port_open "$PG_PORT"; then
+    log "postgres: reusing what answers on $PG_PORT"
+    return 0
+  fi
+  local bin data="$state/pg"
+  bin=$(pg_bin)
+  if [ ! -f "$data/PG_VERSION" ]; then
+    mkdir -p "$data"
+    [ "$(id -u)" = 0 ] && chown postgres: "$data"
+    chmod 700 "$data"
+    pg_run "$bin/initdb" -D "$data" -U postgres --auth=trust --no-locale -E UTF8 >"$state/postgres-init.log" 2>&1 || {
+      log "postgres: initdb failed; its log:"
+      tail -n 20 "$state/postgres-init.log" >&2
+      return 1
+    }
+  fi
+  touch "$state/postgres-$PG_PORT.log"
+  [ "$(id -u)" = 0 ] && chown postgres: "$state/postgres-$PG_PORT.log"
+  pg_run "$bin/pg_ctl" -D "$data" -l "$state/postgres-$PG_PORT.log" -w -t 60 \
+    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=''" start >/dev/null
+  head -n 1 "$data/postmaster.pid" >"$state/postgres-$PG_PORT.pid"
+  wait_port "$PG_PORT" "postgres-$PG_PORT" 30
+  "$bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -qtAc \
+    "SELECT 1 FROM pg_database WHERE datname = 'datasync'" | grep -q 1 ||
+    "$bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -qc "CREATE DATABASE datasync" >/dev/null
+  log "postgres: started on $PG_PORT (database datasync)"
+}
+
+postgres_down() {
+  local data="$state/pg" pidfile="$state/postgres-$PG_PORT.pid"
+  [ -f "$pidfile" ] || return 0
+  if [ -f "$data/postmaster.pid" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    pg_run "$(pg_bin)/pg_ctl" -D "$data" -m fast -w stop >/dev/null 2>&1 || kill -9 "$(cat "$pidfile")" 2>/dev/null || true
+    log "postgres-$PG_PORT: stopped"
+  fi
+  rm -f "$pidfile"
 }
 
 start_bg() { # name command...
@@ -182,10 +237,12 @@ up() {
     wait_port "$KAFKA_PORT" "kafka-$KAFKA_PORT" 30
     log "kafka: started tansu on $KAFKA_PORT"
   fi
+  postgres_up
   print_env
 }
 
 down() {
+  postgres_down
   local names=("kafka-$KAFKA_PORT" "mongo-$MONGO_PORT" "redis-$REDIS_PORT")
   for port in $REDIS_CLUSTER_PORTS; do names+=("redis-cluster-$port"); done
   for name in "${names[@]}"; do
@@ -205,7 +262,7 @@ down() {
 
 status() {
   local ok=0
-  local pairs=("redis:$REDIS_PORT" "mongo:$MONGO_PORT" "kafka:$KAFKA_PORT")
+  local pairs=("redis:$REDIS_PORT" "mongo:$MONGO_PORT" "kafka:$KAFKA_PORT" "postgres:$PG_PORT")
   for port in $REDIS_CLUSTER_PORTS; do pairs+=("redis-cluster:$port"); done
   for pair in "${pairs[@]}"; do
     if port_open "${pair#*:}"; then echo "${pair%%:*}: up on 127.0.0.1:${pair#*:}"; else echo "${pair%%:*}: down"; ok=1; fi
@@ -219,6 +276,7 @@ export DATASYNC_TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT
 export DATASYNC_TEST_MONGO_URL=mongodb://127.0.0.1:$MONGO_PORT/?retryWrites=false
 export DATASYNC_TEST_KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
 export DATASYNC_TEST_REDIS_CLUSTER_URL=redis://127.0.0.1:${REDIS_CLUSTER_PORTS%% *}
+export DATASYNC_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:$PG_PORT/datasync
 EOF
 }
 
@@ -229,8 +287,8 @@ reset() {
       log "reset: port $port still answers (a server this script did not start); it is reused as it is"
     fi
   done
-  rm -rf "$state/mongo-$MONGO_SERVER" "$state/redis"
-  log "reset: storage of mongo-$MONGO_SERVER dropped"
+  rm -rf "$state/mongo-$MONGO_SERVER" "$state/redis" "$state/pg"
+  log "reset: storage of mongo-$MONGO_SERVER, redis and postgres dropped"
   up
 }
 

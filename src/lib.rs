@@ -23,8 +23,10 @@
 //!    Immediate changes take [`actors::static_path`] instead: staged in Redis,
 //!    published at once, acknowledged.
 //! 6. [`actors::applier`] consumes windows, collapses them to the newest version
-//!    per user and section, and writes them to MongoDB ([`clients::mongo`]) as
-//!    newer-wins upserts before committing offsets.
+//!    per user and section, and hands them to a [`sinks::Sink`] — MongoDB
+//!    ([`clients::mongo`], newer-wins upserts), PostgreSQL, an HTTP endpoint
+//!    or one of the host's — before committing offsets. Each sink has its own
+//!    consumer groups, so one that is slow or down holds back no other.
 //! 7. What fails for good becomes a dead letter ([`actors::dlq`]), with its
 //!    flag kept; an operator lists and redrives it.
 //!
@@ -69,6 +71,7 @@ pub mod profiles;
 pub mod proto;
 pub mod retry;
 pub mod shard;
+pub mod sinks;
 pub mod strategy;
 pub mod tasks;
 pub mod telemetry;

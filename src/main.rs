@@ -123,6 +123,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the sinks: each one's consumer groups' lag (from the broker) and
+    /// what every running instance last reported of it (from Redis).
+    Sinks {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect and redrive the dead-letter queue (talks to Redis directly).
     Dlq {
         #[command(subcommand)]
@@ -335,6 +344,9 @@ fn main() -> ExitCode {
             limit,
             json,
         } => run_command(config.as_ref(), |c| ops_cli::operations(c, limit, json)),
+        Command::Sinks { config, json } => {
+            run_command(config.as_ref(), |c| ops_cli::sinks(c, json))
+        }
         Command::Resync {
             config,
             all,

@@ -5,6 +5,7 @@
 //!   and MongoDB fields.
 //! - [`ProfileWrite`], [`Marked`], [`Receipt`]: a change coming in, and what
 //!   became of it.
+//! - [`Change`] and [`Op`]: a change on its way out, as every sink applies it.
 //! - [`DeadLetter`] and [`DlqStage`]: a change that could not be synced.
 //! - The clock: [`now_ms`], [`now_us`].
 //! - [`fields`]: the MongoDB document's field names.
@@ -85,6 +86,40 @@ pub mod fields {
     /// When the document became a tombstone (purged after
     /// `sync.tombstone_retention`).
     pub const DELETED_AT: &str = "deletedAt";
+}
+
+/// One change to apply: the newest version of one section of one user, or
+/// the newest delete of one user.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub user_id: String,
+    /// The section a profile change is for; a delete travels the dynamic
+    /// path and is dead-lettered as dynamic.
+    pub section: Section,
+    pub version: i64,
+    pub op: Op,
+    pub event_id: String,
+    pub marked_at_ms: i64,
+}
+
+/// What a change does to the document.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// Replace the section's profile.
+    Set(Document),
+    /// Delete the user: every section older than the version goes, and the
+    /// document becomes a tombstone if none is left.
+    Delete,
+}
+
+impl Change {
+    /// `static`, `dynamic` or `delete`: metrics labels and logs.
+    pub fn label(&self) -> &'static str {
+        match self.op {
+            Op::Set(_) => self.section.label(),
+            Op::Delete => "delete",
+        }
+    }
 }
 
 /// A user's profile to write and flag.
@@ -173,6 +208,8 @@ pub struct DeadLetter {
     pub topic: String,
     pub partition: Option<i32>,
     pub offset: Option<i64>,
+    /// The sink that refused the change (apply stage), by name.
+    pub sink: Option<String>,
 }
 
 /// Why one user's profile could not be loaded. Permanent: retrying cannot help

@@ -306,22 +306,23 @@ pub async fn list(
 }
 
 /// The applier consumer's context: revoked partitions close their ranges
-/// and flush them at once.
+/// and flush them at once (the primary sink's consumers; the others record
+/// no ranges).
 pub struct ApplierContext {
-    pub recorder: Arc<RangeRecorder>,
+    pub recorder: Option<Arc<RangeRecorder>>,
 }
 
 impl ClientContext for ApplierContext {}
 
 impl ConsumerContext for ApplierContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
+        if let (Rebalance::Revoke(tpl), Some(recorder)) = (rebalance, &self.recorder) {
             let parts: Vec<(String, i32)> = tpl
                 .elements()
                 .iter()
                 .map(|e| (e.topic().to_string(), e.partition()))
                 .collect();
-            self.recorder.revoked(&parts);
+            recorder.revoked(&parts);
         }
     }
 }

@@ -56,6 +56,12 @@ impl Keys {
         format!("{}:dlq:{{{shard}}}", self.prefix)
     }
 
+    /// Hash of each instance's sink reports: instance id → JSON array,
+    /// written with every backlog sample (`datasync sinks` reads it).
+    pub fn sinks(&self) -> String {
+        format!("{}:sinks", self.prefix)
+    }
+
     /// Stream of dead-letter records waiting for Kafka to come back.
     pub fn dlq_outbox(&self) -> String {
         format!("{}:dlq-outbox", self.prefix)

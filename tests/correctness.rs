@@ -529,14 +529,23 @@ async fn a_checkpoint_takes_back_an_expired_lease_only_when_nobody_else_took_the
     let holder = || async { raw.get::<Option<String>, _>(&lease).await.unwrap() };
 
     // Expired (no lease key), the record still this runner's: taken back.
-    let _: () = raw.set(&record, job("running", "me"), None, None, false).await.unwrap();
-    let saved = r.job_save(kind, id, &job("running", "me"), "me", lease_ttl).await.unwrap();
+    let _: () = raw
+        .set(&record, job("running", "me"), None, None, false)
+        .await
+        .unwrap();
+    let saved = r
+        .job_save(kind, id, &job("running", "me"), "me", lease_ttl)
+        .await
+        .unwrap();
     assert_eq!(saved, Checkpoint::Saved);
     assert_eq!(holder().await.as_deref(), Some("me"));
 
     // Another runner holds it: lost, nothing written.
     let _: () = raw.set(&lease, "other", None, None, false).await.unwrap();
-    let lost = r.job_save(kind, id, &job("running", "me"), "me", lease_ttl).await.unwrap();
+    let lost = r
+        .job_save(kind, id, &job("running", "me"), "me", lease_ttl)
+        .await
+        .unwrap();
     assert_eq!(lost, Checkpoint::Lost);
     assert_eq!(holder().await.as_deref(), Some("other"));
 
@@ -544,12 +553,21 @@ async fn a_checkpoint_takes_back_an_expired_lease_only_when_nobody_else_took_the
     // after the job ended: lost, and the lease stays free.
     for (state, instance) in [("running", "other"), ("done", "me")] {
         let _: i64 = raw.del(&lease).await.unwrap();
-        let _: () = raw.set(&record, job(state, instance), None, None, false).await.unwrap();
-        let lost = r.job_save(kind, id, &job("running", "me"), "me", lease_ttl).await.unwrap();
+        let _: () = raw
+            .set(&record, job(state, instance), None, None, false)
+            .await
+            .unwrap();
+        let lost = r
+            .job_save(kind, id, &job("running", "me"), "me", lease_ttl)
+            .await
+            .unwrap();
         assert_eq!(lost, Checkpoint::Lost, "{state} by {instance}");
         assert_eq!(holder().await, None, "{state} by {instance}");
         let stored: String = raw.get(&record).await.unwrap();
-        assert!(stored.contains(instance) && stored.contains(state), "{stored}");
+        assert!(
+            stored.contains(instance) && stored.contains(state),
+            "{stored}"
+        );
     }
     cleanup(&ns).await;
 }

@@ -41,6 +41,7 @@ const ENDPOINTS: &[(&str, &str, Option<&str>)] = &[
     ("GET", "/v1/cache/stats", Some("read")),
     ("GET", "/v1/stats", Some("read")),
     ("GET", "/v1/shards", Some("read")),
+    ("GET", "/v1/sinks", Some("read")),
     ("POST", "/v1/sync/dirty", Some("write")),
     ("POST", "/v1/sync/immediate", Some("write")),
     ("POST", "/v1/sync/delete", Some("write")),
@@ -442,10 +443,19 @@ async fn the_backlog_shows_pending_work_and_consumer_lag_and_the_dashboard_names
         .unwrap();
     let mut all_mode = config.clone();
     all_mode.instance.mode = datasync::config::ShardMode::All;
+    let primary = Arc::new(datasync::sinks::SinkStatus::new(
+        "mongodb",
+        "mongodb",
+        true,
+        &config.kafka.consumer_group,
+        "",
+    ));
     let monitor = BacklogMonitor::new(
         &all_mode,
         store.clone(),
         Arc::new(Ownership::new(&all_mode)),
+        &[primary.clone()],
+        "test",
     );
     let b = monitor.sample().await;
     assert_eq!(b.pending_flags_total, Some(30));
@@ -453,12 +463,16 @@ async fn the_backlog_shows_pending_work_and_consumer_lag_and_the_dashboard_names
     assert_eq!(b.pending_static, Some(2));
     let lag: i64 = b
         .consumer_lag
+        .as_ref()
         .unwrap()
         .iter()
         .filter(|p| p.topic == dynamic)
         .map(|p| p.lag)
         .sum();
     assert_eq!(lag, 50);
+    // The sink's own report carries the same lag.
+    let all: i64 = b.consumer_lag.as_ref().unwrap().iter().map(|p| p.lag).sum();
+    assert_eq!(primary.report().lag, Some(all));
 
     // The dashboard's and the rules' queries name only exported metrics.
     let exported = exported_metrics();

@@ -48,6 +48,10 @@ pub struct DlqEntry {
     pub partition: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub offset: Option<i64>,
+    /// The sink that refused the change, for a dead letter of the apply
+    /// stage.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub sink: Option<String>,
 }
 
 fn dynamic_label() -> String {
@@ -144,18 +148,19 @@ async fn record(
             redis.dlq_entries(&keys)
         })
         .await?;
-    let open: std::collections::HashMap<(&str, Section), i64> = keys
+    let open: std::collections::HashMap<(&str, Section), (i64, Option<String>)> = keys
         .iter()
         .zip(open)
         .filter_map(|(k, e)| {
             let e: DlqEntry = serde_json::from_str(e.as_deref()?).ok()?;
-            Some((*k, e.version))
+            Some((*k, (e.version, e.sink)))
         })
         .collect();
     let now = now_ms();
     let mut fresh = Vec::new();
     for l in letters {
-        if !l.user_id.is_empty() && open.get(&(l.user_id.as_str(), l.section)) == Some(&l.version) {
+        let same = |(v, sink): &(i64, Option<String>)| *v == l.version && *sink == l.sink;
+        if !l.user_id.is_empty() && open.get(&(l.user_id.as_str(), l.section)).is_some_and(same) {
             out.duplicates += 1;
         } else {
             fresh.push(l);
@@ -178,6 +183,7 @@ async fn record(
                     failure_timestamp: now,
                     instance_id: shared.instance_id.clone(),
                     kafka_topic: l.topic.clone(),
+                    sink: l.sink.clone().unwrap_or_default(),
                 }),
             }
             .encode_to_vec()
@@ -234,6 +240,7 @@ async fn record(
                 topic: l.topic.clone(),
                 partition: l.partition,
                 offset: l.offset,
+                sink: l.sink.clone(),
             };
             (
                 l.user_id.as_str(),

@@ -46,6 +46,9 @@ pub enum StageError {
     Cache(#[from] CacheError),
     #[error(transparent)]
     Mongo(#[from] MongoError),
+    /// A sink could not take a window.
+    #[error("{0}")]
+    Sink(#[from] crate::sinks::SinkError),
     /// A mailbox closed under a sender: the engine is stopping or the actor is
     /// restarting.
     #[error("actor {0} is not running: {1}")]
@@ -75,6 +78,7 @@ impl Retryable for StageError {
             StageError::Redis(e) => e.is_retryable(),
             StageError::Cache(e) => e.is_retryable(),
             StageError::Mongo(e) => e.is_retryable(),
+            StageError::Sink(_) => true,
             StageError::Mailbox(..) | StageError::Panicked { .. } | StageError::GaveUp(_) => false,
         }
     }

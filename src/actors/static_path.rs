@@ -109,6 +109,7 @@ impl StaticPath {
                     topic: self.topic.clone(),
                     partition: None,
                     offset: None,
+                    sink: None,
                 }),
             }
         }

@@ -276,7 +276,7 @@ pub async fn probe(producer: &FutureProducer, topic: &str) -> Result<(), KafkaEr
 }
 
 /// How far a consumer group is behind on one partition.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PartitionLag {
     pub topic: String,
     pub partition: i32,

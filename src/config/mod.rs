@@ -10,12 +10,14 @@ use std::{fmt, path::Path, time::Duration};
 mod healing;
 mod operations;
 mod security;
+mod sinks;
 pub use healing::{ConsistencyConfig, MissingProfile, ResyncConfig};
 pub use operations::{OperationsConfig, ReplayConfig, WhitelistConfig};
 pub use security::{
     ADMIN_TOKEN_NAME, HttpConfig, KafkaClientProperties, RateLimit, RateLimits, Role, TokenConfig,
     is_loopback,
 };
+pub use sinks::{SinkConfig, SinkKind};
 
 /// The embedded defaults.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
@@ -111,6 +113,9 @@ pub struct Config {
     pub replay: ReplayConfig,
     pub whitelist: WhitelistConfig,
     pub operations: OperationsConfig,
+    /// Where changes are applied (`[[sinks]]`); empty = `[mongo]` alone.
+    #[serde(default)]
+    pub sinks: Vec<SinkConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -508,6 +513,7 @@ impl Config {
         self.replay.validate(&mut p);
         self.whitelist.validate(&mut p);
         self.operations.validate(&mut p);
+        sinks::validate(&self.sinks, &mut p);
         p
     }
 

@@ -31,6 +31,7 @@ use crate::{
     offsets::{ApplierContext, RangeRecorder},
     operations::OperationLog,
     profiles::{ComposedProfile, ProfileCacheStats, ProfileReader},
+    sinks::{SinkReport, SinkSpec, SinkStatus},
     strategy::{ImmediateSync, Receipt, SyncContext, SyncStrategy},
     tasks::{Supervision, supervise},
     telemetry::{Stats, StatsSnapshot},
@@ -96,6 +97,7 @@ struct Inner {
     publisher: actix::Addr<KafkaPublisher>,
     hold: Arc<RwLock<()>>,
     applier_done: Mutex<Vec<oneshot::Receiver<()>>>,
+    sinks: Vec<Arc<SinkStatus>>,
     ranges: Arc<RangeRecorder>,
     whitelist: Arc<Whitelist>,
     oplog: OperationLog,
@@ -111,6 +113,16 @@ impl Engine {
     /// Connects to Redis, MongoDB and Kafka, creates the topics and the unique
     /// index, and starts the actors. Scanning begins at once.
     pub async fn start(config: Config) -> Result<Engine, EngineError> {
+        Self::start_with_sinks(config, Vec::new()).await
+    }
+
+    /// [`Engine::start`], applying also to `sinks` of the host application's
+    /// own (see [`crate::sinks::Sink`]), besides the configured ones: each
+    /// gets its own consumer group, counters and dead letters.
+    pub async fn start_with_sinks(
+        config: Config,
+        sinks: Vec<SinkSpec>,
+    ) -> Result<Engine, EngineError> {
         let problems = config.validate();
         if !problems.is_empty() {
             return Err(EngineError::Invalid(problems.join("; ")));
@@ -135,7 +147,7 @@ impl Engine {
                 .spawn(move || {
                     let system = actix::System::new();
                     let ok = system.block_on(async move {
-                        let started = start_actors(config, shared, hold).await;
+                        let started = start_actors(config, shared, hold, sinks).await;
                         let ok = started.is_ok();
                         let _ = tx.send(started);
                         ok
@@ -177,6 +189,7 @@ impl Engine {
                 publisher: started.publisher,
                 hold,
                 applier_done: Mutex::new(started.applier_done),
+                sinks: started.sinks,
                 ranges: started.ranges,
                 whitelist: started.whitelist,
                 oplog: started.oplog,
@@ -360,6 +373,7 @@ impl Engine {
             unavailable.push("shutting down".into());
         }
         let mut degraded = self.inner.health.problems();
+        degraded.extend(self.inner.sinks.iter().filter_map(|s| s.problem()));
         if !self.inner.health.is_down(crate::health::Backend::Mongo)
             && let Err(e) = self.inner.mongo.ping().await
         {
@@ -381,6 +395,12 @@ impl Engine {
                 .into_iter()
                 .collect(),
         }
+    }
+
+    /// Each sink's state, counters, last error and consumer lag (the lag as
+    /// of the last backlog sample).
+    pub fn sinks(&self) -> Vec<SinkReport> {
+        self.inner.sinks.iter().map(|s| s.report()).collect()
     }
 
     /// Backend outages seen and over since start, oldest first.

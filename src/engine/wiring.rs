@@ -22,6 +22,7 @@ pub(super) struct Started {
     pub(super) scanner: actix::Addr<ShardScanner>,
     pub(super) publisher: actix::Addr<KafkaPublisher>,
     pub(super) applier_done: Vec<oneshot::Receiver<()>>,
+    pub(super) sinks: Vec<Arc<SinkStatus>>,
     pub(super) ranges: Arc<RangeRecorder>,
     pub(super) whitelist: Arc<Whitelist>,
     pub(super) oplog: OperationLog,
@@ -33,6 +34,7 @@ pub(super) async fn start_actors(
     config: Config,
     shared: Shared,
     hold: Arc<RwLock<()>>,
+    extra_sinks: Vec<SinkSpec>,
 ) -> Result<Started, EngineError> {
     // Redis first, and required; Kafka and MongoDB come up in the background.
     let redis = crate::backends::connect_redis(&config).await?;
@@ -171,117 +173,44 @@ pub(super) async fn start_actors(
         }));
     }
 
-    // Two consumer loops, each with its own MongoApplier: static changes (their
-    // own consumer group, small windows) go first; the dynamic loop waits while
-    // a static window is being written.
+    // Per sink, two consumer loops, each with its own MongoApplier: static
+    // changes (their own consumer group, small windows) go first; the
+    // dynamic loop waits while a static window is being written.
     let mut applier_done = Vec::new();
+    let mut sink_statuses = Vec::new();
     if config.applier.enabled {
-        let gate = Arc::new(PriorityGate::default());
-        let static_group = format!("{}-static", config.kafka.consumer_group);
-        for (role, topic, group) in [
-            (Section::Static, &config.kafka.static_topic, &static_group),
-            (
-                Section::Dynamic,
-                &config.kafka.dynamic_topic,
-                &config.kafka.consumer_group,
-            ),
-        ] {
-            let applier = {
-                let (mongo, shared) = (mongo.clone(), shared.clone());
-                Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
-                    ctx.set_mailbox_capacity(mb.applier);
-                    MongoApplier::new(mongo, shared)
-                })
+        let specs = crate::sinks::build(&config, &mongo, extra_sinks)
+            .await
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        for spec in specs {
+            let group = crate::sinks::consumer_group(&spec, &config.kafka.consumer_group);
+            let status = Arc::new(
+                SinkStatus::new(
+                    &spec.name,
+                    spec.sink.kind(),
+                    spec.primary,
+                    &group,
+                    &spec.target,
+                )
+                .writing_mongo(spec.writes_mongo),
+            );
+            sink_statuses.push(status.clone());
+            let sink = SinkLoops {
+                spec,
+                status,
+                group,
+                config: &config,
+                shared: &shared,
+                supervision: &supervision,
+                mailbox: mb.applier,
+                dlq: &dlq,
+                cache: &cache,
+                profiles: &profiles,
+                redis: &redis,
+                ready: &ready,
+                ranges: &ranges,
             };
-            let mut window = config.applier.clone();
-            if role == Section::Static {
-                window.window_max_events = window.window_max_events.min(500);
-                window.window_max_wait = config.applier.static_window_wait;
-            }
-            let (done_tx, done_rx) = oneshot::channel();
-            // A fresh consumer at every (re)start, once its topic exists and
-            // the unique index is there: it resumes from the group's committed
-            // offsets, so a window in flight when the loop died is read again,
-            // never skipped.
-            let make = {
-                let (kafka, group, topic) = (config.kafka.clone(), group.clone(), topic.clone());
-                let (dlq, cache, profiles, redis, shared, gate, ready, ranges) = (
-                    dlq.clone(),
-                    cache.clone(),
-                    profiles.clone(),
-                    redis.clone(),
-                    shared.clone(),
-                    gate.clone(),
-                    ready.clone(),
-                    ranges.clone(),
-                );
-                move || {
-                    let (kafka, group, topic) = (kafka.clone(), group.clone(), topic.clone());
-                    let ranges = ranges.clone();
-                    let (applier, dlq, cache, profiles, redis, config, shared, gate, ready) = (
-                        applier.clone(),
-                        dlq.clone(),
-                        cache.clone(),
-                        profiles.clone(),
-                        redis.clone(),
-                        window.clone(),
-                        shared.clone(),
-                        gate.clone(),
-                        ready.clone(),
-                    );
-                    Ok::<_, Infallible>(async move {
-                        if !ready.wait(Backend::Kafka, &shared.cancel).await
-                            || !ready.wait(Backend::Mongo, &shared.cancel).await
-                        {
-                            return;
-                        }
-                        let context = ApplierContext {
-                            recorder: ranges.clone(),
-                        };
-                        let consumer = match kafka::consumer(
-                            &kafka,
-                            &group,
-                            &shared.instance_id,
-                            context,
-                        )
-                        .and_then(|c| {
-                            rdkafka::consumer::Consumer::subscribe(&c, &[topic.as_str()])
-                                .map(|()| c)
-                        }) {
-                            Ok(c) => c,
-                            Err(e) => {
-                                tracing::error!(error = %e, %topic, "cannot create the consumer");
-                                return;
-                            }
-                        };
-                        ConsumerLoop {
-                            consumer,
-                            ranges,
-                            applier,
-                            dlq,
-                            cache,
-                            profiles,
-                            redis,
-                            config,
-                            shared,
-                            role,
-                            gate,
-                        }
-                        .run()
-                        .await
-                    })
-                }
-            };
-            let name = match role {
-                Section::Static => "static consumer loop",
-                Section::Dynamic => "dynamic consumer loop",
-            };
-            let supervision = supervision.clone();
-            actix::spawn(async move {
-                supervise(name, supervision, make).await;
-                let _ = done_tx.send(());
-            });
-            applier_done.push(done_rx);
+            applier_done.extend(sink.start());
         }
     }
 
@@ -330,6 +259,8 @@ pub(super) async fn start_actors(
         &config,
         redis.clone(),
         ownership.clone(),
+        &sink_statuses,
+        &shared.instance_id,
     ));
     {
         let (backlog, every, cancel) = (
@@ -360,6 +291,7 @@ pub(super) async fn start_actors(
         scanner,
         publisher,
         applier_done,
+        sinks: sink_statuses,
         ranges,
         whitelist,
         oplog,
@@ -466,4 +398,206 @@ fn start_lease_keeper(
             let _ = tx.send(());
         })?;
     Ok(rx)
+}
+
+/// What it takes to start one sink's two consumer loops.
+struct SinkLoops<'a> {
+    spec: SinkSpec,
+    status: Arc<SinkStatus>,
+    /// Its group on the dynamic topic (the static one's adds `-static`).
+    group: String,
+    config: &'a Config,
+    shared: &'a Shared,
+    supervision: &'a Supervision,
+    mailbox: usize,
+    dlq: &'a actix::Addr<DlqActor>,
+    cache: &'a AppliedCache,
+    profiles: &'a Arc<ProfileReader>,
+    redis: &'a RedisStore,
+    ready: &'a crate::backends::Ready,
+    ranges: &'a Arc<RangeRecorder>,
+}
+
+impl SinkLoops<'_> {
+    /// The loop's task name: the primary sink's keep the names of the
+    /// single sink of earlier releases.
+    fn task_name(&self, role: Section) -> &'static str {
+        match (self.spec.primary, role) {
+            (true, Section::Static) => "static consumer loop",
+            (true, Section::Dynamic) => "dynamic consumer loop",
+            // Made once per sink and engine.
+            (false, r) => Box::leak(
+                format!("{} consumer loop (sink {})", r.label(), self.spec.name).into_boxed_str(),
+            ),
+        }
+    }
+
+    /// Starts the static and the dynamic loop; a receiver each that fires
+    /// once the loop has stopped.
+    fn start(self) -> Vec<oneshot::Receiver<()>> {
+        let gate = Arc::new(PriorityGate::default());
+        let mut done = Vec::new();
+        let static_group = crate::sinks::static_group(&self.group);
+        for (role, topic, group) in [
+            (
+                Section::Static,
+                &self.config.kafka.static_topic,
+                &static_group,
+            ),
+            (
+                Section::Dynamic,
+                &self.config.kafka.dynamic_topic,
+                &self.group,
+            ),
+        ] {
+            let applier = {
+                let (sink, shared, mailbox) =
+                    (self.spec.sink.clone(), self.shared.clone(), self.mailbox);
+                Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |ctx| {
+                    ctx.set_mailbox_capacity(mailbox);
+                    MongoApplier::new(sink, shared)
+                })
+            };
+            let mut window = self.config.applier.clone();
+            if let Some(n) = self.spec.window_max_events {
+                window.window_max_events = n;
+            }
+            if role == Section::Static {
+                window.window_max_events = window.window_max_events.min(500);
+                window.window_max_wait = self.config.applier.static_window_wait;
+            }
+            let (done_tx, done_rx) = oneshot::channel();
+            // A fresh consumer at every (re)start, once its topic exists and
+            // the sink is ready: it resumes from the group's committed
+            // offsets, so a window in flight when the loop died is read
+            // again, never skipped.
+            let make = {
+                let (kafka, group, topic) =
+                    (self.config.kafka.clone(), group.clone(), topic.clone());
+                let (dlq, cache, profiles, redis, shared, gate, ready) = (
+                    self.dlq.clone(),
+                    self.cache.clone(),
+                    self.profiles.clone(),
+                    self.redis.clone(),
+                    self.shared.clone(),
+                    gate.clone(),
+                    self.ready.clone(),
+                );
+                let ranges = self.spec.primary.then(|| self.ranges.clone());
+                let (sink, status, writes_mongo) = (
+                    self.spec.sink.clone(),
+                    self.status.clone(),
+                    self.spec.writes_mongo,
+                );
+                let retry = self.config.retry.clone();
+                move || {
+                    let (kafka, group, topic) = (kafka.clone(), group.clone(), topic.clone());
+                    let ranges = ranges.clone();
+                    let (applier, dlq, cache, profiles, redis, config, shared, gate, ready) = (
+                        applier.clone(),
+                        dlq.clone(),
+                        cache.clone(),
+                        profiles.clone(),
+                        redis.clone(),
+                        window.clone(),
+                        shared.clone(),
+                        gate.clone(),
+                        ready.clone(),
+                    );
+                    let (sink, status, retry) = (sink.clone(), status.clone(), retry.clone());
+                    Ok::<_, Infallible>(async move {
+                        if !ready.wait(Backend::Kafka, &shared.cancel).await {
+                            return;
+                        }
+                        let prepared = if writes_mongo {
+                            // The engine's bring-up made the index.
+                            let up = ready.wait(Backend::Mongo, &shared.cancel).await;
+                            if up {
+                                status.up();
+                            }
+                            up
+                        } else {
+                            prepare(&*sink, &status, &retry, &shared.cancel).await
+                        };
+                        if !prepared {
+                            return;
+                        }
+                        let context = ApplierContext {
+                            recorder: ranges.clone(),
+                        };
+                        let consumer = match kafka::consumer(
+                            &kafka,
+                            &group,
+                            &shared.instance_id,
+                            context,
+                        )
+                        .and_then(|c| {
+                            rdkafka::consumer::Consumer::subscribe(&c, &[topic.as_str()])
+                                .map(|()| c)
+                        }) {
+                            Ok(c) => c,
+                            Err(e) => {
+                                tracing::error!(error = %e, %topic, "cannot create the consumer");
+                                return;
+                            }
+                        };
+                        ConsumerLoop {
+                            consumer,
+                            ranges,
+                            applier,
+                            dlq,
+                            cache,
+                            profiles,
+                            redis,
+                            config,
+                            shared,
+                            role,
+                            gate,
+                            sink: status,
+                            writes_mongo,
+                        }
+                        .run()
+                        .await
+                    })
+                }
+            };
+            let name = self.task_name(role);
+            let supervision = self.supervision.clone();
+            actix::spawn(async move {
+                supervise(name, supervision, make).await;
+                let _ = done_tx.send(());
+            });
+            done.push(done_rx);
+        }
+        done
+    }
+}
+
+/// Prepares a sink (tables, indexes), retrying until it answers; false once
+/// the engine stops first.
+async fn prepare(
+    sink: &dyn crate::sinks::Sink,
+    status: &SinkStatus,
+    retry: &crate::retry::RetryConfig,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> bool {
+    let mut attempt = 0;
+    loop {
+        match sink.prepare().await {
+            Ok(()) => {
+                status.up();
+                return true;
+            }
+            Err(e) => {
+                let wait = retry.delay(attempt);
+                status.failed(&e.to_string());
+                tracing::warn!(sink = %status.name, error = %e, retry_in = ?wait, "sink not ready; trying again");
+                tokio::select! {
+                    _ = cancel.cancelled() => return false,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                attempt += 1;
+            }
+        }
+    }
 }

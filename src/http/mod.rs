@@ -165,6 +165,11 @@ async fn stats(engine: Data<Engine>) -> HttpResponse {
     }))
 }
 
+/// Each sink of this instance: state, counters, last error, lag.
+async fn sinks(engine: Data<Engine>) -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "instance": engine.instance_id(), "sinks": engine.sinks() }))
+}
+
 async fn shards(engine: Data<Engine>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(engine.shards().await?))
 }
@@ -204,6 +209,7 @@ fn routes(engine: Engine, gate: Data<Gate>) -> impl FnOnce(&mut web::ServiceConf
             ("/v1/cache/stats", Read, vec![get().to(sync::cache_stats)]),
             ("/v1/stats", Read, vec![get().to(stats)]),
             ("/v1/shards", Read, vec![get().to(shards)]),
+            ("/v1/sinks", Read, vec![get().to(sinks)]),
             ("/v1/dlq", Admin, vec![get().to(dlq::dlq_list)]),
             ("/v1/dlq/redrive", Admin, vec![post().to(dlq::dlq_redrive)]),
             ("/v1/resync", Admin, vec![post().to(jobs::start_resync)]),

@@ -243,6 +243,15 @@ pub fn json_to_bson(v: &serde_json::Value) -> Bson {
     }
 }
 
+/// A document as a JSON object (see [`bson_to_json`]).
+pub fn document_to_json(d: &Document) -> serde_json::Value {
+    serde_json::Value::Object(
+        d.iter()
+            .map(|(k, v)| (k.clone(), bson_to_json(v)))
+            .collect(),
+    )
+}
+
 /// Converts BSON back to JSON for API answers (binary as an array of bytes).
 pub fn bson_to_json(v: &Bson) -> serde_json::Value {
     use serde_json::Value as J;
@@ -256,11 +265,7 @@ pub fn bson_to_json(v: &Bson) -> serde_json::Value {
             .unwrap_or(J::Null),
         Bson::String(s) => J::String(s.clone()),
         Bson::Array(a) => J::Array(a.iter().map(bson_to_json).collect()),
-        Bson::Document(d) => J::Object(
-            d.iter()
-                .map(|(k, v)| (k.clone(), bson_to_json(v)))
-                .collect(),
-        ),
+        Bson::Document(d) => document_to_json(d),
         other => other.clone().into_relaxed_extjson(),
     }
 }

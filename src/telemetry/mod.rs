@@ -30,6 +30,12 @@ pub mod names {
     pub const EVENTS_APPLIED: &str = "datasync_events_applied_total";
     pub const STALE_SKIPPED: &str = "datasync_stale_events_skipped_total";
     pub const APPLY_FAILURES: &str = "datasync_apply_failures_total";
+    /// 1 while a sink takes windows, 0 while it is down or not reached yet.
+    pub const SINK_UP: &str = "datasync_sink_up";
+    /// A sink's consumer lag over both topics.
+    pub const SINK_LAG: &str = "datasync_sink_lag";
+    /// Changes sent to a sink again after it refused them with a retryable error.
+    pub const SINK_RETRIES: &str = "datasync_sink_retries_total";
     pub const POISON_EVENTS: &str = "datasync_poison_events_total";
     pub const FLAGS_MARKED: &str = "datasync_flags_marked_total";
     pub const FLAG_TO_APPLIED: &str = "datasync_flag_to_applied_seconds";
@@ -145,7 +151,6 @@ fn register_zeroes() {
         names::ALREADY_APPLIED,
         names::FLAGS_CLEARED,
         names::LEGACY_DRAINED,
-        names::APPLY_FAILURES,
         names::POISON_EVENTS,
         names::DLQ_PARKED,
         names::CYCLES,
@@ -187,8 +192,6 @@ fn register_zeroes() {
         counter!(names::EVENTS_PUBLISHED, "type" => t).increment(0);
         counter!(names::PUBLISH_FAILURES, "type" => t).increment(0);
         counter!(names::PUBLISH_RETRIES, "type" => t).increment(0);
-        counter!(names::EVENTS_APPLIED, "section" => t).increment(0);
-        counter!(names::STALE_SKIPPED, "section" => t).increment(0);
         counter!(names::SYNC_SUCCESS, "type" => t).increment(0);
         counter!(names::SYNC_FAILURE, "type" => t).increment(0);
     }

@@ -261,25 +261,26 @@ impl Stats {
         counter!(names::LEGACY_DRAINED).increment(n);
     }
 
+    /// Changes the primary sink applied (each sink's own count, with its
+    /// `sink` label, is in [`crate::sinks::SinkStatus`]).
     pub fn applied(&self, section: &'static str, n: u64) {
         self.c.events_applied.fetch_add(n, Relaxed);
         if section == "static" {
             self.static_applied.fetch_add(n, Relaxed);
         }
-        counter!(names::EVENTS_APPLIED, "section" => section).increment(n);
         counter!(names::SYNC_SUCCESS, "type" => section).increment(n);
     }
 
-    pub fn stale(&self, section: &'static str, n: u64) {
+    /// Changes the primary sink found stale (or superseded in a window).
+    pub fn stale(&self, n: u64) {
         self.c.stale_skipped.fetch_add(n, Relaxed);
-        counter!(names::STALE_SKIPPED, "section" => section).increment(n);
     }
 
-    pub fn apply_failed(&self, err: &dyn std::fmt::Display) {
+    /// A change a sink refused for good (dead-lettered).
+    pub fn apply_failed(&self, sink: &str, err: &dyn std::fmt::Display) {
         self.c.apply_failures.fetch_add(1, Relaxed);
-        counter!(names::APPLY_FAILURES).increment(1);
         if let Some(suppressed) = self.logs[1].allow() {
-            tracing::error!(error = %err, suppressed, "change rejected by MongoDB");
+            tracing::error!(sink, error = %err, suppressed, "change refused by a sink");
         }
     }
 

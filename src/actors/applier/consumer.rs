@@ -1,10 +1,13 @@
 //! The consumer side of the applier: each loop gathers a window from its
 //! topic (the next one while the previous is written), hands it to its
-//! MongoApplier, records the outcomes (counters, caches, dead letters, settled
-//! immediate changes) and commits the window's offsets, strictly in order,
-//! recording them in the offset-range index ([`crate::offsets`]).
-//! The static loop goes first: while a static window is in flight the dynamic
-//! loop waits at the [`PriorityGate`].
+//! MongoApplier, sends again what its sink refused with a retryable error
+//! (per the retry policy), records the outcomes (counters, dead letters and,
+//! for the primary sink, the caches, settled immediate changes and the
+//! offset-range index, [`crate::offsets`]) and commits the window's offsets,
+//! strictly in order. Every sink has its own pair of loops (static and
+//! dynamic) in consumer groups of its own. Within a sink the static loop
+//! goes first: while a static window is in flight the dynamic loop waits at
+//! the [`PriorityGate`].
 
 use super::{ApplyWindow, MongoApplier, Record, collapse};
 use crate::{
@@ -13,12 +16,12 @@ use crate::{
         dlq::{DlqActor, Record as DlqRecord},
     },
     cache::AppliedCache,
-    clients::mongo::{Change, Op, Outcome},
     config::ApplierConfig,
     faults::{HoldPoint, Stage},
     health::Backend,
-    model::{DeadLetter, DlqStage, Section, now_ms},
+    model::{Change, DeadLetter, DlqStage, Op, Section, now_ms},
     offsets::{ApplierContext, RangeRecorder},
+    sinks::{Outcome, SinkStatus},
 };
 use actix::prelude::*;
 use rdkafka::{
@@ -101,8 +104,8 @@ impl PriorityGate {
 pub struct ConsumerLoop {
     pub consumer: StreamConsumer<ApplierContext>,
     /// Where committed windows' offsets are recorded (the offset-range
-    /// index).
-    pub ranges: Arc<RangeRecorder>,
+    /// index); the primary sink's loops only.
+    pub ranges: Option<Arc<RangeRecorder>>,
     pub applier: Addr<MongoApplier>,
     pub dlq: Addr<DlqActor>,
     pub cache: AppliedCache,
@@ -113,6 +116,11 @@ pub struct ConsumerLoop {
     /// The section whose topic this loop serves.
     pub role: Section,
     pub gate: Arc<PriorityGate>,
+    /// The sink this loop applies to.
+    pub sink: Arc<SinkStatus>,
+    /// Its sink writes `[mongo]` itself: a window it cannot write marks
+    /// MongoDB down (which pauses the scanner) and one it writes marks it up.
+    pub writes_mongo: bool,
 }
 
 /// A window whose write is under way in the MongoApplier.
@@ -233,14 +241,19 @@ impl ConsumerLoop {
     fn submit(&self, window: Vec<Record>) -> InFlight {
         self.shared.faults.check(Stage::ConsumerLoop);
         let collapsed = collapse(&window);
-        for (i, _, err) in &collapsed.poison {
-            let r = &window[*i];
-            self.shared
-                .stats
-                .poison(&format!("{}[{}]@{}: {err}", r.topic, r.partition, r.offset));
+        if self.sink.primary {
+            for (i, _, err) in &collapsed.poison {
+                let r = &window[*i];
+                self.shared
+                    .stats
+                    .poison(&format!("{}[{}]@{}: {err}", r.topic, r.partition, r.offset));
+            }
         }
         for (label, n) in &collapsed.superseded {
-            self.shared.stats.stale(label, *n);
+            self.sink.stale(label, *n);
+            if self.sink.primary {
+                self.shared.stats.stale(*n);
+            }
         }
         let changes = Arc::new(collapsed.changes);
         let gate = (self.role == Section::Static).then(|| self.gate.enter());
@@ -265,15 +278,23 @@ impl ConsumerLoop {
         error: String,
     ) -> DeadLetter {
         let kept = match self.role {
-            Section::Static if stage == DlqStage::Apply => {
+            Section::Static if stage == DlqStage::Apply && self.sink.primary => {
                 "; the change stays pending in Redis: redrive it to publish it again with a new version"
+            }
+            Section::Static if stage == DlqStage::Apply => {
+                "; a redrive publishes it again only while the primary sink has not settled it; else make the change anew"
             }
             _ => "",
         };
         DeadLetter {
             detail: format!(
-                "stage {}: consumed from {} partition {} offset {}; not retried; the offset is committed after this record is stored{kept}",
+                "stage {}{}: consumed from {} partition {} offset {}; the offset is committed after this record is stored{kept}",
                 stage.label(),
+                if stage == DlqStage::Apply {
+                    format!(" (sink {})", self.sink.name)
+                } else {
+                    String::new()
+                },
                 r.topic,
                 r.partition,
                 r.offset
@@ -289,6 +310,7 @@ impl ConsumerLoop {
             topic: r.topic.clone(),
             partition: Some(r.partition),
             offset: Some(r.offset),
+            sink: None,
         }
     }
 
@@ -327,6 +349,103 @@ impl ConsumerLoop {
         go_on && self.write_outcomes(f, first).await
     }
 
+    /// Waits for a window's write, retrying it until the sink takes it;
+    /// `None` once the engine stops first.
+    async fn taken(&self, changes: &Arc<Vec<Change>>, first: WriteResult) -> Option<Vec<Outcome>> {
+        let health = &self.shared.health;
+        let mut result = first;
+        let mut attempt = 0;
+        // A window the sink cannot take is retried without limit: consumption
+        // pauses (nothing is committed) until the sink takes it.
+        loop {
+            let mut wait = self.shared.retry.delay(attempt);
+            match result {
+                Ok(Ok(o)) => {
+                    self.sink.up();
+                    if self.writes_mongo {
+                        health.set_up(Backend::Mongo);
+                    }
+                    return Some(o);
+                }
+                Ok(Err(e)) => {
+                    if let StageError::Sink(s) = &e
+                        && let Some(after) = s.retry_after
+                    {
+                        wait = wait.max(after);
+                    }
+                    self.sink.failed(&e.to_string());
+                    if self.writes_mongo && matches!(e, StageError::Sink(_) | StageError::Mongo(_))
+                    {
+                        health.set_down(Backend::Mongo, &e);
+                    }
+                    tracing::warn!(sink = %self.sink.name, error = %e, retry_in = ?wait, "window not written; retrying")
+                }
+                Err(e) => {
+                    tracing::warn!(sink = %self.sink.name, error = %e, retry_in = ?wait, "applier unavailable; retrying")
+                }
+            }
+            tokio::select! {
+                _ = self.shared.cancel.cancelled() => return None,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            attempt += 1;
+            result = self.applier.send(ApplyWindow(changes.clone())).await;
+        }
+    }
+
+    /// Sends again, per the retry policy, the changes the sink refused with
+    /// a retryable error; what still fails after `retry.max_retries` is
+    /// left failed (a dead letter). Returns how many times each change was
+    /// sent again, or `None` once the engine stops first.
+    async fn retry_refused(
+        &self,
+        changes: &[Change],
+        outcomes: &mut [Outcome],
+    ) -> Option<Vec<u32>> {
+        let retry = &self.shared.retry;
+        let mut attempt = 0;
+        let mut sent_again = vec![0u32; changes.len()];
+        loop {
+            let again: Vec<usize> = outcomes
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| matches!(o, Outcome::Failed(f) if f.retryable))
+                .map(|(i, _)| i)
+                .collect();
+            if again.is_empty() || attempt >= retry.max_retries {
+                return Some(sent_again);
+            }
+            let asked = again
+                .iter()
+                .filter_map(|&i| match &outcomes[i] {
+                    Outcome::Failed(f) => f.retry_after,
+                    _ => None,
+                })
+                .max()
+                .unwrap_or_default();
+            let wait = retry.delay(attempt).max(asked);
+            tracing::debug!(sink = %self.sink.name, changes = again.len(), retry_in = ?wait, "sending refused changes again");
+            tokio::select! {
+                _ = self.shared.cancel.cancelled() => return None,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            self.sink.retried(again.len() as u64);
+            let subset = Arc::new(
+                again
+                    .iter()
+                    .map(|&i| changes[i].clone())
+                    .collect::<Vec<_>>(),
+            );
+            let first = self.applier.send(ApplyWindow(subset.clone())).await;
+            let answered = self.taken(&subset, first).await?;
+            for (i, o) in again.into_iter().zip(answered) {
+                outcomes[i] = o;
+                sent_again[i] += 1;
+            }
+            attempt += 1;
+        }
+    }
+
     async fn write_outcomes(&self, f: InFlight, first: WriteResult) -> bool {
         let InFlight {
             window,
@@ -335,59 +454,47 @@ impl ConsumerLoop {
             poison,
             ..
         } = f;
-        let health = &self.shared.health;
-        let mut result = first;
-        let mut attempt = 0;
-        // A failed write is retried without limit: consumption pauses (nothing is
-        // committed) until MongoDB takes the window.
-        let outcomes = loop {
-            let wait = self.shared.retry.delay(attempt);
-            match result {
-                Ok(Ok(o)) => break o,
-                Ok(Err(e)) => {
-                    if matches!(e, StageError::Mongo(_)) {
-                        health.set_down(Backend::Mongo, &e);
-                    }
-                    tracing::warn!(error = %e, retry_in = ?wait, "window not written; retrying")
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?wait, "applier unavailable; retrying")
-                }
-            }
-            tokio::select! {
-                _ = self.shared.cancel.cancelled() => return false,
-                _ = tokio::time::sleep(wait) => {}
-            }
-            attempt += 1;
-            result = self.applier.send(ApplyWindow(changes.clone())).await;
+        let Some(mut outcomes) = self.taken(&changes, first).await else {
+            return false;
         };
-        health.set_up(Backend::Mongo);
+        let Some(retries) = self.retry_refused(&changes, &mut outcomes).await else {
+            return false;
+        };
         let stats = &self.shared.stats;
+        let primary = self.sink.primary;
 
         let now_ms = now_ms();
-        let mut known = Vec::with_capacity(changes.len());
-        let mut counts: HashMap<(&str, bool), u64> = HashMap::new();
-        let mut dead: Vec<DeadLetter> = poison
-            .into_iter()
-            .map(|(i, user, err)| self.dead_letter(&window[i], user, 0, DlqStage::Decode, err))
-            .collect();
-        for ((c, o), &i) in changes.iter().zip(&outcomes).zip(&origins) {
+        let mut counts: HashMap<(&'static str, bool), u64> = HashMap::new();
+        // An undecodable record is the same for every sink: the primary's
+        // loop records it.
+        let mut dead: Vec<DeadLetter> = if primary {
+            poison
+                .into_iter()
+                .map(|(i, user, err)| self.dead_letter(&window[i], user, 0, DlqStage::Decode, err))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for (((c, o), &i), &retried) in changes.iter().zip(&outcomes).zip(&origins).zip(&retries) {
             match o {
                 Outcome::Applied => {
                     *counts.entry((c.label(), true)).or_default() += 1;
-                    stats.flag_to_applied(
-                        c.label(),
-                        (now_ms - c.marked_at_ms).max(0) as f64 / 1000.0,
-                    );
-                    known.extend(applied_versions(c));
+                    if primary {
+                        stats.flag_to_applied(
+                            c.label(),
+                            (now_ms - c.marked_at_ms).max(0) as f64 / 1000.0,
+                        );
+                    }
                 }
                 Outcome::Stale => {
                     *counts.entry((c.label(), false)).or_default() += 1;
-                    known.extend(applied_versions(c));
                 }
-                Outcome::Rejected(e) => {
-                    let err = format!("user `{}`: {e}", c.user_id);
-                    stats.apply_failed(&err);
+                Outcome::Failed(failure) => {
+                    let err = format!("user `{}`: {}", c.user_id, failure.error);
+                    if primary {
+                        stats.apply_failed(&self.sink.name, &err);
+                    }
+                    self.sink.note_error(&err);
                     let mut letter = self.dead_letter(
                         &window[i],
                         c.user_id.clone(),
@@ -396,54 +503,86 @@ impl ConsumerLoop {
                         err,
                     );
                     letter.delete = c.op == Op::Delete;
+                    // The primary sink's letters keep the shape they had
+                    // before sinks existed (no sink named); the detail
+                    // names it either way.
+                    letter.sink = (!primary).then(|| self.sink.name.clone());
+                    letter.retry_count = retried;
                     dead.push(letter);
                 }
             }
         }
         for ((label, applied), n) in counts {
             if applied {
-                stats.applied(label, n);
+                self.sink.applied(label, n);
+                if primary {
+                    stats.applied(label, n);
+                }
             } else {
-                stats.stale(label, n);
+                self.sink.stale(label, n);
+                if primary {
+                    stats.stale(n);
+                }
             }
         }
+        let refused = dead.iter().filter(|l| l.stage == DlqStage::Apply).count() as u64;
         if !self.record_dead(dead).await {
             return false;
         }
+        self.sink.dead_lettered(refused);
+        if primary {
+            self.primary_effects(&changes, &outcomes).await;
+        }
+        self.commit(&window);
+        if let Some(ranges) = &self.ranges {
+            ranges.record(
+                window
+                    .iter()
+                    .map(|r| (r.topic.as_str(), r.partition, r.offset, r.timestamp_ms)),
+            );
+        }
+        true
+    }
+
+    /// What the primary sink's outcomes tell the rest of the engine: the
+    /// applied-version caches rise, settled immediate changes leave the
+    /// pending set, and cached profiles of applied users go. Best effort:
+    /// each is a cache, or is done again by a later window.
+    async fn primary_effects(&self, changes: &[Change], outcomes: &[Outcome]) {
+        let known: Vec<(&str, Section, i64)> = changes
+            .iter()
+            .zip(outcomes)
+            .filter(|(_, o)| matches!(o, Outcome::Applied | Outcome::Stale))
+            .flat_map(|(c, _)| applied_versions(c))
+            .collect();
         if let Err(e) = self.cache.record_applied(&known).await {
             tracing::warn!(error = %e, "cannot update the applied-version cache");
         }
-        let applied: Vec<&str> = changes
-            .iter()
-            .zip(&outcomes)
-            .filter(|(_, o)| **o == Outcome::Applied)
-            .map(|(c, _)| c.user_id.as_str())
-            .collect();
         if self.role == Section::Static {
-            // Settled in MongoDB (applied, or superseded by a newer version):
-            // profile reads no longer need the pending copy. A rejected change
-            // stays pending, so a DLQ redrive can publish it again.
+            // Settled in the primary sink (applied, or superseded by a newer
+            // version): profile reads no longer need the pending copy. A
+            // refused change stays pending, so a DLQ redrive can publish it
+            // again.
             let settled: Vec<(&str, i64)> = changes
                 .iter()
-                .zip(&outcomes)
-                .filter(|(_, o)| !matches!(o, Outcome::Rejected(_)))
+                .zip(outcomes)
+                .filter(|(_, o)| !matches!(o, Outcome::Failed(_)))
                 .map(|(c, _)| (c.user_id.as_str(), c.version))
                 .collect();
             if let Err(e) = self.redis.static_settled(&settled).await {
                 tracing::warn!(error = %e, "cannot drop settled immediate changes");
             }
         }
+        let applied: Vec<&str> = changes
+            .iter()
+            .zip(outcomes)
+            .filter(|(_, o)| **o == Outcome::Applied)
+            .map(|(c, _)| c.user_id.as_str())
+            .collect();
         if let Err(e) = self.profiles.invalidate(&applied).await {
             // The L2 entries still expire after cache.profile_l2_ttl.
             tracing::warn!(error = %e, "cannot invalidate cached profiles");
         }
-        self.commit(&window);
-        self.ranges.record(
-            window
-                .iter()
-                .map(|r| (r.topic.as_str(), r.partition, r.offset, r.timestamp_ms)),
-        );
-        true
     }
 
     fn commit(&self, window: &[Record]) {

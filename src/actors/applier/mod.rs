@@ -1,12 +1,16 @@
 //! MongoApplier: consumes the sync topics in windows (by count or time),
-//! collapses each window to the newest version per user and section, writes it
-//! to MongoDB sorted by userId as one unordered newer-wins bulk, then commits the
-//! window's offsets. Offsets are never committed past an unapplied event: when a
-//! write fails the same window is retried until it succeeds or the engine stops.
+//! collapses each window to the newest version per user and section, hands
+//! it sorted by userId to its sink ([`crate::sinks`]: MongoDB, the
+//! reference sink, as one unordered newer-wins bulk; PostgreSQL; an HTTP
+//! endpoint; or one of the host application's), then commits the window's
+//! offsets. Offsets are never committed past an unapplied event: when a
+//! write fails the same window is retried until it succeeds or the engine
+//! stops. The actor keeps the name the design gives the apply stage; each
+//! sink has one per consumer loop.
 //!
 //! Here: the window collapse and the MongoApplier actor that writes a window.
 //! [`consumer`]: the consumer loops that gather windows, the priority gate
-//! between them, and the outcome handling and commits.
+//! between them, and the outcome handling, retries and commits.
 
 mod consumer;
 
@@ -14,10 +18,10 @@ pub use consumer::{ConsumerLoop, PriorityGate};
 
 use super::{Shared, StageError, guard, restart_pause};
 use crate::{
-    clients::mongo::{Change, MongoStore, Op, Outcome},
     faults::Stage,
-    model::Section,
+    model::{Change, Op, Section},
     proto::{self, SyncType, UserProfileSyncEvent},
+    sinks::{Outcome, Sink},
 };
 use actix::prelude::*;
 use std::{
@@ -115,7 +119,7 @@ pub fn collapse(records: &[Record]) -> Collapsed {
 }
 
 pub struct MongoApplier {
-    mongo: MongoStore,
+    sink: Arc<dyn Sink>,
     shared: Shared,
     restarts: u32,
 }
@@ -123,9 +127,9 @@ pub struct MongoApplier {
 impl MongoApplier {
     pub const NAME: &'static str = "MongoApplier";
 
-    pub fn new(mongo: MongoStore, shared: Shared) -> Self {
+    pub fn new(sink: Arc<dyn Sink>, shared: Shared) -> Self {
         Self {
-            mongo,
+            sink,
             shared,
             restarts: 0,
         }
@@ -146,7 +150,8 @@ impl Supervised for MongoApplier {
     }
 }
 
-/// Writes one collapsed window.
+/// Writes one collapsed window (or the changes of one the sink asked to
+/// have again).
 #[derive(Message)]
 #[rtype(result = "Result<Vec<Outcome>, StageError>")]
 pub struct ApplyWindow(pub Arc<Vec<Change>>);
@@ -155,11 +160,20 @@ impl Handler<ApplyWindow> for MongoApplier {
     type Result = ResponseActFuture<Self, Result<Vec<Outcome>, StageError>>;
 
     fn handle(&mut self, ApplyWindow(changes): ApplyWindow, _: &mut Context<Self>) -> Self::Result {
-        let mongo = self.mongo.clone();
+        let sink = self.sink.clone();
         let shared = self.shared.clone();
         guard(Self::NAME, shared.stats.clone(), async move {
             shared.faults.check(Stage::Applier);
-            Ok(mongo.apply(&changes).await?)
+            let outcomes = sink.apply(&changes).await?;
+            if outcomes.len() != changes.len() {
+                return Err(StageError::Sink(crate::sinks::SinkError::new(format!(
+                    "the {} sink answered {} outcomes for {} changes",
+                    sink.kind(),
+                    outcomes.len(),
+                    changes.len()
+                ))));
+            }
+            Ok(outcomes)
         })
     }
 }

@@ -323,6 +323,7 @@ fn load_dead_letter(p: &Pipeline, flag: Flag, e: &ProfileError) -> DeadLetter {
         topic: p.dynamic_topic.clone(),
         partition: None,
         offset: None,
+        sink: None,
     }
 }
 
@@ -347,5 +348,6 @@ fn publish_dead_letter(p: &Pipeline, flag: Flag, f: PublishFailure) -> DeadLette
         topic: p.dynamic_topic.clone(),
         partition: None,
         offset: None,
+        sink: None,
     }
 }

@@ -1,6 +1,8 @@
 //! Raw ceilings of each backend, measured on the same machine and data as the run:
 //! Redis pipelined reads, broker produce with rdkafka, MongoDB bulk upserts
-//! written the way the applier writes them.
+//! written the way the applier writes them, and the same for each PostgreSQL
+//! sink the run configures (its own multi-row upserts, straight to the
+//! server).
 
 use crate::{padding, rate};
 use datasync::{
@@ -25,6 +27,10 @@ pub struct Ceilings {
     pub kafka_produce_per_s: f64,
     /// Windows of `applier.window_max_events` upserts, two written at once.
     pub mongo_bulk_upserts_per_s: f64,
+    /// Per PostgreSQL sink of the run: the same windows through the sink's
+    /// own statements, two at once.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub postgres_upserts_per_s: Vec<(String, f64)>,
 }
 
 /// How many windows the applier writes at once: its consumer loop submits a
@@ -39,11 +45,70 @@ pub async fn measure(
     profile_bytes: usize,
 ) -> anyhow::Result<Ceilings> {
     let payload = serde_json::json!({ "pad": padding(profile_bytes, 7) }).to_string();
+    let mut postgres = Vec::new();
+    for s in config
+        .sinks
+        .iter()
+        .filter(|s| s.kind == datasync::config::SinkKind::Postgres)
+    {
+        postgres.push((
+            s.name.clone(),
+            postgres_upserts(config, s, ops.min(50_000), profile_bytes).await?,
+        ));
+    }
     Ok(Ceilings {
         redis_get_per_s: redis_gets(config, ops, &payload).await?,
         kafka_produce_per_s: kafka_produce(config, ops, &payload).await?,
         mongo_bulk_upserts_per_s: mongo_upserts(config, ops.min(20_000), profile_bytes).await?,
+        postgres_upserts_per_s: postgres,
     })
+}
+
+/// Upserts of new users into a table of the ceiling's own, with the sink's
+/// statements, in windows of the sink's size, two at once.
+async fn postgres_upserts(
+    config: &Config,
+    sink: &datasync::config::SinkConfig,
+    ops: usize,
+    profile_bytes: usize,
+) -> anyhow::Result<f64> {
+    use datasync::sinks::{Sink, postgres::PostgresSink};
+    let mut c = sink.clone();
+    c.table = format!("{}_ceiling", sink.table());
+    let pg = PostgresSink::new(&c)?;
+    pg.prepare().await?;
+    let changes = upserts(ops, profile_bytes);
+    let window = sink
+        .window_max_events
+        .unwrap_or(config.applier.window_max_events)
+        .max(1);
+    let started = Instant::now();
+    futures::stream::iter(changes.chunks(window))
+        .map(|chunk| pg.apply(chunk))
+        .buffer_unordered(APPLIER_WINDOWS_IN_FLIGHT)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let r = rate(ops, started.elapsed());
+    let (client, conn) = tokio_postgres::connect(c.url.expose(), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("DROP TABLE IF EXISTS \"{}\"", c.table))
+        .await?;
+    Ok(r)
+}
+
+/// `ops` first versions of new users' dynamic sections.
+fn upserts(ops: usize, profile_bytes: usize) -> Vec<Change> {
+    (0..ops)
+        .map(|i| Change {
+            user_id: format!("user-{i:08}"),
+            section: Section::Dynamic,
+            version: 1,
+            op: Op::Set(doc! { "pad": padding(profile_bytes, i as u64) }),
+            event_id: String::new(),
+            marked_at_ms: 0,
+        })
+        .collect()
 }
 
 async fn redis_gets(config: &Config, ops: usize, payload: &str) -> anyhow::Result<f64> {
@@ -115,16 +180,7 @@ async fn mongo_upserts(config: &Config, ops: usize, profile_bytes: usize) -> any
     let mut m = config.mongo.clone();
     m.collection = format!("{}-ceiling", m.collection);
     let mongo = MongoStore::connect(&m, "datasync-load").await?;
-    let changes: Vec<Change> = (0..ops)
-        .map(|i| Change {
-            user_id: format!("user-{i:08}"),
-            section: Section::Dynamic,
-            version: 1,
-            op: Op::Set(doc! { "pad": padding(profile_bytes, i as u64) }),
-            event_id: String::new(),
-            marked_at_ms: 0,
-        })
-        .collect();
+    let changes = upserts(ops, profile_bytes);
     let window = config.applier.window_max_events.max(1);
     let started = Instant::now();
     futures::stream::iter(changes.chunks(window))

@@ -1,5 +1,6 @@
-//! Removes what a run made on the shared stack: every Redis key, topic and
-//! MongoDB collection whose name starts with the run's namespace (the
+//! Removes what a run made on the shared stack: every Redis key, topic,
+//! MongoDB collection and PostgreSQL table (of the run's PostgreSQL sinks)
+//! whose name starts with the run's namespace (the
 //! publish-only, peak and ceiling phases name theirs after it too), and its
 //! consumer groups. Skipped with `--cleanup false`, to look at
 //! a run's data afterwards; never done in external mode, whose names belong
@@ -19,6 +20,7 @@ pub struct Removed {
     pub keys: u64,
     pub topics: usize,
     pub collections: usize,
+    pub tables: usize,
 }
 
 pub async fn run(config: &Config, ns: &str) -> anyhow::Result<Removed> {
@@ -84,5 +86,36 @@ pub async fn run(config: &Config, ns: &str) -> anyhow::Result<Removed> {
             .filter(|r| r.is_ok())
             .count();
     }
+    removed.tables = drop_tables(config, ns).await?;
     Ok(removed)
+}
+
+/// Drops the run's tables in each PostgreSQL sink's database.
+async fn drop_tables(config: &Config, ns: &str) -> anyhow::Result<usize> {
+    let prefix = crate::pg_table(ns, "");
+    let mut n = 0;
+    let urls: std::collections::BTreeSet<&str> = config
+        .sinks
+        .iter()
+        .filter(|s| s.kind == datasync::config::SinkKind::Postgres)
+        .map(|s| s.url.expose())
+        .collect();
+    for url in urls {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        let rows = client
+            .query(
+                "SELECT schemaname, tablename FROM pg_tables WHERE starts_with(tablename, $1)",
+                &[&prefix],
+            )
+            .await?;
+        for r in rows {
+            let (schema, table): (String, String) = (r.get(0), r.get(1));
+            client
+                .batch_execute(&format!("DROP TABLE IF EXISTS \"{schema}\".\"{table}\""))
+                .await?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }

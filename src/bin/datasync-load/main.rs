@@ -103,7 +103,43 @@ fn engine_config(sc: &Scenario, ns: &str, index: u32) -> anyhow::Result<Config> 
             names = namespace_names(ns),
         ),
     ));
-    Config::from_layers(&layers, std::env::vars()).map_err(|e| anyhow::anyhow!("{e}"))
+    let mut c =
+        Config::from_layers(&layers, std::env::vars()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // A PostgreSQL sink without a table of its own writes one named after
+    // the run, which the cleanup drops.
+    for s in &mut c.sinks {
+        if s.kind == datasync::config::SinkKind::Postgres && s.table.is_empty() {
+            s.table = pg_table(ns, &s.name);
+        }
+    }
+    Ok(c)
+}
+
+/// Rows of a PostgreSQL sink whose user id matches `pattern`, and those of
+/// them at `round`.
+async fn pg_verify(
+    sink: &datasync::config::SinkConfig,
+    pattern: &str,
+    round: i64,
+) -> anyhow::Result<(u64, u64)> {
+    let (client, conn) = tokio_postgres::connect(sink.url.expose(), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT count(*), count(*) FILTER (WHERE (dynamic_profile->>'round')::bigint = $2) \
+                 FROM \"{}\" WHERE user_id ~ $1",
+                sink.table()
+            ),
+            &[&pattern, &round],
+        )
+        .await?;
+    Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
+}
+
+/// The table a run's PostgreSQL sink writes: the namespace as an identifier.
+pub fn pg_table(ns: &str, sink: &str) -> String {
+    format!("{ns}_{sink}").replace(['-', '.'], "_")
 }
 
 /// The keys, topics, consumer group and collection of a run's namespace, as
@@ -390,6 +426,10 @@ async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Result<
                 cpu_percent: 0.0,
             });
             let consumed = s.events_applied + s.stale_skipped + s.poison_events + s.apply_failures;
+            // Every sink, not only the primary one, consumed what was published.
+            let consumed = o
+                .slowest_sink
+                .map_or(consumed, |slowest| consumed.min(slowest + s.poison_events));
             // Done once the driver has flagged everything, no flag is left, and
             // every published event was consumed (applied, stale, or failed).
             let marked_all = driver_done.load(std::sync::atomic::Ordering::SeqCst);
@@ -442,17 +482,32 @@ async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Result<
         _ => latency.count -= latency_before.count.min(latency.count),
     }
 
+    // Every user at its last round in every sink the run writes.
     let ours = format!("^u[0-9]+-{ns}$");
-    let documents = mongo
-        .collection()
-        .count_documents(doc! { "userId": { "$regex": &ours } })
-        .await?;
-    let last_round = mongo
-        .collection()
-        .count_documents(
-            doc! { "userId": { "$regex": &ours }, "dynamicProfile.round": sc.rounds as i64 },
-        )
-        .await?;
+    let (mut documents, mut last_round) = (u64::MAX, u64::MAX);
+    for sink in datasync::sinks::configured(config) {
+        let (docs, last) = match sink.kind {
+            datasync::config::SinkKind::Mongodb => {
+                let docs = mongo
+                    .collection()
+                    .count_documents(doc! { "userId": { "$regex": &ours } })
+                    .await?;
+                let last = mongo
+                    .collection()
+                    .count_documents(
+                        doc! { "userId": { "$regex": &ours }, "dynamicProfile.round": sc.rounds as i64 },
+                    )
+                    .await?;
+                (docs, last)
+            }
+            datasync::config::SinkKind::Postgres => {
+                pg_verify(&sink, &ours, sc.rounds as i64).await?
+            }
+            datasync::config::SinkKind::Http => continue,
+        };
+        documents = documents.min(docs);
+        last_round = last_round.min(last);
+    }
     for (what, n) in [
         ("load failures", after.load_failures - before.load_failures),
         (
@@ -517,8 +572,8 @@ async fn main() -> anyhow::Result<()> {
     if cli.cleanup && !external {
         match cleanup::run(&config, &ns).await {
             Ok(r) => eprintln!(
-                "cleanup: removed {} keys, {} topics and {} collections of {ns}",
-                r.keys, r.topics, r.collections
+                "cleanup: removed {} keys, {} topics, {} collections and {} tables of {ns}",
+                r.keys, r.topics, r.collections, r.tables
             ),
             Err(e) => eprintln!("cleanup of {ns} failed (the run's data stays): {e:#}"),
         }

@@ -105,6 +105,13 @@ impl Report {
                 self.run.changes_per_s,
                 c.mongo_bulk_upserts_per_s,
             );
+            for (sink, ceiling) in &c.postgres_upserts_per_s {
+                put(
+                    &format!("end_to_end_vs_postgres_ceiling ({sink})"),
+                    self.run.changes_per_s,
+                    *ceiling,
+                );
+            }
             if let Some(p) = &self.publish_only {
                 put(
                     "publish_only_vs_broker_ceiling",
@@ -141,8 +148,14 @@ impl Report {
         if let Some(c) = &self.ceilings {
             let _ = writeln!(
                 s,
-                "ceilings      redis GET {:.0}/s | kafka produce {:.0}/s | mongo bulk upserts {:.0}/s",
-                c.redis_get_per_s, c.kafka_produce_per_s, c.mongo_bulk_upserts_per_s
+                "ceilings      redis GET {:.0}/s | kafka produce {:.0}/s | mongo bulk upserts {:.0}/s{}",
+                c.redis_get_per_s,
+                c.kafka_produce_per_s,
+                c.mongo_bulk_upserts_per_s,
+                c.postgres_upserts_per_s
+                    .iter()
+                    .map(|(sink, r)| format!(" | postgres ({sink}) upserts {r:.0}/s"))
+                    .collect::<String>()
             );
         }
         if let Some(b) = &self.baseline {

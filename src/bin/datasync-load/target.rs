@@ -22,6 +22,10 @@ pub struct Observed {
     pub stats: StatsSnapshot,
     pub rss_mb: f64,
     pub cpu_seconds: f64,
+    /// Events the slowest sink has consumed (applied, stale or
+    /// dead-lettered), summed over the engines; `None` in external mode,
+    /// where the primary sink's counters stand for all.
+    pub slowest_sink: Option<u64>,
 }
 
 impl Target {
@@ -98,12 +102,19 @@ impl Target {
             stats: StatsSnapshot::default(),
             rss_mb: 0.0,
             cpu_seconds: 0.0,
+            slowest_sink: None,
         };
         match self {
             Target::Embedded(engines) => {
+                let mut per_sink: std::collections::BTreeMap<String, u64> = Default::default();
                 for e in engines {
                     o.stats += e.stats();
+                    for s in e.sinks() {
+                        *per_sink.entry(s.name).or_default() +=
+                            s.applied + s.stale + s.dead_lettered;
+                    }
                 }
+                o.slowest_sink = per_sink.into_values().min();
                 let p = datasync::telemetry::process_usage();
                 (o.rss_mb, o.cpu_seconds) = (p.rss_mb, p.cpu_seconds);
             }

@@ -7,10 +7,7 @@
 //! upserts and deletes) and how replies map to outcomes. [`healing`]: the
 //! queries of the consistency check and the tombstone purge.
 
-use crate::{
-    config::MongoConfig,
-    model::{Section, fields},
-};
+use crate::{config::MongoConfig, model::fields};
 use futures::TryStreamExt;
 use mongodb::{
     Client, Collection, Database, IndexModel,
@@ -122,39 +119,7 @@ impl crate::retry::Retryable for MongoError {
     }
 }
 
-/// One change to apply: the newest version of one section of one user, or
-/// the newest delete of one user.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Change {
-    pub user_id: String,
-    /// The section a profile change is for; a delete travels the dynamic
-    /// path and is dead-lettered as dynamic.
-    pub section: Section,
-    pub version: i64,
-    pub op: Op,
-    pub event_id: String,
-    pub marked_at_ms: i64,
-}
-
-/// What a change does to the document.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Op {
-    /// Replace the section's profile.
-    Set(Document),
-    /// Delete the user: every section older than the version goes, and the
-    /// document becomes a tombstone if none is left.
-    Delete,
-}
-
-impl Change {
-    /// `static`, `dynamic` or `delete`: metrics labels and logs.
-    pub fn label(&self) -> &'static str {
-        match self.op {
-            Op::Set(_) => self.section.label(),
-            Op::Delete => "delete",
-        }
-    }
-}
+pub use crate::model::{Change, Op};
 
 /// What became of each change of a bulk write.
 #[derive(Debug, Clone, PartialEq)]

@@ -36,6 +36,7 @@ mod operations;
 mod outbox;
 mod profile_cache;
 mod profiles;
+mod sinks;
 mod static_pending;
 mod whitelist;
 
