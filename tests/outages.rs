@@ -381,7 +381,7 @@ async fn injected_produce_errors_are_retried_without_loss() {
     cluster.request_errors(RDKafkaApiKey::Produce, &errors);
     let expected = mark_all(&engine, 2000, 1).await;
     let mongo = mongo(&ns).await;
-    wait_until("all 2,000 users at their version", LONG, || {
+    wait_for_engine(&engine, "all 2,000 users at their version", LONG, || {
         all_at(&mongo, &expected)
     })
     .await;

@@ -62,7 +62,11 @@ async fn drop_table(url: &str, ns: &str) {
 async fn mongodb_and_postgres_end_identical_to_redis() {
     let ns = Namespace::new("twosinks");
     let url = postgres_url();
-    let engine = start_with(config_with(&ns, &two_sinks(&ns, &url))).await;
+    let extra = format!(
+        "{}\n[telemetry]\nbacklog_interval = \"200ms\"\n",
+        two_sinks(&ns, &url)
+    );
+    let engine = start_with(config_with(&ns, &extra)).await;
     let pg = pg_client(&url).await;
     let n = 2000;
     let mut expected = HashMap::new();
@@ -134,6 +138,42 @@ async fn mongodb_and_postgres_end_identical_to_redis() {
     assert!(sinks[0].primary && !sinks[1].primary);
     assert_eq!(sinks[0].consumer_group, format!("{ns}-applier"));
     assert_eq!(sinks[1].consumer_group, format!("{ns}-applier-pg"));
+
+    // `datasync sinks` reads the groups' lag from the broker and this
+    // instance's reports from Redis.
+    wait_until("both sinks' lag sampled", LONG, || async {
+        engine.sinks().iter().all(|s| s.lag == Some(0))
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("datasync.toml");
+    std::fs::write(&file, format!("{}\n{extra}", config_toml(&ns))).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_datasync"))
+        .args(["sinks", "--json", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    for (row, name) in listed.iter().zip(["mongodb", "pg"]) {
+        assert_eq!(row["name"], name, "{row}");
+        assert_eq!(row["lag"], 0, "{row}");
+        let instances = row["instances"].as_array().unwrap();
+        assert_eq!(instances.len(), 1, "{row}");
+        assert_eq!(instances[0]["instance"], ns.to_string(), "{row}");
+        assert_eq!(instances[0]["state"], "running", "{row}");
+        assert_eq!(instances[0]["applied"], (n + gone.len()) as u64, "{row}");
+    }
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("secret"),
+        "no secret printed"
+    );
     finish(engine, &ns).await;
     drop_table(&url, &ns).await;
 }

@@ -168,6 +168,29 @@ where
     }
 }
 
+/// [`wait_until`], naming the engine's counters, readiness and sinks when
+/// it times out, so a stall says where the pipeline stopped.
+pub async fn wait_for_engine<F, Fut>(engine: &Engine, what: &str, timeout: Duration, cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let waited = tokio::time::timeout(
+        timeout + Duration::from_secs(1),
+        wait_until(what, Duration::from_secs(3600), cond),
+    )
+    .await;
+    if waited.is_err() {
+        panic!(
+            "timed out after {timeout:?} waiting for: {what}\nstats: {:?}\nreadiness: {:?}\nsinks: {:?}\nbacklog: {:?}",
+            engine.stats(),
+            engine.readiness().await,
+            engine.sinks(),
+            engine.backlog()
+        );
+    }
+}
+
 /// Starts an engine on the test config of `ns`, and waits for Kafka and
 /// MongoDB to answer (topics and index in place).
 pub async fn start(ns: &str) -> Engine {
