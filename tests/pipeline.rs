@@ -162,38 +162,6 @@ async fn a_change_made_while_the_first_is_in_flight_is_not_lost() {
     finish(engine, &ns).await;
 }
 
-fn event(user: &str, version: i64, sync_type: SyncType) -> Vec<u8> {
-    let item = datasync::actors::publisher::Outgoing {
-        user_id: user.into(),
-        version,
-        profile: serde_json::json!({ "v": version })
-            .as_object()
-            .cloned()
-            .unwrap(),
-        base_version: 0,
-        lease_epoch: 0,
-    };
-    datasync::actors::publisher::build_event(sync_type, &item, "test").encode_to_vec()
-}
-
-async fn produce(ns: &str, topic_suffix: &str, events: Vec<Vec<u8>>, user: &str) {
-    let c = test_config(ns);
-    let producer = datasync::clients::kafka::producer(&c.kafka, "test-producer").unwrap();
-    let topic = format!("{ns}-{topic_suffix}");
-    for e in events {
-        producer
-            .send(
-                rdkafka::producer::FutureRecord::to(&topic)
-                    .key(user)
-                    .payload(&e),
-                Duration::from_secs(10),
-            )
-            .await
-            .map_err(|(e, _)| e)
-            .unwrap();
-    }
-}
-
 /// Newer-wins in MongoDB itself, not in the window collapse: each event is
 /// its own window, delivered after the newer one is applied, and the document
 /// is checked after every step.

@@ -14,7 +14,6 @@ use datasync::{
 };
 use futures::{TryStreamExt, future::BoxFuture};
 use mongodb::bson::doc;
-use prost::Message;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -178,35 +177,6 @@ async fn mongodb_and_postgres_end_identical_to_redis() {
     drop_table(&url, &ns).await;
 }
 
-fn event(user: &str, version: i64, sync_type: SyncType) -> Vec<u8> {
-    let item = datasync::actors::publisher::Outgoing {
-        user_id: user.into(),
-        version,
-        profile: serde_json::json!({ "v": version })
-            .as_object()
-            .cloned()
-            .unwrap(),
-        base_version: 0,
-        lease_epoch: 0,
-    };
-    datasync::actors::publisher::build_event(sync_type, &item, "test").encode_to_vec()
-}
-
-async fn produce(ns: &str, topic_suffix: &str, payload: Vec<u8>, user: &str) {
-    let c = test_config(ns);
-    let producer = datasync::clients::kafka::producer(&c.kafka, "test-producer").unwrap();
-    producer
-        .send(
-            rdkafka::producer::FutureRecord::to(&format!("{ns}-{topic_suffix}"))
-                .key(user)
-                .payload(&payload),
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
-}
-
 /// The same newer-wins steps as the MongoDB-only test, each its own window
 /// in both sinks, with both checked after every step: older and duplicate
 /// events never regress either, the sections never clobber each other, and
@@ -239,7 +209,7 @@ async fn older_and_duplicate_events_regress_neither_sink() {
         ("dynamic", d, 6, (7, 7, 5, true)),
     ];
     for (i, (topic, t, version, (dv, sv, data, gone))) in steps.into_iter().enumerate() {
-        produce(&ns, topic, event("x", version, t), "x").await;
+        produce(&ns, topic, vec![event("x", version, t)], "x").await;
         wait_until(
             &format!("step {i} consumed by both sinks"),
             LONG,

@@ -357,6 +357,42 @@ pub async fn read_topic(
     got
 }
 
+/// An encoded sync event of `user` at `version` carrying `{"v": version}`.
+pub fn event(user: &str, version: i64, sync_type: datasync::proto::SyncType) -> Vec<u8> {
+    let item = datasync::actors::publisher::Outgoing {
+        user_id: user.into(),
+        version,
+        profile: serde_json::json!({ "v": version })
+            .as_object()
+            .cloned()
+            .unwrap(),
+        base_version: 0,
+        lease_epoch: 0,
+    };
+    prost::Message::encode_to_vec(&datasync::actors::publisher::build_event(
+        sync_type, &item, "test",
+    ))
+}
+
+/// Produces `events` keyed by `user` to the topic `<ns>-<topic_suffix>`.
+pub async fn produce(ns: &str, topic_suffix: &str, events: Vec<Vec<u8>>, user: &str) {
+    let c = test_config(ns);
+    let producer = datasync::clients::kafka::producer(&c.kafka, "test-producer").unwrap();
+    let topic = format!("{ns}-{topic_suffix}");
+    for e in events {
+        producer
+            .send(
+                rdkafka::producer::FutureRecord::to(&topic)
+                    .key(user)
+                    .payload(&e),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
