@@ -68,6 +68,7 @@ fn backends(c: &mut Criterion) {
         Duration::from_secs(600),
         redis.clone(),
         mongo.clone(),
+        true,
     );
     rt.block_on(cache.resolve(&users, Section::Dynamic))
         .unwrap(); // fills L1

@@ -1,9 +1,20 @@
 //! The applied-version cache: Moka L1 (this process) → Redis L2 (shared) →
-//! MongoDB (one `$in` query per batch of misses).
+//! with `cache.mongo_fallback`, MongoDB (one `$in` query per batch of misses).
 //!
 //! Versions only grow, so a cached value can only be too low, never too high: a
 //! stale entry causes at worst an extra publish that MongoDB drops as stale, never
 //! a skipped change.
+//!
+//! L2 holds every version the primary sink applied (it is raised after each
+//! window and never expires), so a user it does not know was never applied,
+//! unless L2 itself was lost: Redis restarted without its append-only file
+//! (which loses the flags too), or a raise failed. The MongoDB lookup covers
+//! that case and costs a query per page of users L2 does not know, which is
+//! every page of new users; without it such a user counts as never applied,
+//! and a change already applied is at worst published again and found
+//! stale. Off by default: on the local MongoDB-wire server the lookups of a
+//! backlog of new users took half the machine's CPU during the publish
+//! stage.
 
 use crate::{
     clients::{
@@ -47,6 +58,8 @@ pub struct AppliedCache {
     l1: Cache<String, (i64, i64), RandomState>,
     redis: RedisStore,
     mongo: MongoStore,
+    /// Users L2 does not know are looked up in MongoDB.
+    mongo_fallback: bool,
     hits: Arc<[AtomicU64; 3]>,
 }
 
@@ -73,7 +86,13 @@ fn raise(v: (i64, i64), s: Section, version: i64) -> (i64, i64) {
 }
 
 impl AppliedCache {
-    pub fn new(capacity: u64, ttl: Duration, redis: RedisStore, mongo: MongoStore) -> Self {
+    pub fn new(
+        capacity: u64,
+        ttl: Duration,
+        redis: RedisStore,
+        mongo: MongoStore,
+        mongo_fallback: bool,
+    ) -> Self {
         Self {
             l1: Cache::builder()
                 .max_capacity(capacity)
@@ -81,6 +100,7 @@ impl AppliedCache {
                 .build_with_hasher(RandomState::default()),
             redis,
             mongo,
+            mongo_fallback,
             hits: Arc::new(Default::default()),
         }
     }
@@ -127,7 +147,12 @@ impl AppliedCache {
         for ((_, users), versions) in misses.iter().zip(l2) {
             for (u, known) in users.iter().zip(versions) {
                 match known {
-                    (None, None) => from_mongo.push(*u),
+                    (None, None) if self.mongo_fallback => from_mongo.push(*u),
+                    // Never applied (see the module's notes); not cached, so
+                    // the L1 holds only users something is known of.
+                    (None, None) => {
+                        out.insert(u.to_string(), 0);
+                    }
                     (s, d) => {
                         let v = (s.unwrap_or(0), d.unwrap_or(0));
                         self.hits[1].fetch_add(1, Relaxed);

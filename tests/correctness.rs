@@ -571,3 +571,67 @@ async fn a_checkpoint_takes_back_an_expired_lease_only_when_nobody_else_took_the
     }
     cleanup(&ns).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clear_of_thousands_of_flags_removes_only_those_still_at_their_version() {
+    // One shard, so one call covers more users than the script reads per
+    // chunk.
+    let ns = Namespace::new("clear-many");
+    let c = config_with(&ns, "[sync]\nshards = 1\n");
+    let r = datasync::clients::redis::RedisStore::connect(&c.redis, 1)
+        .await
+        .unwrap();
+    let users: Vec<String> = (0..2500).map(|i| format!("u{i}")).collect();
+    let first = r.mark(&users).await.unwrap();
+    // Every third user is flagged again: its flag moved on to a newer version.
+    let moved: Vec<String> = users.iter().step_by(3).cloned().collect();
+    r.mark(&moved).await.unwrap();
+
+    let cleared = r.clear_flags(0, &first, None).await.unwrap();
+    assert_eq!(cleared as usize, users.len() - moved.len());
+    let mut left: Vec<String> = r
+        .read_flags(0, None, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(u, _)| u)
+        .collect();
+    left.sort();
+    let mut want = moved.clone();
+    want.sort();
+    assert_eq!(left, want, "only the flags that moved on are left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_the_applied_l2_does_not_know_are_looked_up_in_mongodb_only_with_the_fallback() {
+    use datasync::cache::AppliedCache;
+    let ns = Namespace::new("fallback");
+    let r = redis(&ns).await;
+    let m = mongo(&ns).await;
+    // u1 is applied in MongoDB but unknown to L2, as after Redis lost it.
+    m.collection()
+        .insert_one(doc! { "userId": "u1", "staticVersion": 3_i64, "dynamicVersion": 7_i64 })
+        .await
+        .unwrap();
+    let users = vec!["u1".to_string(), "u2".to_string()];
+    let cache =
+        |fallback| AppliedCache::new(100, Duration::from_secs(60), r.clone(), m.clone(), fallback);
+
+    let off = cache(false);
+    let got = off.resolve(&users, Section::Dynamic).await.unwrap();
+    assert_eq!(
+        (got["u1"], got["u2"]),
+        (0, 0),
+        "never applied, as far as L2 knows"
+    );
+    assert_eq!(off.stats().mongo_lookups, 0);
+
+    let on = cache(true);
+    let got = on.resolve(&users, Section::Dynamic).await.unwrap();
+    assert_eq!((got["u1"], got["u2"]), (7, 0));
+    assert_eq!(on.stats().mongo_lookups, 2);
+
+    // The lookup filled L2: a cache without the fallback now knows u1.
+    let got = cache(false).resolve(&users, Section::Static).await.unwrap();
+    assert_eq!((got["u1"], got["u2"]), (3, 0));
+}

@@ -260,6 +260,9 @@ pub struct CacheConfig {
     /// Time to live of an L1 entry.
     #[serde(with = "humantime_serde")]
     pub l1_ttl: Duration,
+    /// Look up in MongoDB the users the Redis L2 does not know (see
+    /// [`crate::cache`]).
+    pub mongo_fallback: bool,
     /// Entries of the L1 cache of composed profiles (`GET /v1/profiles/{id}`).
     pub profile_l1_capacity: u64,
     /// How long another process's write may take to show in this process's L1.

@@ -55,6 +55,7 @@ pub(super) async fn start_actors(
         config.cache.l1_ttl,
         redis.clone(),
         mongo.clone(),
+        config.cache.mongo_fallback,
     );
     let mb = config.mailbox.clone();
     let profiles = Arc::new(ProfileReader::new(
