@@ -682,3 +682,27 @@ primary = true
     .to_string();
     assert!(kind.contains("oracle"), "{kind}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_sinks_creating_one_table_at_once_all_come_up() {
+    // Instances starting together each create the table if it is missing;
+    // without a lock, PostgreSQL lets two of them try and fails one.
+    let ns = Namespace::new("pgrace");
+    let url = postgres_url();
+    let c: datasync::config::SinkConfig = toml::from_str(&format!(
+        "name = \"pg\"\nkind = \"postgres\"\nurl = \"{url}\"\ntable = \"{}\"\n",
+        pg_table(&ns)
+    ))
+    .unwrap();
+    for round in 0..3 {
+        drop_table(&url, &ns).await;
+        let sinks: Vec<_> = (0..6)
+            .map(|_| datasync::sinks::postgres::PostgresSink::new(&c).unwrap())
+            .collect();
+        let results = futures::future::join_all(sinks.iter().map(|s| s.prepare())).await;
+        for r in results {
+            assert!(r.is_ok(), "round {round}: {:?}", r.err());
+        }
+    }
+    drop_table(&url, &ns).await;
+}

@@ -92,8 +92,14 @@ impl Statements {
              RETURNING user_id"
         );
         Self {
+            // Two sessions running CREATE TABLE IF NOT EXISTS at once can
+            // both find no table, and the second then fails on the catalog's
+            // unique index (23505); a transaction-scoped advisory lock on the
+            // table's name makes them take turns. The statements go as one
+            // simple query, so one implicit transaction, which the lock lasts.
             create: format!(
-                "CREATE TABLE IF NOT EXISTS {t} ( \
+                "SELECT pg_advisory_xact_lock(hashtext('datasync:' || '{t}')); \
+                 CREATE TABLE IF NOT EXISTS {t} ( \
                    user_id text PRIMARY KEY, \
                    static_profile jsonb, dynamic_profile jsonb, \
                    static_version bigint NOT NULL DEFAULT 0, \
