@@ -254,7 +254,7 @@ async fn a_resync_killed_halfway_resumes_after_a_restart() {
     )
     .unwrap();
     let r = redis(&ns).await;
-    let users: Vec<String> = (0..20_000).map(|i| format!("k{i}")).collect();
+    let users: Vec<String> = (0..8_000).map(|i| format!("k{i}")).collect();
     for chunk in users.chunks(5000) {
         r.write_profiles(&generation_profiles(chunk, 0))
             .await
@@ -270,7 +270,7 @@ async fn a_resync_killed_halfway_resumes_after_a_restart() {
     let job: serde_json::Value = http
         .post(format!("{base}/v1/resync"))
         .bearer_auth("t0ken")
-        .json(&serde_json::json!({ "all": true, "rate": 2000 }))
+        .json(&serde_json::json!({ "all": true, "rate": 1000 }))
         .send()
         .await
         .unwrap()
@@ -313,13 +313,13 @@ async fn a_resync_killed_halfway_resumes_after_a_restart() {
     wait_until("the resync halfway", LONG, || async {
         progress(base.clone(), id.clone())
             .await
-            .is_some_and(|j| j["scanned"].as_u64().unwrap_or(0) >= 6000)
+            .is_some_and(|j| j["scanned"].as_u64().unwrap_or(0) >= 2500)
     })
     .await;
     child.kill().unwrap();
     child.wait().unwrap();
     let at_kill = progress_of(&r, &id).await;
-    assert!(at_kill < 20_000, "the job was not halfway: {at_kill}");
+    assert!(at_kill < 8_000, "the job was not halfway: {at_kill}");
 
     let mut child = spawn(&config, &log);
     wait_until("the resumed resync done", LONG, || async {
@@ -332,13 +332,18 @@ async fn a_resync_killed_halfway_resumes_after_a_restart() {
     let last_generation = writer.await.unwrap();
     let done = progress(base.clone(), id.clone()).await.unwrap();
     // Resumed from its checkpoint, not from the start (SCAN may return a
-    // key twice, never 6,000 of them).
+    // key twice, never 2,500 of them).
     let scanned = done["scanned"].as_u64().unwrap();
-    assert!((20_000..26_000).contains(&scanned), "{done}");
+    assert!((8_000..10_500).contains(&scanned), "{done}");
 
     let mongo = mongo(&ns).await;
     wait_until("every user in MongoDB at its Redis value", LONG, || async {
-        count_docs(&mongo, doc! { "dynamicProfile.gen": 0 }).await == 19_000
+        // The collection's size first: counting by a field reads every
+        // document, which on the local MongoDB-wire server costs as much as
+        // the writes being waited for.
+        let size = mongo.collection().estimated_document_count().await;
+        size.is_ok_and(|n| n >= 8_000)
+            && count_docs(&mongo, doc! { "dynamicProfile.gen": 0 }).await == 7_000
             && count_docs(&mongo, doc! { "dynamicProfile.gen": last_generation }).await == 1000
     })
     .await;
