@@ -6,7 +6,6 @@ mod common;
 
 use common::*;
 use datasync::{Config, Engine, clients::redis::RedisStore, lease::parse_lease};
-use futures::TryStreamExt;
 use mongodb::bson::doc;
 use std::{
     collections::{BTreeMap, HashMap},
@@ -284,16 +283,8 @@ async fn processes_share_shards_take_over_a_killed_one_and_rebalance_on_join() {
         takeover < Duration::from_millis(3000 + 1000 + 1500),
         "takeover took {takeover:?}, over TTL + one round"
     );
-    wait_until("all 30,000 users at their version", LONG, || async {
-        let mut cursor = mongo.collection().find(doc! {}).await.unwrap();
-        let mut ok = 0;
-        while let Some(d) = cursor.try_next().await.unwrap() {
-            if latest.get(d.get_str("userId").unwrap()) == d.get_i64("dynamicVersion").ok().as_ref()
-            {
-                ok += 1;
-            }
-        }
-        ok == latest.len()
+    wait_until("all 30,000 users at their version", LONG, || {
+        all_at_dynamic(&mongo, &latest)
     })
     .await;
 

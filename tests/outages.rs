@@ -69,22 +69,6 @@ async fn mark_range(
     expected
 }
 
-/// Every expected user is in MongoDB at its expected version.
-async fn all_at(mongo: &MongoStore, expected: &HashMap<String, i64>) -> bool {
-    use futures::TryStreamExt;
-    let Ok(mut cursor) = mongo.collection().find(doc! {}).await else {
-        return false;
-    };
-    let mut ok = 0;
-    while let Ok(Some(d)) = cursor.try_next().await {
-        let user = d.get_str("userId").unwrap_or_default();
-        if expected.get(user) == d.get_i64("dynamicVersion").ok().as_ref() {
-            ok += 1;
-        }
-    }
-    ok == expected.len()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_down_30s_dead_letters_run_out_users_and_everything_syncs_after() {
     let ns = Namespace::new("kafkadown");
@@ -134,7 +118,7 @@ async fn kafka_down_30s_dead_letters_run_out_users_and_everything_syncs_after() 
     let up_at = Instant::now();
 
     wait_until("all 20,000 users at their version in MongoDB", LONG, || {
-        all_at(&mongo, &expected)
+        all_at_dynamic(&mongo, &expected)
     })
     .await;
     let recovered = up_at.elapsed();
@@ -220,7 +204,7 @@ async fn mongodb_down_30s_pauses_the_applier_and_loses_nothing() {
     let up_at = Instant::now();
 
     wait_until("all 5,000 users at generation 2", LONG, || {
-        all_at(&mongo, &expected)
+        all_at_dynamic(&mongo, &expected)
     })
     .await;
     let recovered = up_at.elapsed();
@@ -336,7 +320,7 @@ async fn redis_restarted_mid_run_the_engine_reconnects_and_finishes() {
     .await;
     let up_at = Instant::now();
     wait_until("all 5,000 users applied", LONG, || {
-        all_at(&mongo, &expected)
+        all_at_dynamic(&mongo, &expected)
     })
     .await;
     let redis = connect().await.unwrap();
@@ -382,7 +366,7 @@ async fn injected_produce_errors_are_retried_without_loss() {
     let expected = mark_all(&engine, 2000, 1).await;
     let mongo = mongo(&ns).await;
     wait_for_engine(&engine, "all 2,000 users at their version", LONG, || {
-        all_at(&mongo, &expected)
+        all_at_dynamic(&mongo, &expected)
     })
     .await;
     let s = engine.stats();

@@ -221,6 +221,37 @@ pub async fn version_of(m: &MongoStore, user: &str, section: datasync::model::Se
         .unwrap_or(0)
 }
 
+/// Every expected user is in MongoDB at its expected dynamic version. The
+/// collection's size is checked first and only two fields are read: reading
+/// every document costs the local MongoDB-wire server as much as the writes
+/// being waited for.
+pub async fn all_at_dynamic(
+    mongo: &MongoStore,
+    expected: &std::collections::HashMap<String, i64>,
+) -> bool {
+    use futures::TryStreamExt;
+    let size = mongo.collection().estimated_document_count().await;
+    if !size.is_ok_and(|n| n >= expected.len() as u64) {
+        return false;
+    }
+    let Ok(mut cursor) = mongo
+        .collection()
+        .find(mongodb::bson::doc! {})
+        .projection(mongodb::bson::doc! { "_id": 0, "userId": 1, "dynamicVersion": 1 })
+        .await
+    else {
+        return false;
+    };
+    let mut ok = 0;
+    while let Ok(Some(d)) = cursor.try_next().await {
+        let user = d.get_str("userId").unwrap_or_default();
+        if expected.get(user) == d.get_i64("dynamicVersion").ok().as_ref() {
+            ok += 1;
+        }
+    }
+    ok == expected.len()
+}
+
 pub async fn count_docs(m: &MongoStore, filter: Document) -> u64 {
     m.collection().count_documents(filter).await.expect("count")
 }
@@ -423,6 +454,19 @@ pub fn spawn_service(
         );
     for (k, v) in env {
         cmd.env(k, v);
+    }
+    // The service dies with the thread that started it: a test that panics
+    // before stopping its services must not leave them running, competing
+    // for the two cores with every test after it.
+    // SAFETY: prctl is async-signal-safe, and nothing else runs between fork
+    // and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
     cmd.spawn().unwrap()
 }
