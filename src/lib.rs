@@ -13,7 +13,8 @@
 //!    flag's score. The seed's legacy `SADD` set is drained into the same flags.
 //! 2. [`actors::scanner::ShardScanner`] walks the flags of each shard this
 //!    instance holds a [`lease`] on, oldest first, in pages.
-//! 3. [`actors::loader::ProfileLoader`] reads the page's profiles in one MGET (pipelined GETs on a Redis Cluster).
+//! 3. [`actors::loader::ProfileLoader`] reads the page's profiles in one MGET
+//!    (pipelined GETs on a Redis Cluster).
 //! 4. [`actors::resolver::VersionResolver`] looks up what is already applied,
 //!    through [`cache`] (Moka L1 → Redis L2, and with `cache.mongo_fallback`
 //!    one MongoDB `$in` query).

@@ -577,8 +577,7 @@ async fn a_clear_of_thousands_of_flags_removes_only_those_still_at_their_version
     // One shard, so one call covers more users than the script reads per
     // chunk.
     let ns = Namespace::new("clear-many");
-    let c = config_with(&ns, "[sync]\nshards = 1\n");
-    let r = datasync::clients::redis::RedisStore::connect(&c.redis, 1)
+    let r = datasync::clients::redis::RedisStore::connect(&test_config(&ns).redis, 1)
         .await
         .unwrap();
     let users: Vec<String> = (0..2500).map(|i| format!("u{i}")).collect();

@@ -221,17 +221,23 @@ pub async fn version_of(m: &MongoStore, user: &str, section: datasync::model::Se
         .unwrap_or(0)
 }
 
-/// Every expected user is in MongoDB at its expected dynamic version. The
-/// collection's size is checked first and only two fields are read: reading
-/// every document costs the local MongoDB-wire server as much as the writes
+/// The collection holds at least `n` documents, from its estimated size:
+/// a check to make before counting or reading by field, which reads every
+/// document and costs the local MongoDB-wire server as much as the writes
 /// being waited for.
+pub async fn holds_at_least(mongo: &MongoStore, n: u64) -> bool {
+    let size = mongo.collection().estimated_document_count().await;
+    size.is_ok_and(|size| size >= n)
+}
+
+/// Every expected user is in MongoDB at its expected dynamic version; the
+/// collection's size first ([`holds_at_least`]), then only two fields read.
 pub async fn all_at_dynamic(
     mongo: &MongoStore,
     expected: &std::collections::HashMap<String, i64>,
 ) -> bool {
     use futures::TryStreamExt;
-    let size = mongo.collection().estimated_document_count().await;
-    if !size.is_ok_and(|n| n >= expected.len() as u64) {
+    if !holds_at_least(mongo, expected.len() as u64).await {
         return false;
     }
     let Ok(mut cursor) = mongo
