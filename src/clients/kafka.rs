@@ -42,11 +42,16 @@ pub fn producer(c: &KafkaConfig, client_id: &str) -> Result<FutureProducer, Kafk
 }
 
 /// What every consumer here shares: manual offsets only, from the earliest
-/// offset when none is known.
+/// offset when none is known, and fetches that wait at most
+/// `kafka.fetch_max_wait` at the broker.
 fn consumer_base(c: &KafkaConfig, group: &str, client_id: &str) -> ClientConfig {
     let mut cfg = base(c);
     cfg.set("client.id", client_id)
         .set("group.id", group)
+        .set(
+            "fetch.wait.max.ms",
+            c.fetch_max_wait.as_millis().max(1).to_string(),
+        )
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest");

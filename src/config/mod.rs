@@ -181,6 +181,9 @@ pub struct KafkaConfig {
     /// Producer batching delay (`linger.ms`).
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
+    /// Longest a consumer's fetch waits at the broker (`fetch.wait.max.ms`).
+    #[serde(with = "humantime_serde")]
+    pub fetch_max_wait: Duration,
     /// Consumer group of the MongoApplier.
     pub consumer_group: String,
     /// Consumer session timeout (`session.timeout.ms`).
@@ -442,6 +445,11 @@ impl Config {
         need(
             !self.kafka.message_timeout.is_zero(),
             "kafka.message_timeout: must be more than zero",
+        );
+        need(
+            (Duration::from_millis(1)..=Duration::from_secs(30))
+                .contains(&self.kafka.fetch_max_wait),
+            "kafka.fetch_max_wait: must be between 1ms and 30s",
         );
         need(
             self.mongo.url.expose().starts_with("mongodb://")

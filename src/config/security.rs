@@ -181,7 +181,7 @@ pub struct KafkaClientProperties(pub BTreeMap<String, String>);
 
 /// Properties datasync sets itself: its correctness depends on them, or a
 /// config key of its own sets them.
-const RESERVED: [(&str, &str); 10] = [
+const RESERVED: [(&str, &str); 11] = [
     ("bootstrap.servers", "set kafka.brokers"),
     ("group.id", "set kafka.consumer_group"),
     ("client.id", "datasync names its clients"),
@@ -197,6 +197,7 @@ const RESERVED: [(&str, &str); 10] = [
     ("acks", "the producer waits for all replicas"),
     ("message.timeout.ms", "set kafka.message_timeout"),
     ("linger.ms", "set kafka.linger"),
+    ("fetch.wait.max.ms", "set kafka.fetch_max_wait"),
     ("session.timeout.ms", "set kafka.session_timeout"),
 ];
 

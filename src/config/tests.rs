@@ -71,3 +71,21 @@ fn secrets_do_not_print() {
     let c = load("[http]\nadmin_token = \"hunter2\"\n", &[]).unwrap();
     assert!(!format!("{c:?}").contains("hunter2"));
 }
+
+#[test]
+fn the_consumers_fetch_wait_has_a_key_of_its_own() {
+    let c = Config::default_config();
+    assert_eq!(c.kafka.fetch_max_wait, Duration::from_millis(10));
+    let err = load("[kafka]\nfetch_max_wait = \"0s\"\n", &[]).unwrap_err();
+    let all = err.problems.join("\n");
+    assert!(
+        all.contains("kafka.fetch_max_wait: must be between 1ms and 30s"),
+        "{all}"
+    );
+    let err = load("[kafka.client]\n\"fetch.wait.max.ms\" = \"5\"\n", &[]).unwrap_err();
+    let all = err.problems.join("\n");
+    assert!(
+        all.contains("kafka.client.\"fetch.wait.max.ms\": datasync sets this itself (set kafka.fetch_max_wait)"),
+        "{all}"
+    );
+}

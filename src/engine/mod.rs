@@ -54,6 +54,7 @@ pub use crate::{
 
 mod healing;
 mod operations;
+mod sink_loops;
 mod wiring;
 pub use operations::{OffsetsAnswer, OffsetsQuery, WhitelistChanged, WhitelistView};
 use wiring::start_actors;

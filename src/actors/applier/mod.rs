@@ -13,8 +13,10 @@
 //! between them, and the outcome handling, retries and commits.
 
 mod consumer;
+mod gate;
 
-pub use consumer::{ConsumerLoop, PriorityGate};
+pub use consumer::ConsumerLoop;
+pub use gate::PriorityGate;
 
 use super::{Shared, StageError, guard, restart_pause};
 use crate::{

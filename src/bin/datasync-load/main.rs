@@ -19,6 +19,7 @@ mod baseline;
 mod ceilings;
 mod chaos;
 mod cleanup;
+mod phases;
 mod report;
 mod scenario;
 mod sweep;
@@ -205,347 +206,6 @@ pub async fn raw_redis(c: &datasync::config::RedisConfig) -> anyhow::Result<fred
     Ok(client)
 }
 
-/// The publish stage alone: engines without an applier and with no scheduled
-/// scan are started, the flags are set up, then one on-demand scan cycle per
-/// engine is timed until no flag is left.
-async fn publish_only(sc: &Scenario, ns: &str) -> anyhow::Result<PublishOnly> {
-    let ns = format!("{ns}-pub");
-    let mut sc = sc.clone();
-    sc.engine
-        .entry("sync")
-        .or_insert_with(|| toml::Value::Table(Default::default()));
-    if let Some(t) = sc
-        .engine
-        .get_mut("sync")
-        .and_then(toml::Value::as_table_mut)
-    {
-        t.insert("interval".into(), toml::Value::String("1h".into()));
-    }
-    let engines = start_engines(&sc, &ns, false).await?;
-    let redis = engines[0].redis().clone();
-    let flags = sc.publish_only_users;
-    write_and_flag(&redis, "p", flags, sc.profile_bytes).await?;
-    let before = datasync::telemetry::process_usage();
-    let rss_before = before.rss_mb;
-    let started = Instant::now();
-    let scans = futures::future::try_join_all(engines.iter().map(|e| e.scan_now()));
-    let watch = async {
-        let mut peak = rss_before;
-        let deadline = started + Duration::from_secs(sc.timeout_secs);
-        let mut tick = tokio::time::interval(Duration::from_millis(5));
-        while pending(&redis).await? > 0 {
-            peak = peak.max(datasync::telemetry::process_usage().rss_mb);
-            if Instant::now() > deadline {
-                bail!(
-                    "publish-only phase did not drain within {}s",
-                    sc.timeout_secs
-                );
-            }
-            tick.tick().await;
-        }
-        anyhow::Ok(peak)
-    };
-    let (scanned, peak) = tokio::join!(scans, watch);
-    let peak_rss_mb = peak?;
-    scanned?;
-    let seconds = started.elapsed().as_secs_f64();
-    let cpu = datasync::telemetry::process_usage().cpu_seconds - before.cpu_seconds;
-    for e in &engines {
-        e.shutdown(Duration::from_secs(30)).await;
-    }
-    Ok(PublishOnly {
-        cpu_us_per_flag: cpu * 1e6 / flags.max(1) as f64,
-        users: flags,
-        seconds,
-        flags_per_s: flags as f64 / seconds,
-        rss_before_mb: rss_before,
-        peak_rss_mb,
-    })
-}
-
-/// The end-to-end run.
-async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Result<Run> {
-    let target = match &sc.external {
-        Some(ext) if sc.mode == "external" => Target::External {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()?,
-            apis: ext
-                .apis
-                .iter()
-                .map(|a| a.trim_end_matches('/').to_string())
-                .collect(),
-        },
-        _ => Target::Embedded(start_engines(sc, ns, true).await?),
-    };
-    if let Target::External { http, apis } = &target {
-        for api in apis {
-            wait_ready(http, api).await?;
-        }
-    }
-    let redis = RedisStore::connect(&config.redis, config.sync.shards).await?;
-    let mongo = MongoStore::connect(&config.mongo, "datasync-load").await?;
-
-    // Warm-up: the consumer group's first join is not part of the measurement.
-    let applied_at_start = target.observe().await?.stats.events_applied;
-    let warm: Vec<ProfileWrite> = (0..64)
-        .map(|i| ProfileWrite {
-            user_id: format!("warm{i}-{ns}"),
-            profile: serde_json::json!({}),
-        })
-        .collect();
-    target.mark(0, warm).await?;
-    let warm_deadline = Instant::now() + Duration::from_secs(120);
-    while target.observe().await?.stats.events_applied < applied_at_start + 64 {
-        if Instant::now() > warm_deadline {
-            bail!("warm-up changes were not applied within 120s; is the stack up?");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let before = target.observe().await?.stats;
-    let (hist_before, latency_before) = target.latency().await?;
-
-    let total = (sc.users * sc.rounds) as u64;
-    let bar = ProgressBar::new(total);
-    bar.set_style(ProgressStyle::with_template(
-        "{elapsed_precise} [{bar:40}] {pos}/{len} applied {msg}",
-    )?);
-    let started = Instant::now();
-    let cpu0 = target.observe().await?.cpu_seconds;
-    let mut rng = StdRng::seed_from_u64(sc.seed);
-    let pad = padding(sc.profile_bytes, sc.seed);
-    let user_id = |u: usize| format!("u{u}-{ns}");
-
-    let mut plan = Vec::with_capacity(sc.rounds);
-    let mut order: Vec<usize> = (0..sc.users).collect();
-    for _ in 0..sc.rounds {
-        order.shuffle(&mut rng);
-        let legacy: Vec<bool> = order
-            .iter()
-            .map(|_| rng.random_bool(sc.legacy_share))
-            .collect();
-        plan.push((order.clone(), legacy));
-    }
-    let driver_done = std::sync::atomic::AtomicBool::new(false);
-    // At a fixed rate, about 20 batches a second, so the marked rate is smooth
-    // (a 500-user batch every 0.7 s makes any short-window rate jump).
-    let batch = match sc.rate.per_s() {
-        0 => 500,
-        r => (r as usize / 20).clamp(1, 500),
-    };
-    let driver = async {
-        let mut sent = 0u64;
-        let mut batch_no = 0;
-        for (round, (order, legacy)) in plan.into_iter().enumerate() {
-            for (chunk, flags) in order.chunks(batch).zip(legacy.chunks(batch)) {
-                if sc.rate.per_s() > 0 {
-                    let due =
-                        started + Duration::from_secs_f64(sent as f64 / sc.rate.per_s() as f64);
-                    tokio::time::sleep_until(due.into()).await;
-                }
-                let mut api = Vec::new();
-                let mut old = Vec::new();
-                for (&u, &is_legacy) in chunk.iter().zip(flags) {
-                    let p =
-                        serde_json::json!({ "round": round as i64 + 1, "user": u, "pad": &pad });
-                    if is_legacy {
-                        old.push((user_id(u), p.to_string()));
-                    } else {
-                        api.push(ProfileWrite {
-                            user_id: user_id(u),
-                            profile: p,
-                        });
-                    }
-                }
-                if !api.is_empty() {
-                    target.mark(batch_no, api).await?;
-                    batch_no += 1;
-                }
-                if !old.is_empty() {
-                    redis.write_profiles(&old).await?;
-                    let ids: Vec<String> = old.into_iter().map(|(u, _)| u).collect();
-                    redis.legacy_add(&ids).await?;
-                }
-                sent += chunk.len() as u64;
-            }
-        }
-        anyhow::Ok(())
-    };
-    let driver = async {
-        let r = driver.await;
-        driver_done.store(true, std::sync::atomic::Ordering::SeqCst);
-        r
-    };
-    // Immediate changes of the same users' static section, at their own rate,
-    // while the dynamic changes are being sent.
-    let immediates = async {
-        let mut ack = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000, 3)?;
-        let (mut requests, mut failed) = (0u64, 0u64);
-        if sc.immediate_rate == 0 {
-            return anyhow::Ok(None);
-        }
-        let every = Duration::from_secs_f64(1.0 / sc.immediate_rate as f64);
-        let t0 = Instant::now();
-        while !driver_done.load(std::sync::atomic::Ordering::SeqCst) {
-            tokio::time::sleep_until((t0 + every * requests as u32).into()).await;
-            let n = requests as usize;
-            let profile = serde_json::json!({ "vip": n % 2 == 0, "level": n as i64 });
-            match target.immediate(n, user_id(n % sc.users), profile).await {
-                Ok(d) => ack.saturating_record((d.as_micros() as u64).div_ceil(1000).max(1)),
-                Err(e) => {
-                    failed += 1;
-                    tracing::warn!(error = %e, "immediate change failed");
-                }
-            }
-            requests += 1;
-        }
-        Ok(Some((requests, failed, Latency::summarize(&ack))))
-    };
-
-    let watcher = async {
-        let mut samples = Vec::new();
-        let deadline = started + Duration::from_secs(sc.timeout_secs);
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        loop {
-            tick.tick().await;
-            let o = target.observe().await?;
-            let s = o.stats;
-            let applied = s.events_applied - before.events_applied;
-            bar.set_position(applied.min(total));
-            bar.set_message(format!(
-                "| published {}",
-                s.events_published - before.events_published
-            ));
-            samples.push(Sample {
-                t_s: started.elapsed().as_secs_f64(),
-                marked: s.flags_marked - before.flags_marked,
-                scanned: s.flags_scanned - before.flags_scanned,
-                published: s.events_published - before.events_published,
-                applied,
-                rss_mb: o.rss_mb,
-                cpu_percent: 0.0,
-            });
-            let consumed = s.events_applied + s.stale_skipped + s.poison_events + s.apply_failures;
-            // Every sink, not only the primary one, consumed what was published.
-            let consumed = o
-                .slowest_sink
-                .map_or(consumed, |slowest| consumed.min(slowest + s.poison_events));
-            // Done once the driver has flagged everything, no flag is left, and
-            // every published event was consumed (applied, stale, or failed).
-            let marked_all = driver_done.load(std::sync::atomic::Ordering::SeqCst);
-            if marked_all && consumed >= s.events_published && pending(&redis).await? == 0 {
-                let again = target.observe().await?.stats;
-                if again.events_published == s.events_published {
-                    return anyhow::Ok((samples, None));
-                }
-            }
-            if Instant::now() > deadline {
-                return Ok((
-                    samples,
-                    Some(format!("did not drain within {}s", sc.timeout_secs)),
-                ));
-            }
-        }
-    };
-    let (driven, watched, immediate) = tokio::join!(driver, watcher, immediates);
-    let (samples, timeout) = watched?;
-    let immediate = match immediate? {
-        Some((requests, failed, to_ack)) => Some(ImmediateRun {
-            requests,
-            failed,
-            to_ack,
-            to_applied: target.immediate_applied().await?,
-        }),
-        None => None,
-    };
-    let seconds = started.elapsed().as_secs_f64();
-    bar.finish_and_clear();
-    let mut failures: Vec<String> = timeout.into_iter().collect();
-    if let Err(e) = driven {
-        failures.push(format!("driver: {e}"));
-    }
-    let end = target.observe().await?;
-    let after = end.stats;
-
-    let (hist, mut latency) = target.latency().await?;
-    let mut latency_buckets = Vec::new();
-    match (hist, hist_before) {
-        (Some(mut h), Some(b)) => {
-            h.subtract(&b)?;
-            latency = Latency::summarize(&h);
-            let step = (h.max() / 50).max(1);
-            latency_buckets = h
-                .iter_linear(step)
-                .map(|v| (v.value_iterated_to(), v.count_since_last_iteration()))
-                .collect();
-        }
-        _ => latency.count -= latency_before.count.min(latency.count),
-    }
-
-    // Every user at its last round in every sink the run writes.
-    let ours = format!("^u[0-9]+-{ns}$");
-    let (mut documents, mut last_round) = (u64::MAX, u64::MAX);
-    for sink in datasync::sinks::configured(config) {
-        let (docs, last) = match sink.kind {
-            datasync::config::SinkKind::Mongodb => {
-                let docs = mongo
-                    .collection()
-                    .count_documents(doc! { "userId": { "$regex": &ours } })
-                    .await?;
-                let last = mongo
-                    .collection()
-                    .count_documents(
-                        doc! { "userId": { "$regex": &ours }, "dynamicProfile.round": sc.rounds as i64 },
-                    )
-                    .await?;
-                (docs, last)
-            }
-            datasync::config::SinkKind::Postgres => {
-                pg_verify(&sink, &ours, sc.rounds as i64).await?
-            }
-            datasync::config::SinkKind::Http => continue,
-        };
-        documents = documents.min(docs);
-        last_round = last_round.min(last);
-    }
-    for (what, n) in [
-        ("load failures", after.load_failures - before.load_failures),
-        (
-            "publish failures",
-            after.publish_failures - before.publish_failures,
-        ),
-        ("poison events", after.poison_events - before.poison_events),
-        (
-            "apply failures",
-            after.apply_failures - before.apply_failures,
-        ),
-    ] {
-        if n > 0 {
-            failures.push(format!("{n} {what}"));
-        }
-    }
-    target.stop().await;
-    Ok(Run {
-        changes: total,
-        seconds,
-        changes_per_s: total as f64 / seconds,
-        events_published: after.events_published - before.events_published,
-        events_applied: after.events_applied - before.events_applied,
-        stale_or_superseded: after.stale_skipped - before.stale_skipped,
-        already_applied_skips: after.already_applied - before.already_applied,
-        failures,
-        latency,
-        latency_buckets,
-        peak_rss_mb: samples.iter().map(|s| s.rss_mb).fold(end.rss_mb, f64::max),
-        mean_cpu_percent: (end.cpu_seconds - cpu0) / seconds * 100.0,
-        cpu_us_per_change: (end.cpu_seconds - cpu0) * 1e6 / total.max(1) as f64,
-        documents,
-        verified: documents == sc.users as u64 && last_round == sc.users as u64,
-        samples,
-        immediate,
-    })
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -604,7 +264,7 @@ async fn measure(cli: &Cli, mut sc: Scenario, ns: &str, config: &Config) -> anyh
     }
     if sc.publish_only_users > 0 {
         eprintln!("publish stage alone ({} flags)…", sc.publish_only_users);
-        report.publish_only = Some(publish_only(&sc, &ns).await?);
+        report.publish_only = Some(phases::publish_only(&sc, &ns).await?);
     }
     if sc.rate == scenario::Rate::HalfPeak {
         // The peak first, in this run, on this machine: one round as fast as
@@ -615,7 +275,8 @@ async fn measure(cli: &Cli, mut sc: Scenario, ns: &str, config: &Config) -> anyh
         peak_sc.immediate_rate = 0;
         let peak_ns = format!("{ns}-peak");
         eprintln!("peak: {} users, as fast as possible…", sc.users);
-        let peak = end_to_end(&peak_sc, &peak_ns, &engine_config(&peak_sc, &peak_ns, 0)?).await?;
+        let peak =
+            phases::end_to_end(&peak_sc, &peak_ns, &engine_config(&peak_sc, &peak_ns, 0)?).await?;
         sc.rate = scenario::Rate::Fixed((peak.changes_per_s / 2.0).max(1.0) as u64);
         sc.resolve_rounds();
         eprintln!(
@@ -626,7 +287,7 @@ async fn measure(cli: &Cli, mut sc: Scenario, ns: &str, config: &Config) -> anyh
         report.peak = Some(peak);
     }
     eprintln!("end to end: {} users × {} rounds…", sc.users, sc.rounds);
-    report.run = end_to_end(&sc, &ns, &config).await?;
+    report.run = phases::end_to_end(&sc, &ns, &config).await?;
     report.compute_ratios();
 
     let dir = cli.out.join(&ns);
