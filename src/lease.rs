@@ -228,10 +228,10 @@ impl LeaseKeeper {
         }
         let every = self.ttl / 3;
         loop {
-            if !self.faults.leases_paused() {
-                if let Err(e) = self.tick().await {
-                    tracing::warn!(error = %e, "lease round failed; retried next round");
-                }
+            if !self.faults.leases_paused()
+                && let Err(e) = self.tick().await
+            {
+                tracing::warn!(error = %e, "lease round failed; retried next round");
             }
             tokio::select! {
                 _ = self.cancel.cancelled() => break,

@@ -454,7 +454,7 @@ async fn the_backlog_shows_pending_work_and_consumer_lag_and_the_dashboard_names
         &all_mode,
         store.clone(),
         Arc::new(Ownership::new(&all_mode)),
-        &[primary.clone()],
+        std::slice::from_ref(&primary),
         "test",
     );
     let b = monitor.sample().await;

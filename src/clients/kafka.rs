@@ -58,25 +58,46 @@ fn consumer_base(c: &KafkaConfig, group: &str, client_id: &str) -> ClientConfig 
     cfg
 }
 
-/// The applier's consumer: manual commits only, from the earliest offset;
+/// How much a consumer fetches ahead of its loop, unless `[kafka.client]`
+/// says otherwise: librdkafka's defaults (100,000 records a partition, up to
+/// 64 MB) filled with a backlog, and the engine's memory grew with it.
+/// Eight windows of records, at most 16 MB, keep a window's gathering from
+/// ever waiting on the broker.
+const PREFETCH_WINDOWS: usize = 8;
+const PREFETCH_MAX_KBYTES: &str = "16384";
+
+/// The applier's consumer: manual commits only, from the earliest offset,
+/// fetching about [`PREFETCH_WINDOWS`] windows of `window_max_events` ahead;
 /// `context` sees its rebalances.
 pub fn consumer<C: ConsumerContext + 'static>(
     c: &KafkaConfig,
     group: &str,
     client_id: &str,
+    window_max_events: usize,
     context: C,
 ) -> Result<StreamConsumer<C>, KafkaError> {
-    consumer_base(c, group, client_id)
-        .set(
-            "session.timeout.ms",
-            c.session_timeout.as_millis().to_string(),
-        )
-        .set(
-            "heartbeat.interval.ms",
-            (c.session_timeout.as_millis() / 3).max(100).to_string(),
-        )
-        .set("enable.partition.eof", "false")
-        .create_with_context(context)
+    let mut cfg = consumer_base(c, group, client_id);
+    let per_partition = (window_max_events * PREFETCH_WINDOWS / c.partitions.max(1) as usize)
+        .clamp(1_000, 100_000)
+        .to_string();
+    for (key, value) in [
+        ("queued.min.messages", per_partition.as_str()),
+        ("queued.max.messages.kbytes", PREFETCH_MAX_KBYTES),
+    ] {
+        if !c.client.0.contains_key(key) {
+            cfg.set(key, value);
+        }
+    }
+    cfg.set(
+        "session.timeout.ms",
+        c.session_timeout.as_millis().to_string(),
+    )
+    .set(
+        "heartbeat.interval.ms",
+        (c.session_timeout.as_millis() / 3).max(100).to_string(),
+    )
+    .set("enable.partition.eof", "false")
+    .create_with_context(context)
 }
 
 /// A replay's consumer: partitions are assigned with explicit offsets, it

@@ -207,9 +207,8 @@ impl SinkConfig {
         let url = self.url.expose();
         match self.kind {
             SinkKind::Mongodb => {
-                if !url.is_empty()
-                    && !(url.starts_with("mongodb://") || url.starts_with("mongodb+srv://"))
-                {
+                let scheme_ok = url.starts_with("mongodb://") || url.starts_with("mongodb+srv://");
+                if !url.is_empty() && !scheme_ok {
                     p.push(format!(
                         "{at}.url: must start with mongodb:// or mongodb+srv://"
                     ));

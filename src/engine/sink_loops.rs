@@ -133,6 +133,7 @@ impl SinkLoops<'_> {
                             &kafka,
                             &group,
                             &shared.instance_id,
+                            config.window_max_events,
                             context,
                         )
                         .and_then(|c| {

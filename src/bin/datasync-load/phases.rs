@@ -189,7 +189,7 @@ pub async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Res
         while !driver_done.load(std::sync::atomic::Ordering::SeqCst) {
             tokio::time::sleep_until((t0 + every * requests as u32).into()).await;
             let n = requests as usize;
-            let profile = serde_json::json!({ "vip": n % 2 == 0, "level": n as i64 });
+            let profile = serde_json::json!({ "vip": n.is_multiple_of(2), "level": n as i64 });
             match target.immediate(n, user_id(n % sc.users), profile).await {
                 Ok(d) => ack.saturating_record((d.as_micros() as u64).div_ceil(1000).max(1)),
                 Err(e) => {

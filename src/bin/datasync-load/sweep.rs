@@ -41,6 +41,13 @@ pub struct Step {
     pub rss_drained_mb: f64,
     /// The service's CPU time (all its threads) per change, from ready to drained.
     pub cpu_us_per_change: f64,
+    /// The service's CPU use once drained and idle (its polls, timers and
+    /// samplers), in percent of one core.
+    pub idle_cpu_percent: f64,
+    /// `cpu_us_per_change` less the idle use over the drain: what the
+    /// changes themselves cost, without the fixed cost of running, which
+    /// weighs most on the smallest step.
+    pub net_cpu_us_per_change: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -52,6 +59,7 @@ struct SweepReport {
     /// (max − min) / mean over the steps, in percent.
     peak_rss_spread_pct: f64,
     cpu_us_spread_pct: f64,
+    net_cpu_us_spread_pct: f64,
 }
 
 fn spread_pct(v: impl Iterator<Item = f64> + Clone) -> f64 {
@@ -171,6 +179,9 @@ async fn step(
     }
     let seconds = started.elapsed().as_secs_f64();
     let end = usage_of(pid)?;
+    tokio::time::sleep(IDLE_SAMPLE).await;
+    let idle = usage_of(pid)?;
+    let idle_cpu_per_s = (idle.cpu_seconds - end.cpu_seconds) / IDLE_SAMPLE.as_secs_f64();
     service.terminate(Duration::from_secs(30)).await;
     if applier {
         // The applied counter is the service's word; the documents are the proof.
@@ -193,6 +204,11 @@ async fn step(
         peak_rss_mb: peak.max(end.rss_mb),
         rss_drained_mb: end.rss_mb,
         cpu_us_per_change: (end.cpu_seconds - at_ready.cpu_seconds) * 1e6 / users as f64,
+        idle_cpu_percent: idle_cpu_per_s * 100.0,
+        net_cpu_us_per_change: (end.cpu_seconds - at_ready.cpu_seconds - idle_cpu_per_s * seconds)
+            .max(0.0)
+            * 1e6
+            / users as f64,
     };
     eprintln!("{}", line(&s));
     Ok(s)
@@ -205,14 +221,16 @@ fn usage_of(pid: u32) -> anyhow::Result<ProcessUsage> {
 
 fn line(s: &Step) -> String {
     format!(
-        "{:>9} users  {:>7.1}s  {:>8.0}/s  RSS pending {:>5.1} MB  peak {:>5.1} MB  drained {:>5.1} MB  {:>6.2} CPU-µs/change",
+        "{:>9} users  {:>7.1}s  {:>8.0}/s  RSS pending {:>5.1} MB  peak {:>5.1} MB  drained {:>5.1} MB  {:>6.2} CPU-µs/change ({:.2} net of {:.1} % idle)",
         s.users,
         s.seconds,
         s.changes_per_s,
         s.rss_pending_mb,
         s.peak_rss_mb,
         s.rss_drained_mb,
-        s.cpu_us_per_change
+        s.cpu_us_per_change,
+        s.net_cpu_us_per_change,
+        s.idle_cpu_percent
     )
 }
 
@@ -230,6 +248,7 @@ pub async fn run(sc: &Scenario, config: &Config, ns: &str, out: &Path) -> anyhow
         applier: sweep.applier,
         peak_rss_spread_pct: spread_pct(steps.iter().map(|s| s.peak_rss_mb)),
         cpu_us_spread_pct: spread_pct(steps.iter().map(|s| s.cpu_us_per_change)),
+        net_cpu_us_spread_pct: spread_pct(steps.iter().map(|s| s.net_cpu_us_per_change)),
         steps,
     };
     let mut summary = format!(
@@ -246,8 +265,8 @@ pub async fn run(sc: &Scenario, config: &Config, ns: &str, out: &Path) -> anyhow
     }
     let _ = writeln!(
         summary,
-        "spread (max − min) / mean: peak RSS {:.1} %, CPU-µs per change {:.1} %",
-        report.peak_rss_spread_pct, report.cpu_us_spread_pct
+        "spread (max − min) / mean: peak RSS {:.1} %, CPU-µs per change {:.1} % ({:.1} % net of idle)",
+        report.peak_rss_spread_pct, report.cpu_us_spread_pct, report.net_cpu_us_spread_pct
     );
     print!("{summary}");
     std::fs::write(
@@ -268,6 +287,9 @@ pub async fn run(sc: &Scenario, config: &Config, ns: &str, out: &Path) -> anyhow
     println!("report: {}", dir.join("report.html").display());
     Ok(())
 }
+
+/// How long a drained service is watched to measure its idle CPU use.
+const IDLE_SAMPLE: Duration = Duration::from_secs(3);
 
 /// Peak RSS (MB) and CPU-µs per change against users (log10 axis).
 fn chart(steps: &[Step], path: &Path) -> anyhow::Result<()> {
@@ -305,6 +327,11 @@ fn chart(steps: &[Step], path: &Path) -> anyhow::Result<()> {
             ("peak RSS (MB)", series(|s| s.peak_rss_mb), BLUE),
             ("RSS pending (MB)", series(|s| s.rss_pending_mb), GREEN),
             ("CPU-µs per change", series(|s| s.cpu_us_per_change), RED),
+            (
+                "CPU-µs per change, net of idle",
+                series(|s| s.net_cpu_us_per_change),
+                MAGENTA,
+            ),
         ],
     )?;
     draw_legend(&mut chart)?;
