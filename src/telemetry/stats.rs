@@ -92,6 +92,8 @@ engine_counters! {
     offset_ranges_deleted,
     /// Events a replay applied to MongoDB.
     replay_applied,
+    /// Scan cycles finished with no shard paused by a backend down.
+    scan_cycles,
 }
 
 /// Lets a log line through at most once a second; counts what it held back.
@@ -357,7 +359,11 @@ impl Stats {
         tracing::warn!(shard, "lease lost mid-page: flags left for the new owner");
     }
 
-    pub fn cycle_done(&self, oldest_flag_age_secs: f64) {
+    /// A cycle ended; `whole` when no shard of it was paused by a backend down.
+    pub fn cycle_done(&self, oldest_flag_age_secs: f64, whole: bool) {
+        if whole {
+            self.c.scan_cycles.fetch_add(1, Relaxed);
+        }
         counter!(names::CYCLES).increment(1);
         gauge!(names::OLDEST_FLAG_AGE).set(oldest_flag_age_secs);
     }

@@ -253,7 +253,7 @@ pub async fn run_cycle(p: Arc<Pipeline>) -> CycleReport {
     } else {
         0.0
     };
-    p.shared.stats.cycle_done(age);
+    p.shared.stats.cycle_done(age, report.paused == 0);
     report
 }
 

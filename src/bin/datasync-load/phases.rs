@@ -22,9 +22,24 @@ pub async fn publish_only(sc: &Scenario, ns: &str) -> anyhow::Result<PublishOnly
         t.insert("interval".into(), toml::Value::String("1h".into()));
     }
     let engines = start_engines(&sc, &ns, false).await?;
+    // Each engine's scheduled loop runs cycles until one finds its backends
+    // up, then sleeps for the hour. Flags written before that cycle would be
+    // drained by it, outside the measurement.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while engines.iter().any(|e| e.stats().scan_cycles == 0) {
+        if Instant::now() > deadline {
+            bail!("the publish-only engines ran no scan cycle within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let redis = engines[0].redis().clone();
     let flags = sc.publish_only_users;
     write_and_flag(&redis, "p", flags, sc.profile_bytes).await?;
+    let scanned_before: u64 = engines.iter().map(|e| e.stats().flags_scanned).sum();
+    anyhow::ensure!(
+        scanned_before == 0,
+        "{scanned_before} flags were scanned while the publish-only phase was being set up"
+    );
     let before = datasync::telemetry::process_usage();
     let rss_before = before.rss_mb;
     let started = Instant::now();
@@ -49,6 +64,11 @@ pub async fn publish_only(sc: &Scenario, ns: &str) -> anyhow::Result<PublishOnly
     let peak_rss_mb = peak?;
     scanned?;
     let seconds = started.elapsed().as_secs_f64();
+    let published: u64 = engines.iter().map(|e| e.stats().events_published).sum();
+    anyhow::ensure!(
+        published >= flags as u64,
+        "the publish-only phase published {published} events for {flags} flags"
+    );
     let cpu = datasync::telemetry::process_usage().cpu_seconds - before.cpu_seconds;
     for e in &engines {
         e.shutdown(Duration::from_secs(30)).await;
