@@ -168,7 +168,17 @@ impl Keys {
 
     /// The profile the upstream wrote.
     pub fn profile(&self, user_id: &str) -> String {
-        self.profile_template.replace("{id}", user_id)
+        // On every flag of every page: a concatenation, not a search of the
+        // whole template (which is what a template naming `{id}` twice gets).
+        let (head, tail) = self.template_parts();
+        if tail.contains("{id}") {
+            return self.profile_template.replace("{id}", user_id);
+        }
+        let mut key = String::with_capacity(head.len() + user_id.len() + tail.len());
+        key.push_str(head);
+        key.push_str(user_id);
+        key.push_str(tail);
+        key
     }
 
     /// A SCAN `MATCH` pattern for every profile key: the template with `{id}`
@@ -260,6 +270,14 @@ mod tests {
         let odd = Keys::new("d", "p[1]*{id}", "flags");
         assert_eq!(odd.profile_pattern(), "p\\[1\\]\\**");
         assert_eq!(odd.user_of_profile_key("p[1]*u-7"), Some("u-7"));
+    }
+
+    #[test]
+    fn a_profile_key_puts_the_id_where_the_template_says() {
+        assert_eq!(Keys::new("d", "{id}", "f").profile("u1"), "u1");
+        assert_eq!(Keys::new("d", "p:{id}", "f").profile("u1"), "p:u1");
+        assert_eq!(Keys::new("d", "{id}:p", "f").profile("u1"), "u1:p");
+        assert_eq!(Keys::new("d", "a{id}b{id}", "f").profile("u1"), "au1bu1");
     }
 
     #[test]

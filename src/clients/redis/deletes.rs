@@ -52,6 +52,10 @@ impl RedisStore {
     }
 
     /// The recorded (not yet published) delete versions of users of one shard.
+    /// For many users, the shard's hash is sized first: it is almost always
+    /// empty, and an HMGET of a page's users would send every id and read a
+    /// nil for each. (A delete recorded between the two reads is the same as
+    /// one recorded after an HMGET: it flags the user again, at a new version.)
     pub async fn recorded_deletes(
         &self,
         shard: u32,
@@ -63,6 +67,10 @@ impl RedisStore {
         let key = self.keys.deleted(shard);
         if users.len() == 1 {
             return Ok(vec![self.client().hget(key, users[0]).await?]);
+        }
+        let recorded: u64 = self.client().hlen(&key).await?;
+        if recorded == 0 {
+            return Ok(vec![None; users.len()]);
         }
         Ok(self.client().hmget(key, users.to_vec()).await?)
     }

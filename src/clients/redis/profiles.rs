@@ -29,13 +29,16 @@ impl RedisStore {
         if users.is_empty() {
             return Ok(Vec::new());
         }
+        // The keys go to the client as they are; the few a problem names are
+        // built again.
         let keys: Vec<String> = users.iter().map(|u| self.keys.profile(u)).collect();
+        let key = |i: usize| self.keys.profile(&users[i]);
         let replies: Vec<RValue> = if self.cluster {
             self.get_each(&keys).await?
         } else {
             // MGET answers nil for a key of another type, where GET fails
             // with WRONGTYPE: the nils are looked at below.
-            match self.client().mget::<RValue, _>(keys.clone()).await? {
+            match self.client().mget::<RValue, _>(keys).await? {
                 RValue::Array(a) => a,
                 one => vec![one],
             }
@@ -43,7 +46,7 @@ impl RedisStore {
         if replies.len() != users.len() {
             return Err(RedisError::Reply {
                 what: "profile load",
-                reply: format!("{} values for {} keys", replies.len(), keys.len()),
+                reply: format!("{} values for {} keys", replies.len(), users.len()),
             });
         }
         let mut out = Vec::with_capacity(users.len());
@@ -54,12 +57,10 @@ impl RedisStore {
                 RValue::String(s) => Ok(RawProfile::Json(s.into_inner())),
                 RValue::Null => {
                     unknown.push(i);
-                    Err(ProfileError::Missing {
-                        key: keys[i].clone(),
-                    })
+                    Err(ProfileError::Missing { key: key(i) })
                 }
                 v => Err(ProfileError::WrongType {
-                    key: keys[i].clone(),
+                    key: key(i),
                     kind: format!("{:?}", v.kind()),
                 }),
             });
@@ -67,17 +68,16 @@ impl RedisStore {
         if !unknown.is_empty() {
             let pipe = self.client().pipeline();
             for &i in &unknown {
-                let _: () = pipe.r#type(&keys[i]).await?;
-                let _: () = pipe.hgetall(&keys[i]).await?;
+                let _: () = pipe.r#type(key(i)).await?;
+                let _: () = pipe.hgetall(key(i)).await?;
             }
             let replies: Vec<RValue> = pipe.all().await?;
             for (&i, pair) in unknown.iter().zip(replies.chunks(2)) {
-                let key = &keys[i];
                 out[i] = match pair[0].as_string().unwrap_or_default().as_str() {
                     "hash" => Ok(RawProfile::Hash(pair[1].clone().convert()?)),
-                    "none" => Err(ProfileError::Missing { key: key.clone() }),
+                    "none" => Err(ProfileError::Missing { key: key(i) }),
                     kind => Err(ProfileError::WrongType {
-                        key: key.clone(),
+                        key: key(i),
                         kind: kind.to_string(),
                     }),
                 };
