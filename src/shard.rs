@@ -19,14 +19,23 @@ pub fn shard_of(user_id: &str, shards: u32) -> u32 {
 pub struct Keys {
     prefix: String,
     profile_template: String,
+    /// The profile template around its first `{id}`, split once here: a
+    /// profile key is built for every flag of every page.
+    profile_head: String,
+    profile_tail: String,
     legacy_set: String,
 }
 
 impl Keys {
     pub fn new(prefix: &str, profile_template: &str, legacy_set: &str) -> Self {
+        let (head, tail) = profile_template
+            .split_once("{id}")
+            .unwrap_or((profile_template, ""));
         Self {
             prefix: prefix.to_string(),
             profile_template: profile_template.to_string(),
+            profile_head: head.to_string(),
+            profile_tail: tail.to_string(),
             legacy_set: legacy_set.to_string(),
         }
     }
@@ -168,17 +177,12 @@ impl Keys {
 
     /// The profile the upstream wrote.
     pub fn profile(&self, user_id: &str) -> String {
-        // On every flag of every page: a concatenation, not a search of the
-        // whole template (which is what a template naming `{id}` twice gets).
         let (head, tail) = self.template_parts();
         if tail.contains("{id}") {
+            // A template naming `{id}` more than once.
             return self.profile_template.replace("{id}", user_id);
         }
-        let mut key = String::with_capacity(head.len() + user_id.len() + tail.len());
-        key.push_str(head);
-        key.push_str(user_id);
-        key.push_str(tail);
-        key
+        [head, user_id, tail].concat()
     }
 
     /// A SCAN `MATCH` pattern for every profile key: the template with `{id}`
@@ -205,9 +209,7 @@ impl Keys {
     }
 
     fn template_parts(&self) -> (&str, &str) {
-        self.profile_template
-            .split_once("{id}")
-            .unwrap_or((self.profile_template.as_str(), ""))
+        (&self.profile_head, &self.profile_tail)
     }
 
     /// The seed's legacy flag set.
