@@ -12,7 +12,7 @@ use datasync::{
     clients::mongo::{Change, Op},
     model::Section,
 };
-use fred::interfaces::KeysInterface;
+use fred::interfaces::{KeysInterface, SortedSetsInterface};
 use mongodb::bson::{Document, doc};
 use serde_json::json;
 use std::time::Duration;
@@ -463,6 +463,106 @@ async fn a_clear_of_thousands_of_flags_removes_only_those_still_at_their_version
     let mut want = moved.clone();
     want.sort();
     assert_eq!(left, want, "only the flags that moved on are left");
+}
+
+/// The scanner's clear removes a page's published flags by score range. A
+/// flag the page did not publish (its change went to the dead-letter queue)
+/// and a flag marked again while the page was in flight must both stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_cleared_by_ranges_keeps_its_unpublished_and_re_marked_flags() {
+    let ns = Namespace::new("clear-ranges");
+    let r = datasync::clients::redis::RedisStore::connect(&test_config(&ns).redis, 1)
+        .await
+        .unwrap();
+    let users: Vec<String> = (0..2500).map(|i| format!("u{i}")).collect();
+    r.mark(&users).await.unwrap();
+    let page = r.read_flags(0, None, 10_000).await.unwrap();
+    let read: Vec<i64> = page.iter().map(|(_, v)| *v).collect();
+    // Every seventh flag failed to publish; every fifth user is marked again
+    // after the page was read.
+    let failed: Vec<String> = page.iter().step_by(7).map(|(u, _)| u.clone()).collect();
+    let cleared: Vec<(String, i64)> = page
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 7 != 0)
+        .map(|(_, f)| f.clone())
+        .collect();
+    let moved: Vec<String> = page.iter().step_by(5).map(|(u, _)| u.clone()).collect();
+    r.mark(&moved).await.unwrap();
+
+    let n = r.clear_page(0, &read, &cleared, None).await.unwrap();
+    let mut want: Vec<String> = failed.iter().chain(&moved).cloned().collect();
+    want.sort();
+    want.dedup();
+    assert_eq!(n as usize, users.len() - want.len());
+    let mut left: Vec<String> = r
+        .read_flags(0, None, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(u, _)| u)
+        .collect();
+    left.sort();
+    assert_eq!(left, want, "only unpublished and re-marked flags are left");
+    cleanup(&ns).await;
+}
+
+/// Where a range would take more than its run (a score written outside the
+/// shard clock) or the shard has dead letters to close, the page is cleared
+/// member by member: the stranger stays and the earned dead letter closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_clear_falls_back_to_members_for_strangers_and_dead_letters() {
+    let ns = Namespace::new("clear-fallback");
+    let r = datasync::clients::redis::RedisStore::connect(&test_config(&ns).redis, 1)
+        .await
+        .unwrap();
+    let raw = raw_redis().await;
+    let dirty = r.keys().dirty(0);
+
+    // A stranger scored inside the page's range after it was read.
+    let users: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+    let page = r.mark(&users).await.unwrap();
+    let read: Vec<i64> = page.iter().map(|(_, v)| *v).collect();
+    let _: i64 = raw
+        .zadd(
+            &dirty,
+            None,
+            None,
+            false,
+            false,
+            ((read[0] + 1) as f64, "stranger"),
+        )
+        .await
+        .unwrap();
+    let n = r.clear_page(0, &read, &page, None).await.unwrap();
+    assert_eq!(n, 3);
+    let left: Vec<String> = r
+        .read_flags(0, None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(u, _)| u)
+        .collect();
+    assert_eq!(left, vec!["stranger".to_string()]);
+
+    // A load-stage dead letter of d at its flag's version: the publish that
+    // clears the flag earns its close.
+    let page = r.mark(&["d".to_string(), "e".to_string()]).await.unwrap();
+    let read: Vec<i64> = page.iter().map(|(_, v)| *v).collect();
+    let entry = json!({
+        "user_id": "d", "version": read[0], "stage": "load", "sync_type": "dynamic",
+        "error": "e", "detail": "d", "retry_count": 0, "failed_at_ms": 1,
+        "instance_id": "i", "topic": "t",
+    })
+    .to_string();
+    r.dlq_put(&[("d", Section::Dynamic, entry)]).await.unwrap();
+    let n = r.clear_page(0, &read, &page, None).await.unwrap();
+    assert_eq!(n, 2);
+    assert!(
+        r.dlq_entries(&[("d", Section::Dynamic)]).await.unwrap()[0].is_none(),
+        "the dead letter the publish earned is closed"
+    );
+    cleanup(&ns).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

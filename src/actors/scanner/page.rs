@@ -59,6 +59,8 @@ pub async fn process_page(
         ..Default::default()
     };
     stats.flags_scanned(report.scanned);
+    // The page's versions, oldest first: the clear removes runs of them.
+    let read: Vec<i64> = flags.iter().map(|f| f.version).collect();
 
     let loaded = ask(ProfileLoader::NAME, &p.loader, Load(flags)).await?;
     // A page loaded and not yet published: where an injected panic hurts most.
@@ -102,7 +104,7 @@ pub async fn process_page(
     let cleared = shared
         .retry
         .run("clear flags", &shared.cancel, || {
-            p.redis.clear_flags(shard, &to_clear, fence)
+            p.redis.clear_page(shard, &read, &to_clear, fence)
         })
         .await?;
     report.cleared = cleared;
