@@ -35,6 +35,7 @@ pub async fn publish_only(sc: &Scenario, ns: &str) -> anyhow::Result<PublishOnly
     let redis = engines[0].redis().clone();
     let flags = sc.publish_only_users;
     write_and_flag(&redis, "p", flags, sc.profile_bytes).await?;
+    settle_persistence(&engine_config(&sc, &ns, 0)?.redis).await?;
     let scanned_before: u64 = engines.iter().map(|e| e.stats().flags_scanned).sum();
     anyhow::ensure!(
         scanned_before == 0,
@@ -81,6 +82,51 @@ pub async fn publish_only(sc: &Scenario, ns: &str) -> anyhow::Result<PublishOnly
         rss_before_mb: rss_before,
         peak_rss_mb,
     })
+}
+
+/// Lets Redis finish the background persistence the set-up's writes cause,
+/// so the timed publish stage does not share the two cores with it. With the
+/// append-only file on, writing a phase's profiles (hundreds of MB) grows the
+/// file past Redis' automatic rewrite threshold, and the rewrite's forked
+/// child took a whole core during the timed phase. One rewrite is started
+/// here and waited for; the timed phase's own writes (the flag clears) stay
+/// far below the next threshold. A Redis without the append-only file is
+/// only waited for, if a snapshot is being written.
+async fn settle_persistence(c: &datasync::config::RedisConfig) -> anyhow::Result<()> {
+    let raw = raw_redis(c).await?;
+    let field = |info: &str, name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(|v| v.trim() == "1")
+            .unwrap_or(false)
+    };
+    let busy = |info: &str| {
+        [
+            "aof_rewrite_in_progress",
+            "aof_rewrite_scheduled",
+            "rdb_bgsave_in_progress",
+        ]
+        .iter()
+        .any(|f| field(info, f))
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut rewrite = true;
+    loop {
+        let info: String = raw.info(Some(fred::types::InfoKind::Persistence)).await?;
+        if !busy(&info) {
+            if !(rewrite && field(&info, "aof_enabled")) {
+                break;
+            }
+            let _: String = raw.bgrewriteaof().await?;
+            rewrite = false;
+        }
+        if Instant::now() > deadline {
+            bail!("redis was still rewriting its append-only file or saving after 300 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    raw.quit().await?;
+    Ok(())
 }
 
 /// The end-to-end run.
