@@ -136,7 +136,21 @@ impl RedisStore {
             args.push(u.clone());
             args.push(v.to_string());
         }
-        let n: i64 = CLEAR
+        let n = self.run_clear(&CLEAR, shard, args).await?;
+        if n < 0 {
+            return Err(RedisError::Fenced { shard });
+        }
+        Ok(n as u64)
+    }
+
+    /// Runs a clear script over a shard's flags, dead letters and lease.
+    async fn run_clear(
+        &self,
+        script: &Script,
+        shard: u32,
+        args: Vec<String>,
+    ) -> Result<i64, RedisError> {
+        Ok(script
             .evalsha_with_reload(
                 self.client(),
                 vec![
@@ -146,11 +160,7 @@ impl RedisStore {
                 ],
                 args,
             )
-            .await?;
-        if n < 0 {
-            return Err(RedisError::Fenced { shard });
-        }
-        Ok(n as u64)
+            .await?)
     }
 
     /// Clears the published flags of one page: `page` holds the versions of
@@ -178,17 +188,7 @@ impl RedisStore {
             for r in &runs {
                 args.extend([r.from.to_string(), r.to.to_string(), r.flags.to_string()]);
             }
-            let n: i64 = CLEAR_RANGES
-                .evalsha_with_reload(
-                    self.client(),
-                    vec![
-                        self.keys.dirty(shard),
-                        self.keys.dlq(shard),
-                        self.keys.lease(shard),
-                    ],
-                    args,
-                )
-                .await?;
+            let n = self.run_clear(&CLEAR_RANGES, shard, args).await?;
             match n {
                 -1 => return Err(RedisError::Fenced { shard }),
                 -2 => {}
