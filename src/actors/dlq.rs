@@ -195,11 +195,11 @@ async fn record(
         parked = encoded;
     } else {
         let keys: Vec<String> = fresh.iter().map(record_key).collect();
-        let sends = keys
+        let records = keys
             .iter()
             .zip(&encoded)
-            .map(|(key, bytes)| kafka::send(producer, topic, key, bytes));
-        let results = futures::future::join_all(sends).await;
+            .map(|(key, bytes)| (key.as_str(), bytes.as_slice()));
+        let results = kafka::send_all(producer, topic, records).await;
         for (r, bytes) in results.into_iter().zip(encoded) {
             if let Err(e) = r {
                 shared.health.set_down(Backend::Kafka, &e);

@@ -208,19 +208,14 @@ async fn publish_all(
     let mut pending: Vec<usize> = (0..msg.items.len()).collect();
     let mut retries = 0;
     loop {
-        let sends = pending.iter().map(|&i| {
-            let (item, bytes) = (&msg.items[i], &events[i]);
-            async move {
-                kafka::send(producer, topic, &item.user_id, bytes)
-                    .await
-                    .map_err(|e| PublishError::delivery(&e))
-            }
-        });
-        let outcomes = futures::future::join_all(sends).await;
+        let records = pending
+            .iter()
+            .map(|&i| (msg.items[i].user_id.as_str(), events[i].as_slice()));
+        let outcomes = kafka::send_all(producer, topic, records).await;
         let mut again = Vec::new();
         let mut any_ok = false;
         for (&i, r) in pending.iter().zip(outcomes) {
-            match r {
+            match r.map_err(|e| PublishError::delivery(&e)) {
                 Ok(d) => {
                     any_ok = true;
                     results[i] = Some(Ok(d));

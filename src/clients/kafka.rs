@@ -275,6 +275,55 @@ pub async fn send(
         .map_err(|(e, _)| e)
 }
 
+/// Publishes records keyed by their first element and waits for every
+/// delivery report; one result per record, in order. Every record is queued
+/// before any report is awaited, and the reports are then awaited in order:
+/// the caller's task wakes about once per batch rather than once per record,
+/// and no task is spawned per record (a page of thousands of records through
+/// `join_all` of [`send`] spent a tenth of its time in that bookkeeping). A
+/// record that finds librdkafka's queue full waits for room, as [`send`]
+/// does, before the next one is queued.
+pub async fn send_all<'a>(
+    producer: &FutureProducer,
+    topic: &str,
+    records: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+) -> Vec<Result<Delivered, KafkaError>> {
+    use rdkafka::producer::{DeliveryFuture, FutureRecord};
+    enum Queued {
+        Report(DeliveryFuture),
+        Done(Result<Delivered, KafkaError>),
+    }
+    let records = records.into_iter();
+    let mut queued = Vec::with_capacity(records.size_hint().0);
+    for (key, payload) in records {
+        let record = FutureRecord::to(topic).key(key).payload(payload);
+        queued.push(match producer.send_result(record) {
+            Ok(report) => Queued::Report(report),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Queued::Done(send(producer, topic, key, payload).await)
+            }
+            Err((e, _)) => Queued::Done(Err(e)),
+        });
+    }
+    let mut out = Vec::with_capacity(queued.len());
+    for q in queued {
+        out.push(match q {
+            Queued::Done(r) => r,
+            Queued::Report(report) => match report.await {
+                Ok(Ok(d)) => Ok(Delivered {
+                    partition: d.partition,
+                    offset: d.offset,
+                }),
+                Ok(Err((e, _))) => Err(e),
+                // The producer dropped the report without answering: it is
+                // shutting down.
+                Err(_) => Err(KafkaError::Canceled),
+            },
+        });
+    }
+    out
+}
+
 /// Asks the cluster for `topic`'s metadata: the broker answers and knows the
 /// topic. Used to probe a broker that was marked down.
 pub async fn probe(producer: &FutureProducer, topic: &str) -> Result<(), KafkaError> {
