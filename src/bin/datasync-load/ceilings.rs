@@ -153,23 +153,13 @@ async fn kafka_produce(config: &Config, ops: usize, payload: &str) -> anyhow::Re
         )
         .await
         .map_err(|(e, _)| e)?;
+    // The same loop the publisher runs: every record of a batch queued, then
+    // the delivery reports awaited in order.
     let started = Instant::now();
     for chunk in (0..ops).collect::<Vec<_>>().chunks(20_000) {
-        let sends = chunk.iter().map(|i| {
-            let key = format!("user-{i}");
-            let producer = &producer;
-            let topic = &topic;
-            async move {
-                producer
-                    .send(
-                        FutureRecord::to(topic).key(&key).payload(payload),
-                        Duration::from_secs(30),
-                    )
-                    .await
-                    .map_err(|(e, _)| e)
-            }
-        });
-        for r in futures::future::join_all(sends).await {
+        let keys: Vec<String> = chunk.iter().map(|i| format!("user-{i}")).collect();
+        let records = keys.iter().map(|k| (k.as_str(), payload.as_bytes()));
+        for r in kafka::send_all(&producer, &topic, records).await {
             r?;
         }
     }
