@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 pub struct Ceilings {
     pub redis_get_per_s: f64,
     pub kafka_produce_per_s: f64,
-    /// Windows of `applier.window_max_events` upserts, two written at once.
+    /// Windows of `applier.window_max_events` upserts, two written at once,
+    /// over the scenario's rounds (inserts, then updates).
     pub mongo_bulk_upserts_per_s: f64,
     /// Per PostgreSQL sink of the run: the same windows through the sink's
     /// own statements, two at once.
@@ -42,6 +43,7 @@ const APPLIER_WINDOWS_IN_FLIGHT: usize = 2;
 pub async fn measure(
     config: &Config,
     ops: usize,
+    rounds: usize,
     profile_bytes: usize,
 ) -> anyhow::Result<Ceilings> {
     let payload = serde_json::json!({ "pad": padding(profile_bytes, 7) }).to_string();
@@ -59,7 +61,7 @@ pub async fn measure(
     Ok(Ceilings {
         redis_get_per_s: redis_gets(config, ops, &payload).await?,
         kafka_produce_per_s: kafka_produce(config, ops, &payload).await?,
-        mongo_bulk_upserts_per_s: mongo_upserts(config, ops.min(20_000), profile_bytes).await?,
+        mongo_bulk_upserts_per_s: mongo_upserts(config, ops.min(40_000), rounds, profile_bytes).await?,
         postgres_upserts_per_s: postgres,
     })
 }
@@ -77,7 +79,7 @@ async fn postgres_upserts(
     c.table = format!("{}_ceiling", sink.table());
     let pg = PostgresSink::new(&c)?;
     pg.prepare().await?;
-    let changes = upserts(ops, profile_bytes);
+    let changes = upserts(ops, profile_bytes, 1);
     let window = sink
         .window_max_events
         .unwrap_or(config.applier.window_max_events)
@@ -97,14 +99,15 @@ async fn postgres_upserts(
     Ok(r)
 }
 
-/// `ops` first versions of new users' dynamic sections.
-fn upserts(ops: usize, profile_bytes: usize) -> Vec<Change> {
+/// Version `version` of `ops` users' dynamic sections (version 1 inserts
+/// them).
+fn upserts(ops: usize, profile_bytes: usize, version: i64) -> Vec<Change> {
     (0..ops)
         .map(|i| Change {
             user_id: format!("user-{i:08}"),
             section: Section::Dynamic,
-            version: 1,
-            op: Op::Set(doc! { "pad": padding(profile_bytes, i as u64) }),
+            version,
+            op: Op::Set(doc! { "pad": padding(profile_bytes, i as u64 ^ version as u64) }),
             event_id: String::new(),
             marked_at_ms: 0,
         })
@@ -166,19 +169,34 @@ async fn kafka_produce(config: &Config, ops: usize, payload: &str) -> anyhow::Re
     Ok(rate(ops, started.elapsed()))
 }
 
-async fn mongo_upserts(config: &Config, ops: usize, profile_bytes: usize) -> anyhow::Result<f64> {
+/// Writes through the applier's own MongoDB writes, two windows at once, in
+/// the shape of the run's workload: `rounds` passes over the same users, the
+/// first inserting them and each later one replacing their profile at the
+/// next version (an update of an existing document costs the server more
+/// than an insert into an empty collection, and end to end does both).
+async fn mongo_upserts(
+    config: &Config,
+    ops: usize,
+    rounds: usize,
+    profile_bytes: usize,
+) -> anyhow::Result<f64> {
     let mut m = config.mongo.clone();
     m.collection = format!("{}-ceiling", m.collection);
     let mongo = MongoStore::connect(&m, "datasync-load").await?;
-    let changes = upserts(ops, profile_bytes);
+    let rounds = rounds.max(1);
+    let users = (ops / rounds).max(1);
     let window = config.applier.window_max_events.max(1);
-    let started = Instant::now();
-    futures::stream::iter(changes.chunks(window))
-        .map(|chunk| mongo.apply(chunk))
-        .buffer_unordered(APPLIER_WINDOWS_IN_FLIGHT)
-        .try_collect::<Vec<_>>()
-        .await?;
-    let r = rate(ops, started.elapsed());
+    let mut elapsed = Duration::ZERO;
+    for round in 0..rounds {
+        let changes = upserts(users, profile_bytes, round as i64 + 1);
+        let started = Instant::now();
+        futures::stream::iter(changes.chunks(window))
+            .map(|chunk| mongo.apply(chunk))
+            .buffer_unordered(APPLIER_WINDOWS_IN_FLIGHT)
+            .try_collect::<Vec<_>>()
+            .await?;
+        elapsed += started.elapsed();
+    }
     mongo.collection().drop().await?;
-    Ok(r)
+    Ok(rate(users * rounds, elapsed))
 }
