@@ -139,6 +139,19 @@ async fn a_lost_collection_is_rebuilt_by_replay_at_the_newest_generation() {
     let before = datasync::model::now_ms() - 1000;
     sync_generation(&engine, &ns, &users, 1).await;
     sync_generation(&engine, &ns, &users, 2).await;
+    // The live group commits after it applies: wait for the commit of the
+    // last window (both generations, 10,000 records over the partitions).
+    wait_until("the live group committed every record", LONG, || async {
+        let total: i64 = committed(&ns)
+            .iter()
+            .map(|(_, o)| match o {
+                Offset::Offset(n) => *n,
+                _ => 0,
+            })
+            .sum();
+        total == 10_000
+    })
+    .await;
     let offsets_before = committed(&ns);
     assert!(
         offsets_before

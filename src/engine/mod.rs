@@ -503,10 +503,16 @@ impl Engine {
             // The actor system's thread ends once its actors are dropped. A
             // consumer whose close waits on the broker (leaving its group)
             // can hold it, so the wait is bounded too: what is left of the
-            // budget, and at least a few seconds for the stop itself.
+            // budget, and at least a few seconds for the stop itself. The
+            // join runs on a thread of its own, not the blocking pool: a
+            // runtime being dropped waits for its blocking tasks, so a join
+            // left behind there would hang the caller's runtime forever.
             let by = (started + timeout).max(tokio::time::Instant::now() + Duration::from_secs(5));
-            let joined = tokio::time::timeout_at(by, tokio::task::spawn_blocking(move || t.join()));
-            if joined.await.is_err() {
+            let (joined_tx, joined_rx) = tokio::sync::oneshot::channel();
+            std::thread::spawn(move || {
+                let _ = joined_tx.send(t.join());
+            });
+            if tokio::time::timeout_at(by, joined_rx).await.is_err() {
                 tracing::warn!("the actor system did not stop in time; leaving it behind");
                 return;
             }
