@@ -47,7 +47,7 @@ struct SinkLag {
     status: Option<Arc<SinkStatus>>,
     primary: bool,
     /// `(reader of a group, the topic it consumes)`: static, then dynamic.
-    readers: Option<Vec<(Arc<BaseConsumer>, String)>>,
+    readers: Option<Vec<(Arc<kafka::Detached<BaseConsumer>>, String)>>,
 }
 
 /// Samples the backlog and keeps the latest sample.

@@ -7,7 +7,7 @@ use actix_web::{App, http::StatusCode, test};
 use common::*;
 use datasync::{
     Engine,
-    clients::redis::RedisStore,
+    clients::{kafka::Detached, redis::RedisStore},
     engine::OffsetsQuery,
     jobs::{Job, JobState, replay::Replay, replay::ReplayRequest},
     offsets::{self, OffsetRange},
@@ -67,11 +67,13 @@ async fn wait_replay(engine: &Engine, id: &str) -> Job<Replay> {
 /// The live group's committed offsets of the dynamic topic.
 fn committed(ns: &str) -> Vec<(i32, Offset)> {
     let c = test_config(ns);
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &c.kafka.brokers)
-        .set("group.id", &c.kafka.consumer_group)
-        .create()
-        .unwrap();
+    let consumer = Detached::new(
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &c.kafka.brokers)
+            .set("group.id", &c.kafka.consumer_group)
+            .create::<BaseConsumer>()
+            .unwrap(),
+    );
     let mut tpl = TopicPartitionList::new();
     for p in 0..c.kafka.partitions {
         tpl.add_partition(&c.kafka.dynamic_topic, p);
@@ -104,13 +106,15 @@ fn group_names(ns: &str) -> Vec<String> {
 /// end, and the partition's end offset.
 fn users_of_partition(ns: &str, partition: i32) -> (Vec<String>, i64) {
     let c = test_config(ns);
-    let base: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &c.kafka.brokers)
-        .set("group.id", format!("{ns}-probe"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create()
-        .unwrap();
+    let base = Detached::new(
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &c.kafka.brokers)
+            .set("group.id", format!("{ns}-probe"))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .create::<BaseConsumer>()
+            .unwrap(),
+    );
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(&c.kafka.dynamic_topic, partition, Offset::Beginning)
         .unwrap();

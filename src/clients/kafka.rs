@@ -41,6 +41,41 @@ pub fn producer(c: &KafkaConfig, client_id: &str) -> Result<FutureProducer, Kafk
         .create()
 }
 
+/// A consumer whose drop never blocks its owner. rust-rdkafka closes a
+/// consumer that has a group id when it is dropped, polling until librdkafka
+/// reports it closed, with no bound: a close the broker never completes holds
+/// the dropping thread forever (a tokio worker, or a runtime being shut down
+/// that waits for its blocking tasks). Dropped, this hands the consumer to a
+/// thread of its own that closes it and ends. Used for the short-lived and
+/// side consumers (lag readers, replays); the appliers' consumers close on
+/// the actor system's thread, whose join at shutdown is bounded.
+pub struct Detached<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> Detached<T> {
+    pub fn new(consumer: T) -> Self {
+        Self(Some(consumer))
+    }
+}
+
+impl<T: Send + 'static> std::ops::Deref for Detached<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl<T: Send + 'static> Drop for Detached<T> {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.0.take() {
+            // If no thread can be started, the closure and the consumer in it
+            // are dropped here, as an undetached consumer would be.
+            let _ = std::thread::Builder::new()
+                .name("kafka-close".into())
+                .spawn(move || drop(consumer));
+        }
+    }
+}
+
 /// What every consumer here shares: manual offsets only, from the earliest
 /// offset when none is known, and fetches that wait at most
 /// `kafka.fetch_max_wait` at the broker.
@@ -107,10 +142,11 @@ pub fn replay_consumer(
     c: &KafkaConfig,
     group: &str,
     client_id: &str,
-) -> Result<StreamConsumer, KafkaError> {
+) -> Result<Detached<StreamConsumer>, KafkaError> {
     consumer_base(c, group, client_id)
         .set("enable.partition.eof", "true")
         .create()
+        .map(Detached::new)
 }
 
 /// Where a partition's window may start, as the broker sees it.
@@ -138,11 +174,10 @@ pub async fn partition_bounds(
 ) -> Result<Vec<PartitionBounds>, String> {
     let (c, topic) = (c.clone(), topic.to_string());
     tokio::task::spawn_blocking(move || {
-        let consumer: rdkafka::consumer::BaseConsumer = base(&c)
-            .set("group.id", "datasync-replay-lookup")
-            .set("enable.auto.commit", "false")
-            .create()
-            .map_err(|e| e.to_string())?;
+        // No group id: metadata, watermarks and offsets by time need none,
+        // and a consumer without one has no group to close when dropped.
+        let consumer: rdkafka::consumer::BaseConsumer =
+            base(&c).create().map_err(|e| e.to_string())?;
         let md = consumer
             .fetch_metadata(Some(&topic), LOOKUP_TIMEOUT)
             .map_err(|e| format!("cannot read the metadata of `{topic}`: {e}"))?;
@@ -365,8 +400,10 @@ pub struct PartitionLag {
 }
 
 /// A client that reads `group`'s committed offsets without joining it.
-pub fn lag_reader(c: &KafkaConfig, group: &str) -> Result<BaseConsumer, KafkaError> {
-    consumer_base(c, group, "datasync-lag").create()
+pub fn lag_reader(c: &KafkaConfig, group: &str) -> Result<Detached<BaseConsumer>, KafkaError> {
+    consumer_base(c, group, "datasync-lag")
+        .create()
+        .map(Detached::new)
 }
 
 /// `reader`'s group's lag on every partition of `topics`. Blocking: run it

@@ -363,12 +363,15 @@ pub async fn read_topic(
         ClientConfig, Message, Offset, TopicPartitionList,
         consumer::{Consumer, StreamConsumer},
     };
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", unique("reader"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
+    // Closed on a thread of its own when dropped (see `Detached`).
+    let consumer = datasync::clients::kafka::Detached::new(
+        ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", unique("reader"))
+            .set("enable.auto.commit", "false")
+            .create::<StreamConsumer>()
+            .expect("consumer"),
+    );
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning)

@@ -99,11 +99,13 @@ async fn seed_consumer(
     coll: &Collection<Document>,
     users: usize,
 ) -> anyhow::Result<()> {
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("{topic}-reader"))
-        .set("enable.auto.commit", "false")
-        .create()?;
+    let consumer = datasync::clients::kafka::Detached::new(
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", format!("{topic}-reader"))
+            .set("enable.auto.commit", "false")
+            .create::<StreamConsumer>()?,
+    );
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;

@@ -61,7 +61,8 @@ pub async fn measure(
     Ok(Ceilings {
         redis_get_per_s: redis_gets(config, ops, &payload).await?,
         kafka_produce_per_s: kafka_produce(config, ops, &payload).await?,
-        mongo_bulk_upserts_per_s: mongo_upserts(config, ops.min(40_000), rounds, profile_bytes).await?,
+        mongo_bulk_upserts_per_s: mongo_upserts(config, ops.min(40_000), rounds, profile_bytes)
+            .await?,
         postgres_upserts_per_s: postgres,
     })
 }

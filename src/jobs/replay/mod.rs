@@ -326,7 +326,11 @@ impl Window<'_> {
 }
 
 /// A consumer assigned to every unfinished partition at its position.
-fn assign(cx: &Context, group: &str, r: &Replay) -> Result<StreamConsumer, KafkaError> {
+fn assign(
+    cx: &Context,
+    group: &str,
+    r: &Replay,
+) -> Result<kafka::Detached<StreamConsumer>, KafkaError> {
     let consumer = kafka::replay_consumer(&cx.kafka, group, &cx.instance_id)?;
     let mut tpl = TopicPartitionList::new();
     for plan in r.partitions.values().filter(|x| !x.done) {
