@@ -3,7 +3,10 @@
 mod common;
 
 use common::*;
-use datasync::proto::{SyncType, UserProfileSyncEvent};
+use datasync::{
+    proto::{SyncType, UserProfileSyncEvent},
+    shard::shard_of,
+};
 use futures::TryStreamExt;
 use mongodb::bson::{Bson, doc};
 use prost::Message;
@@ -59,29 +62,7 @@ async fn round_trip_on_a_redis_cluster() {
     assert!(profiles.iter().all(Result::is_err), "profile keys removed");
     engine.shutdown(Duration::from_secs(20)).await;
     let _ = mongo(&ns).await.collection().drop().await;
-    // Each master holds some of the keys: clean them node by node.
-    for port in 7001..=7003 {
-        let c = fred::prelude::Builder::from_config(
-            fred::prelude::Config::from_url(&format!("redis://127.0.0.1:{port}")).unwrap(),
-        )
-        .build()
-        .unwrap();
-        if fred::prelude::ClientLike::init(&c).await.is_ok() {
-            let keys: Vec<String> = fred::prelude::KeysInterface::scan_page(
-                &c,
-                "0",
-                format!("*{ns}*"),
-                Some(100_000),
-                None,
-            )
-            .await
-            .map(|(_, k): (String, Vec<String>)| k)
-            .unwrap_or_default();
-            for k in keys {
-                let _: Result<i64, _> = fred::prelude::KeysInterface::del(&c, k).await;
-            }
-        }
-    }
+    cleanup_cluster(&ns).await;
 }
 
 async fn round_trip(engine: &datasync::Engine, ns: &str, n: usize) {
@@ -329,4 +310,61 @@ fn event_wire_format_keeps_seed_field_numbers() {
         e.encode_to_vec(),
         vec![0x0a, 1, b'u', 0x10, 1, 0x20, 7, 0x28, 9]
     );
+}
+
+/// A cycle first asks Redis which shards hold anything (one script call on a
+/// single Redis, one a shard on a cluster) and scans only those. Exactly the
+/// shards with a flag or a pending immediate change must say so, or a
+/// change would wait in a shard that is never scanned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_the_shards_with_flags_or_pending_immediate_changes_are_scanned() {
+    for cluster in [false, true] {
+        let ns = Namespace::new(if cluster { "workc" } else { "work" });
+        let mut config = test_config(&ns);
+        if cluster {
+            let url = std::env::var("DATASYNC_TEST_REDIS_CLUSTER_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:7001".into());
+            config.redis.url = datasync::config::Secret::new(url);
+            config.redis.cluster = true;
+        }
+        let r = datasync::clients::redis::RedisStore::connect(&config.redis, config.sync.shards)
+            .await
+            .unwrap();
+        let n = r.shards();
+        let all: Vec<u32> = (0..n).collect();
+        let idle = r.shards_with_work(&all).await.unwrap();
+        assert_eq!(
+            idle,
+            vec![false; n as usize],
+            "cluster {cluster}: nothing yet"
+        );
+
+        let flagged = "flagged-user".to_string();
+        let staged = (0..)
+            .map(|i| format!("staged-user-{i}"))
+            .find(|u| shard_of(u, n) != shard_of(&flagged, n))
+            .unwrap();
+        r.mark(std::slice::from_ref(&flagged)).await.unwrap();
+        r.stage_static(&[(staged.as_str(), r#"{"vip":true}"#.to_string())])
+            .await
+            .unwrap();
+        let busy = [shard_of(&flagged, n), shard_of(&staged, n)];
+        let got = r.shards_with_work(&all).await.unwrap();
+        for (shard, work) in all.iter().zip(&got) {
+            assert_eq!(
+                *work,
+                busy.contains(shard),
+                "cluster {cluster}: shard {shard}"
+            );
+        }
+        // Any subset, in any order, answers in that order.
+        let some = vec![busy[1], (busy[0] + 1) % n, busy[0]];
+        let expected: Vec<bool> = some.iter().map(|s| busy.contains(s)).collect();
+        assert_eq!(r.shards_with_work(&some).await.unwrap(), expected);
+        assert!(r.shards_with_work(&[]).await.unwrap().is_empty());
+        if cluster {
+            // The namespace's cleanup reaches the single Redis only.
+            cleanup_cluster(&ns).await;
+        }
+    }
 }

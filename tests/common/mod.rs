@@ -191,6 +191,33 @@ where
     }
 }
 
+/// Removes the keys of `ns` from the local three-master Redis Cluster
+/// (`scripts/stack.sh cluster`), node by node: each master holds some.
+pub async fn cleanup_cluster(ns: &str) {
+    for port in 7001..=7003 {
+        let c = fred::prelude::Builder::from_config(
+            fred::prelude::Config::from_url(&format!("redis://127.0.0.1:{port}")).unwrap(),
+        )
+        .build()
+        .unwrap();
+        if fred::prelude::ClientLike::init(&c).await.is_ok() {
+            let keys: Vec<String> = fred::prelude::KeysInterface::scan_page(
+                &c,
+                "0",
+                format!("*{ns}*"),
+                Some(100_000),
+                None,
+            )
+            .await
+            .map(|(_, k): (String, Vec<String>)| k)
+            .unwrap_or_default();
+            for k in keys {
+                let _: Result<i64, _> = fred::prelude::KeysInterface::del(&c, k).await;
+            }
+        }
+    }
+}
+
 /// Starts an engine on the test config of `ns`, and waits for Kafka and
 /// MongoDB to answer (topics and index in place).
 pub async fn start(ns: &str) -> Engine {

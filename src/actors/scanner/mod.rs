@@ -237,7 +237,7 @@ pub async fn run_cycle(p: Arc<Pipeline>) -> CycleReport {
             }
         }
     }
-    let per_shard: Vec<CycleReport> = futures::stream::iter(p.ownership.scannable())
+    let per_shard: Vec<CycleReport> = futures::stream::iter(shards_to_scan(&p).await)
         .map(|shard| scan_shard(&p, shard))
         .buffer_unordered(p.sync.max_in_flight_pages)
         .collect()
@@ -255,6 +255,33 @@ pub async fn run_cycle(p: Arc<Pipeline>) -> CycleReport {
     };
     p.shared.stats.cycle_done(age, report.paused == 0);
     report
+}
+
+/// The owned shards that hold a flag or a pending immediate change, asked of
+/// Redis all at once; the others count as scanned. In continuous mode an idle
+/// service cycles every `sync.idle_backoff`, and reading each shard's flags
+/// and pending changes in turn cost two round trips a shard a cycle (about 5 %
+/// of a core for 64 shards). If the question fails, every owned shard is
+/// scanned, and its reads report the error.
+async fn shards_to_scan(p: &Pipeline) -> Vec<u32> {
+    let owned = p.ownership.scannable();
+    let with_work = match p.redis.shards_with_work(&owned).await {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot count the shards' flags; scanning every shard");
+            return owned;
+        }
+    };
+    let now = now_us() as f64 / 1e6;
+    let mut scan = Vec::new();
+    for (shard, work) in owned.into_iter().zip(with_work) {
+        if work {
+            scan.push(shard);
+        } else {
+            p.shared.stats.shard_scanned(shard, p.sync.shards, now);
+        }
+    }
+    scan
 }
 
 /// Moves the legacy set's members into the sharded flags. Each batch is first

@@ -253,8 +253,16 @@ async fn measure(cli: &Cli, mut sc: Scenario, ns: &str, config: &Config) -> anyh
 
     if !cli.skip_ceilings && sc.ceiling_ops > 0 {
         eprintln!("measuring backend ceilings ({} ops each)…", sc.ceiling_ops);
-        report.ceilings =
-            Some(ceilings::measure(&config, sc.ceiling_ops, sc.rounds, sc.profile_bytes).await?);
+        report.ceilings = Some(
+            ceilings::measure(
+                &config,
+                sc.ceiling_ops,
+                sc.users,
+                sc.rounds,
+                sc.profile_bytes,
+            )
+            .await?,
+        );
     }
     if !cli.skip_baseline && sc.baseline_users > 0 {
         eprintln!(

@@ -9,6 +9,7 @@ use std::sync::LazyLock;
 static MARK: LazyLock<Script> = lua_script!("mark.lua", "clock.lua");
 static CLEAR: LazyLock<Script> = lua_script!("clear_flags.lua", "close_dead_letter.lua");
 static CLEAR_RANGES: LazyLock<Script> = lua_script!("clear_flag_ranges.lua");
+static SHARDS_WITH_WORK: LazyLock<Script> = lua_script!("shards_with_work.lua");
 
 /// One stretch of a page, consecutive in score order, whose every flag is
 /// to be cleared: its lowest and highest version and how many flags it has.
@@ -116,6 +117,38 @@ impl RedisStore {
             let _: () = pipe.zcard(self.keys.dirty(shard)).await?;
         }
         Ok(pipe.all().await?)
+    }
+
+    /// Which of `shards` hold anything for the scan, in order: a flag, or an
+    /// accepted immediate change not yet settled (acknowledged or not). A
+    /// single Redis answers in one script call; a cluster in one call a
+    /// shard (`scripts/shards_with_work.lua`). Pipelined commands would cost
+    /// a socket write each, which is what made an idle cycle expensive.
+    pub async fn shards_with_work(&self, shards: &[u32]) -> Result<Vec<bool>, RedisError> {
+        let keys = |shard: u32| [self.keys.dirty(shard), self.keys.static_pending(shard)];
+        let counts: Vec<i64> = if self.cluster {
+            let calls = shards.iter().map(|&shard| async move {
+                let c: Vec<i64> = SHARDS_WITH_WORK
+                    .evalsha_with_reload(self.client(), keys(shard).to_vec(), Vec::<String>::new())
+                    .await?;
+                Ok::<_, RedisError>(c.first().copied().unwrap_or(0))
+            });
+            futures::future::try_join_all(calls).await?
+        } else if shards.is_empty() {
+            Vec::new()
+        } else {
+            let all: Vec<String> = shards.iter().flat_map(|&s| keys(s)).collect();
+            SHARDS_WITH_WORK
+                .evalsha_with_reload(self.client(), all, Vec::<String>::new())
+                .await?
+        };
+        if counts.len() != shards.len() {
+            return Err(RedisError::Reply {
+                what: "shards with work",
+                reply: format!("{} counts for {} shards", counts.len(), shards.len()),
+            });
+        }
+        Ok(counts.into_iter().map(|n| n > 0).collect())
     }
 
     /// Compare-and-delete of a shard's flags. Returns how many were removed.

@@ -22,7 +22,9 @@
 //! Every multi-key operation is a Lua script over the keys of one shard (one
 //! cluster slot), kept as a file under `scripts/` whose header states its KEYS,
 //! ARGV and reply; shared fragments live in `scripts/includes/`. Scripts are
-//! loaded once and called by SHA. Every per-user read is pipelined.
+//! loaded once and called by SHA. Every per-user read is pipelined. One
+//! read-only script, `shards_with_work.lua`, takes every shard's keys at once
+//! on a single Redis (and one shard a call on a cluster).
 
 mod applied;
 mod deletes;
