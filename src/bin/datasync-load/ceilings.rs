@@ -179,8 +179,8 @@ async fn kafka_produce(config: &Config, ops: usize, payload: &str) -> anyhow::Re
 /// windows at once: `rounds` passes over `users`, the first inserting them
 /// and each later one replacing their profile at the next version. The
 /// collection grows to the run's size, so the server's indexes are as deep
-/// as end to end finds them (a ceiling over a fifth of the users, as this
-/// was before, read 5–10 % higher than the run's own collection allows).
+/// as end to end finds them; a ceiling over a smaller collection measured a
+/// lighter workload than the run's.
 async fn mongo_upserts(
     config: &Config,
     users: usize,

@@ -3,10 +3,7 @@
 
 use super::{RedisError, RedisStore, lua_script};
 use crate::shard::shard_of;
-use fred::{
-    prelude::*,
-    types::{Value as RValue, scripts::Script},
-};
+use fred::{prelude::*, types::scripts::Script};
 use std::{sync::LazyLock, time::Duration};
 
 static CACHE_FILL: LazyLock<Script> = lua_script!("cache_fill.lua");
@@ -67,16 +64,23 @@ impl RedisStore {
 
     /// Drops cached composed profiles (after MongoDB changed).
     pub async fn cache_invalidate(&self, users: &[&str]) -> Result<(), RedisError> {
-        if users.is_empty() {
-            return Ok(());
-        }
-        let pipe = self.client().pipeline();
-        for u in users {
-            let _: () = pipe
-                .del(self.keys.profile_cache(shard_of(u, self.shards), u))
-                .await?;
-        }
-        let _: Vec<RValue> = pipe.all().await?;
+        // One DEL a shard with all its users' keys (they share the shard's
+        // slot): a pipeline of one DEL a user cost a socket write a user, as
+        // fred flushes every pipelined command, and thousands a window.
+        let dels = self
+            .by_shard(users.iter().copied())
+            .into_iter()
+            .map(|(shard, idx)| {
+                let keys: Vec<String> = idx
+                    .iter()
+                    .map(|&i| self.keys.profile_cache(shard, users[i]))
+                    .collect();
+                async move {
+                    let _: i64 = self.client().del(keys).await?;
+                    Ok::<_, RedisError>(())
+                }
+            });
+        futures::future::try_join_all(dels).await?;
         Ok(())
     }
 }

@@ -6,8 +6,22 @@ use crate::model::{ProfileError, RawProfile};
 use fred::{prelude::*, types::Value as RValue};
 
 impl RedisStore {
-    /// Writes profiles as JSON strings, pipelined.
+    /// Writes profiles as JSON strings: one MSET on a single Redis, a
+    /// pipeline of SETs on a cluster (the keys lie in many slots). fred
+    /// writes every pipelined command to the socket on its own, so the MSET
+    /// saves a system call a profile on both sides.
     pub async fn write_profiles(&self, profiles: &[(String, String)]) -> Result<(), RedisError> {
+        if profiles.is_empty() {
+            return Ok(());
+        }
+        if !self.cluster {
+            let pairs: Vec<(String, &str)> = profiles
+                .iter()
+                .map(|(user, json)| (self.keys.profile(user), json.as_str()))
+                .collect();
+            let _: () = self.client().mset(pairs).await?;
+            return Ok(());
+        }
         let pipe = self.client().pipeline();
         for (user, json) in profiles {
             let _: () = pipe
