@@ -328,8 +328,13 @@ async fn offset_ranges_cover_every_applied_offset_across_a_graceful_restart() {
         limit: 10_000,
         ..Default::default()
     };
+    // The documents are written before the window's offsets are recorded.
+    wait_until("the applied windows' offsets are recorded", LONG, || {
+        let (engine, q) = (engine.clone(), q.clone());
+        async move { engine.offsets(q).await.unwrap().pending_flush > 0 }
+    })
+    .await;
     assert!(engine.offsets(q.clone()).await.unwrap().ranges.is_empty());
-    assert!(engine.offsets(q.clone()).await.unwrap().pending_flush > 0);
     engine.shutdown(Duration::from_secs(20)).await;
 
     let engine = start_with(config()).await;
