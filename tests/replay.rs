@@ -87,13 +87,20 @@ fn committed(ns: &str) -> Vec<(i32, Offset)> {
         .collect()
 }
 
-/// The end offset of one partition of the dynamic topic.
-fn high_watermark(ns: &str, partition: i32) -> i64 {
+/// A consumer without a group id (nothing to close when dropped), for
+/// metadata lookups, and the test config of `ns`.
+fn lookup_consumer(ns: &str) -> (datasync::Config, BaseConsumer) {
     let c = test_config(ns);
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &c.kafka.brokers)
         .create()
         .unwrap();
+    (c, consumer)
+}
+
+/// The end offset of one partition of the dynamic topic.
+fn high_watermark(ns: &str, partition: i32) -> i64 {
+    let (c, consumer) = lookup_consumer(ns);
     consumer
         .fetch_watermarks(&c.kafka.dynamic_topic, partition, Duration::from_secs(10))
         .unwrap()
@@ -101,11 +108,7 @@ fn high_watermark(ns: &str, partition: i32) -> i64 {
 }
 
 fn group_names(ns: &str) -> Vec<String> {
-    let c = test_config(ns);
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &c.kafka.brokers)
-        .create()
-        .unwrap();
+    let (_, consumer) = lookup_consumer(ns);
     consumer
         .fetch_group_list(None, Duration::from_secs(10))
         .unwrap()

@@ -120,28 +120,27 @@ impl RedisStore {
     }
 
     /// Which of `shards` hold anything for the scan, in order: a flag, or an
-    /// accepted immediate change not yet settled (acknowledged or not). A
-    /// single Redis answers in one script call; a cluster in one call a
-    /// shard (`scripts/shards_with_work.lua`). Pipelined commands would cost
-    /// a socket write each, which is what made an idle cycle expensive.
+    /// accepted immediate change not yet settled (acknowledged or not). One
+    /// script call on a single Redis, one a shard on a cluster
+    /// (`scripts/shards_with_work.lua`): pipelined commands would cost a
+    /// socket write each, which is what made an idle cycle expensive.
     pub async fn shards_with_work(&self, shards: &[u32]) -> Result<Vec<bool>, RedisError> {
-        let keys = |shard: u32| [self.keys.dirty(shard), self.keys.static_pending(shard)];
-        let counts: Vec<i64> = if self.cluster {
-            let calls = shards.iter().map(|&shard| async move {
-                let c: Vec<i64> = SHARDS_WITH_WORK
-                    .evalsha_with_reload(self.client(), keys(shard).to_vec(), Vec::<String>::new())
-                    .await?;
-                Ok::<_, RedisError>(c.first().copied().unwrap_or(0))
-            });
-            futures::future::try_join_all(calls).await?
-        } else if shards.is_empty() {
-            Vec::new()
-        } else {
-            let all: Vec<String> = shards.iter().flat_map(|&s| keys(s)).collect();
-            SHARDS_WITH_WORK
-                .evalsha_with_reload(self.client(), all, Vec::<String>::new())
-                .await?
-        };
+        let groups = self.slot_groups(
+            shards
+                .iter()
+                .map(|&s| vec![self.keys.dirty(s), self.keys.static_pending(s)]),
+        );
+        let calls = groups.into_iter().map(|keys| async move {
+            let c: Vec<i64> = SHARDS_WITH_WORK
+                .evalsha_with_reload(self.client(), keys, Vec::<String>::new())
+                .await?;
+            Ok::<_, RedisError>(c)
+        });
+        let counts: Vec<i64> = futures::future::try_join_all(calls)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
         if counts.len() != shards.len() {
             return Err(RedisError::Reply {
                 what: "shards with work",

@@ -22,9 +22,10 @@
 //! Every multi-key operation is a Lua script over the keys of one shard (one
 //! cluster slot), kept as a file under `scripts/` whose header states its KEYS,
 //! ARGV and reply; shared fragments live in `scripts/includes/`. Scripts are
-//! loaded once and called by SHA. Every per-user read is pipelined. One
-//! read-only script, `shards_with_work.lua`, takes every shard's keys at once
-//! on a single Redis (and one shard a call on a cluster).
+//! loaded once and called by SHA. Every per-user read is pipelined. A few
+//! batch commands (the idle scan's `shards_with_work.lua`, the cached-profile
+//! invalidation) take every shard's keys at once on a single Redis and one
+//! shard's a call on a cluster (`slot_groups`).
 
 mod applied;
 mod deletes;
@@ -196,6 +197,19 @@ impl RedisStore {
             }
         }
         Ok(out)
+    }
+
+    /// The key lists that one multi-key command may take, from one list a
+    /// shard (in order): on a cluster each shard's keys alone (they share its
+    /// slot), on a single Redis all of them at once, so a batch costs one
+    /// command there instead of one a shard.
+    fn slot_groups(&self, per_shard: impl IntoIterator<Item = Vec<String>>) -> Vec<Vec<String>> {
+        if self.cluster {
+            per_shard.into_iter().filter(|k| !k.is_empty()).collect()
+        } else {
+            let all: Vec<String> = per_shard.into_iter().flatten().collect();
+            if all.is_empty() { vec![] } else { vec![all] }
+        }
     }
 
     /// Groups item indices by the shard of their user.

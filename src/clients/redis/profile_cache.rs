@@ -64,22 +64,20 @@ impl RedisStore {
 
     /// Drops cached composed profiles (after MongoDB changed).
     pub async fn cache_invalidate(&self, users: &[&str]) -> Result<(), RedisError> {
-        // One DEL a shard with all its users' keys (they share the shard's
-        // slot): a pipeline of one DEL a user cost a socket write a user, as
-        // fred flushes every pipelined command, and thousands a window.
-        let dels = self
-            .by_shard(users.iter().copied())
-            .into_iter()
-            .map(|(shard, idx)| {
-                let keys: Vec<String> = idx
-                    .iter()
+        // One DEL for all the keys (a shard's on a cluster): a pipeline of
+        // one DEL a user cost a socket write a user, as fred flushes every
+        // pipelined command, and thousands a window.
+        let groups = self.slot_groups(self.by_shard(users.iter().copied()).into_iter().map(
+            |(shard, idx)| {
+                idx.iter()
                     .map(|&i| self.keys.profile_cache(shard, users[i]))
-                    .collect();
-                async move {
-                    let _: i64 = self.client().del(keys).await?;
-                    Ok::<_, RedisError>(())
-                }
-            });
+                    .collect()
+            },
+        ));
+        let dels = groups.into_iter().map(|keys| async move {
+            let _: i64 = self.client().del(keys).await?;
+            Ok::<_, RedisError>(())
+        });
         futures::future::try_join_all(dels).await?;
         Ok(())
     }
