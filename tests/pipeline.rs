@@ -100,6 +100,12 @@ async fn round_trip(engine: &datasync::Engine, ns: &str, n: usize) {
         seen += 1;
     }
     assert_eq!(seen, n);
+    // The documents are visible before the applier reads MongoDB's reply
+    // and counts them.
+    wait_until("every change counted as applied", LONG, || async {
+        engine.stats().events_applied >= n as u64
+    })
+    .await;
     let s = engine.stats();
     assert_eq!(s.events_applied, n as u64, "{s:?}");
 }
