@@ -312,8 +312,9 @@ async fn an_epoch_lost_in_a_failover_is_never_issued_again() {
 
 /// One change too large for any command (50 MB, over the 48 MB message
 /// limit, so the whole bulk is refused) is rejected alone, to be
-/// dead-lettered, once the window is written statement by statement; the
-/// others in its window apply.
+/// dead-lettered, once the window is written statement by statement; so is
+/// a profile with a field name BSON cannot encode (a NUL byte). The others
+/// in its window apply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_document_too_large_is_rejected_alone_and_the_rest_apply() {
     let ns = Namespace::new("toolarge");
@@ -332,6 +333,7 @@ async fn a_document_too_large_is_rejected_alone_and_the_rest_apply() {
             change("a", doc! { "gen": 1 }),
             change("b", doc! { "pad": huge }),
             change("c", doc! { "gen": 1 }),
+            change("d", doc! { "bad\0name": 1 }),
         ])
         .await
         .unwrap();
@@ -341,6 +343,10 @@ async fn a_document_too_large_is_rejected_alone_and_the_rest_apply() {
         "{outcomes:?}"
     );
     assert_eq!(outcomes[2], datasync::clients::mongo::Outcome::Applied);
+    assert!(
+        matches!(&outcomes[3], datasync::clients::mongo::Outcome::Rejected(e) if e.contains("user `d`")),
+        "{outcomes:?}"
+    );
     assert_eq!(count_docs(&store, doc! {}).await, 2);
 }
 

@@ -11,7 +11,7 @@ use crate::{config::MongoConfig, model::fields};
 use futures::TryStreamExt;
 use mongodb::{
     Client, Collection, Database, IndexModel,
-    bson::{Bson, Document, doc},
+    bson::{Bson, Document, RawDocumentBuf, doc},
     options::{ClientOptions, IndexOptions},
 };
 use std::collections::HashMap;
@@ -137,7 +137,7 @@ pub struct MongoStore {
     collection: String,
     /// The URL's write concern (`w`, `wtimeoutMS`, `journal`), sent with each
     /// `update` command: `run_command` does not add the client's own.
-    write_concern: Option<Document>,
+    write_concern: Option<RawDocumentBuf>,
 }
 
 impl MongoStore {
@@ -159,7 +159,7 @@ impl MongoStore {
         opts.app_name = Some(app_name.to_string());
         let write_concern = match &opts.write_concern {
             Some(wc) if *wc != Default::default() => Some(
-                mongodb::bson::to_document(wc)
+                mongodb::bson::to_raw_document_buf(wc)
                     .map_err(|e| MongoError::Reply(format!("write concern: {e}")))?,
             ),
             _ => None,

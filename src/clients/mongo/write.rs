@@ -6,7 +6,7 @@ use super::{
     STATEMENTS_PER_COMMAND, classify_code, refused_for_its_data,
 };
 use crate::model::{Section, fields};
-use mongodb::bson::{Bson, DateTime, Document, doc};
+use mongodb::bson::{Bson, DateTime, Document, RawArrayBuf, RawDocumentBuf, doc, rawdoc};
 
 impl MongoStore {
     /// Applies changes newer-wins: each statement updates a user's section only
@@ -15,7 +15,8 @@ impl MongoStore {
     /// so those statements are tried once more; a second duplicate means stale.
     pub async fn apply(&self, changes: &[Change]) -> Result<Vec<Outcome>, MongoError> {
         let now = DateTime::now();
-        let mut outcomes = self.update_many(changes, now).await?;
+        let all: Vec<&Change> = changes.iter().collect();
+        let mut outcomes = self.update_many(&all, now).await?;
         let retry: Vec<usize> = outcomes
             .iter()
             .enumerate()
@@ -23,7 +24,7 @@ impl MongoStore {
             .map(|(i, _)| i)
             .collect();
         if !retry.is_empty() {
-            let again: Vec<Change> = retry.iter().map(|&i| changes[i].clone()).collect();
+            let again: Vec<&Change> = retry.iter().map(|&i| &changes[i]).collect();
             for (i, o) in retry.into_iter().zip(self.update_many(&again, now).await?) {
                 outcomes[i] = o;
             }
@@ -31,74 +32,112 @@ impl MongoStore {
         Ok(outcomes)
     }
 
+    /// Writes the changes in `update` commands cut by statement count and
+    /// bytes. The statements are built as raw BSON straight into each
+    /// command's array: the profile is encoded once, and the size a statement
+    /// takes is its length. A change whose profile cannot be encoded (a key
+    /// with a NUL byte) is rejected on its own.
     async fn update_many(
         &self,
-        changes: &[Change],
+        changes: &[&Change],
         now: DateTime,
     ) -> Result<Vec<Outcome>, MongoError> {
-        let mut outcomes = Vec::with_capacity(changes.len());
-        let (mut from, mut bytes) = (0, 0);
-        let mut statements: Vec<Document> = Vec::new();
+        let mut outcomes = vec![Outcome::Applied; changes.len()];
+        let mut group = Group::default();
         for (i, c) in changes.iter().enumerate() {
-            let s = statement(c, now);
-            // The size the statement takes in the command (the profile is
-            // most of it), so a command stays well under the server's 16 MB.
-            let size = mongodb::bson::to_vec(&s).map(|v| v.len()).unwrap_or(0);
-            if !statements.is_empty()
-                && (statements.len() == STATEMENTS_PER_COMMAND || bytes + size > COMMAND_BYTES)
+            let s = match statement(c, now) {
+                Ok(s) => s,
+                Err(e) => {
+                    outcomes[i] = Outcome::Rejected(e);
+                    continue;
+                }
+            };
+            let size = s.as_bytes().len();
+            if group.len() == STATEMENTS_PER_COMMAND
+                || (group.len() > 0 && group.bytes + size > COMMAND_BYTES)
             {
-                let group = std::mem::take(&mut statements);
-                outcomes.extend(self.update_command(&changes[from..i], group, now).await?);
-                (from, bytes) = (i, 0);
+                self.run_group(std::mem::take(&mut group), changes, now, &mut outcomes)
+                    .await?;
             }
-            statements.push(s);
-            bytes += size;
+            group.push(i, s);
         }
-        if !statements.is_empty() {
-            outcomes.extend(
-                self.update_command(&changes[from..], statements, now)
-                    .await?,
-            );
+        if group.len() > 0 {
+            self.run_group(group, changes, now, &mut outcomes).await?;
         }
         Ok(outcomes)
     }
 
-    /// One `update` command with the statements of `changes`; an outcome
-    /// each. A command refused whole for what it carries (a statement too
-    /// large for any command) is written again one statement at a time, so
-    /// only the bad statements are rejected.
-    async fn update_command(
+    /// One `update` command with a group's statements; its outcomes go to
+    /// the group's places. A command refused whole for what it carries (a
+    /// statement too large for any command) is written again one statement at
+    /// a time, so only the bad statements are rejected.
+    async fn run_group(
         &self,
-        changes: &[Change],
-        statements: Vec<Document>,
+        group: Group,
+        changes: &[&Change],
         now: DateTime,
-    ) -> Result<Vec<Outcome>, MongoError> {
-        match self.run_update(statements).await {
+        outcomes: &mut [Outcome],
+    ) -> Result<(), MongoError> {
+        let Group { indexes, array, .. } = group;
+        match self.run_update(array, indexes.len()).await {
+            Ok(out) => {
+                for (i, o) in indexes.into_iter().zip(out) {
+                    outcomes[i] = o;
+                }
+            }
             Err(e) if refused_for_its_data(&e) => {
-                tracing::warn!(error = %e, statements = changes.len(), "bulk update refused; writing its statements one by one");
-                let mut out = Vec::with_capacity(changes.len());
-                for c in changes {
-                    out.push(match self.run_update(vec![statement(c, now)]).await {
+                tracing::warn!(error = %e, statements = indexes.len(), "bulk update refused; writing its statements one by one");
+                for i in indexes {
+                    let mut one = RawArrayBuf::new();
+                    // It was built once already, so it builds again.
+                    one.push(statement(changes[i], now).map_err(MongoError::Reply)?);
+                    outcomes[i] = match self.run_update(one, 1).await {
                         Ok(mut o) => o.remove(0),
                         Err(e) if refused_for_its_data(&e) => Outcome::Rejected(e.to_string()),
                         Err(e) => return Err(e),
-                    });
+                    };
                 }
-                Ok(out)
             }
-            other => other,
+            Err(e) => return Err(e),
         }
+        Ok(())
     }
 
-    async fn run_update(&self, statements: Vec<Document>) -> Result<Vec<Outcome>, MongoError> {
-        let n = statements.len();
-        let mut command =
-            doc! { "update": &self.collection, "updates": statements, "ordered": false };
+    async fn run_update(
+        &self,
+        statements: RawArrayBuf,
+        n: usize,
+    ) -> Result<Vec<Outcome>, MongoError> {
+        let mut command = RawDocumentBuf::new();
+        command.append("update", self.collection.as_str());
+        command.append("updates", statements);
+        command.append("ordered", false);
         if let Some(wc) = &self.write_concern {
-            command.insert("writeConcern", wc.clone());
+            command.append_ref("writeConcern", wc.as_ref());
         }
-        let reply = self.db.run_command(command).await?;
+        let reply = self.db.run_raw_command(command).await?;
         outcomes_of_reply(&reply, n)
+    }
+}
+
+/// The statements of one `update` command as they are built: the raw array,
+/// the places of their changes, and the bytes so far.
+#[derive(Default)]
+struct Group {
+    indexes: Vec<usize>,
+    array: RawArrayBuf,
+    bytes: usize,
+}
+
+impl Group {
+    fn len(&self) -> usize {
+        self.indexes.len()
+    }
+
+    fn push(&mut self, index: usize, statement: RawDocumentBuf) {
+        self.bytes += statement.as_bytes().len();
+        self.indexes.push(index);
+        self.array.push(statement);
     }
 }
 
@@ -153,38 +192,43 @@ fn outcomes_of_reply(reply: &Document, n: usize) -> Result<Vec<Outcome>, MongoEr
     Ok(outcomes)
 }
 
-/// The newer-wins statement of one change.
-fn statement(c: &Change, now: DateTime) -> Document {
+/// The newer-wins statement of one change, as raw BSON; an error names
+/// why the profile cannot be encoded.
+fn statement(c: &Change, now: DateTime) -> Result<RawDocumentBuf, String> {
     match &c.op {
         Op::Set(profile) => set_statement(c, profile, now),
-        Op::Delete => delete_statement(c, now),
+        Op::Delete => RawDocumentBuf::from_document(&delete_statement(c, now))
+            .map_err(|e| format!("delete of user `{}`: {e}", c.user_id)),
     }
 }
 
 /// The newer-wins upsert of one section. Bringing a section back also brings
-/// a deleted user back: the tombstone marks go.
-fn set_statement(c: &Change, profile: &Document, now: DateTime) -> Document {
+/// a deleted user back: the tombstone marks go. The profile is encoded once,
+/// into the statement's `$set`.
+fn set_statement(c: &Change, profile: &Document, now: DateTime) -> Result<RawDocumentBuf, String> {
     let (profile_field, version_field) = c.section.mongo_fields();
-    doc! {
-        "q": {
-            "userId": &c.user_id,
-            // "Not at least as new": matches an older version and a missing one.
-            // (An `$or` of the two is equivalent but defeats the userId index on
-            // some servers.)
-            version_field: { "$not": { "$gte": c.version } },
-        },
+    let profile = RawDocumentBuf::from_document(profile)
+        .map_err(|e| format!("profile of user `{}` cannot be encoded: {e}", c.user_id))?;
+    let mut set = RawDocumentBuf::new();
+    set.append(profile_field, profile);
+    set.append(version_field, c.version);
+    set.append(fields::UPDATED_AT, now);
+    set.append(fields::LAST_EVENT_ID, c.event_id.as_str());
+    let mut filter = RawDocumentBuf::new();
+    filter.append(fields::USER_ID, c.user_id.as_str());
+    // "Not at least as new": matches an older version and a missing one.
+    // (An `$or` of the two is equivalent but defeats the userId index on
+    // some servers.)
+    filter.append(version_field, rawdoc! { "$not": { "$gte": c.version } });
+    Ok(rawdoc! {
+        "q": filter,
         "u": {
-            "$set": {
-                profile_field: profile.clone(),
-                version_field: c.version,
-                "updatedAt": now,
-                "lastEventId": &c.event_id,
-            },
-            "$unset": { fields::DELETED: "", fields::DELETED_AT: "" },
-            "$inc": { "dataVersion": 1i64 },
+            "$set": set,
+            "$unset": { (fields::DELETED): "", (fields::DELETED_AT): "" },
+            "$inc": { (fields::DATA_VERSION): 1i64 },
         },
         "upsert": true,
-    }
+    })
 }
 
 /// A delete at version v, newer-wins per section: it matches only a document
@@ -244,6 +288,35 @@ fn delete_statement(c: &Change, now: DateTime) -> Document {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_section_upsert_is_the_newer_wins_statement_field_for_field() {
+        let now = DateTime::from_millis(1_700_000_000_000);
+        let change = Change {
+            user_id: "u1".into(),
+            section: Section::Static,
+            version: 42,
+            op: Op::Set(doc! { "level": 3, "tags": ["a", "b"], "vip": { "since": 2020 } }),
+            event_id: "e1".into(),
+            marked_at_ms: 0,
+        };
+        let expected = doc! {
+            "q": { "userId": "u1", "staticVersion": { "$not": { "$gte": 42i64 } } },
+            "u": {
+                "$set": {
+                    "staticProfile": { "level": 3, "tags": ["a", "b"], "vip": { "since": 2020 } },
+                    "staticVersion": 42i64,
+                    "updatedAt": now,
+                    "lastEventId": "e1",
+                },
+                "$unset": { "deleted": "", "deletedAt": "" },
+                "$inc": { "dataVersion": 1i64 },
+            },
+            "upsert": true,
+        };
+        let built = statement(&change, now).unwrap().to_document().unwrap();
+        assert_eq!(built, expected);
+    }
 
     #[test]
     fn a_write_concern_error_fails_the_window_instead_of_counting_as_applied() {
