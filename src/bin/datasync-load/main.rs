@@ -22,6 +22,7 @@ mod cleanup;
 mod phases;
 mod report;
 mod scenario;
+mod servers;
 mod sweep;
 mod target;
 

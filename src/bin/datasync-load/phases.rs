@@ -41,6 +41,8 @@ pub async fn publish_only(sc: &Scenario, ns: &str) -> anyhow::Result<PublishOnly
         scanned_before == 0,
         "{scanned_before} flags were scanned while the publish-only phase was being set up"
     );
+    let servers = crate::servers::Servers::find(&engine_config(&sc, &ns, 0)?);
+    let servers_before = servers.cpu_seconds();
     let before = datasync::telemetry::process_usage();
     let rss_before = before.rss_mb;
     let started = Instant::now();
@@ -71,11 +73,14 @@ pub async fn publish_only(sc: &Scenario, ns: &str) -> anyhow::Result<PublishOnly
         "the publish-only phase published {published} events for {flags} flags"
     );
     let cpu = datasync::telemetry::process_usage().cpu_seconds - before.cpu_seconds;
+    let servers_cpu_us_per_flag =
+        crate::servers::per_change(&servers_before, &servers.cpu_seconds(), flags as u64);
     for e in &engines {
         e.shutdown(Duration::from_secs(30)).await;
     }
     Ok(PublishOnly {
         cpu_us_per_flag: cpu * 1e6 / flags.max(1) as f64,
+        servers_cpu_us_per_flag,
         users: flags,
         seconds,
         flags_per_s: flags as f64 / seconds,
@@ -176,6 +181,8 @@ pub async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Res
     bar.set_style(ProgressStyle::with_template(
         "{elapsed_precise} [{bar:40}] {pos}/{len} applied {msg}",
     )?);
+    let servers = crate::servers::Servers::find(config);
+    let servers_before = servers.cpu_seconds();
     let started = Instant::now();
     let cpu0 = target.observe().await?.cpu_seconds;
     let mut rng = StdRng::seed_from_u64(sc.seed);
@@ -325,6 +332,8 @@ pub async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Res
         None => None,
     };
     let seconds = started.elapsed().as_secs_f64();
+    let servers_cpu_us_per_change =
+        crate::servers::per_change(&servers_before, &servers.cpu_seconds(), total);
     bar.finish_and_clear();
     let mut failures: Vec<String> = timeout.into_iter().collect();
     if let Err(e) = driven {
@@ -405,6 +414,7 @@ pub async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Res
         peak_rss_mb: samples.iter().map(|s| s.rss_mb).fold(end.rss_mb, f64::max),
         mean_cpu_percent: (end.cpu_seconds - cpu0) / seconds * 100.0,
         cpu_us_per_change: (end.cpu_seconds - cpu0) * 1e6 / total.max(1) as f64,
+        servers_cpu_us_per_change,
         documents,
         verified: documents == sc.users as u64 && last_round == sc.users as u64,
         samples,

@@ -5,7 +5,7 @@ use crate::{baseline::Baseline, ceilings::Ceilings, scenario::Scenario};
 use datasync::telemetry::LatencySummary;
 use plotters::{coord::types::RangedCoordf64, prelude::*};
 use serde::Serialize;
-use std::{fmt::Write as _, path::Path};
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 /// Rates in the throughput chart are taken over this many seconds.
 const RATE_WINDOW_S: f64 = 2.0;
@@ -34,6 +34,9 @@ pub struct PublishOnly {
     /// CPU time of the process (engines and the harness's polling) per flag
     /// drained: steadier than the rate when the backends share the cores.
     pub cpu_us_per_flag: f64,
+    /// CPU time per flag of each server running on this machine (`redis`,
+    /// `kafka`, `mongodb`) over the same drain.
+    pub servers_cpu_us_per_flag: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -55,6 +58,10 @@ pub struct Run {
     /// The engines' CPU time per change, in microseconds (embedded: this
     /// whole process, driver included; external: the services').
     pub cpu_us_per_change: f64,
+    /// CPU time per change of each server running on this machine
+    /// (`redis`, `kafka`, `mongodb`) over the same run; empty in external
+    /// mode or when they run elsewhere.
+    pub servers_cpu_us_per_change: BTreeMap<String, f64>,
     pub documents: u64,
     pub verified: bool,
     pub samples: Vec<Sample>,
@@ -178,6 +185,11 @@ impl Report {
                 p.rss_before_mb,
                 p.peak_rss_mb
             );
+            let _ = writeln!(
+                s,
+                "  servers     CPU-µs per flag: {}",
+                crate::servers::summary(&p.servers_cpu_us_per_flag)
+            );
         }
         if let Some(p) = &self.peak {
             let _ = writeln!(
@@ -218,6 +230,11 @@ impl Report {
             s,
             "process       peak RSS {:.0} MB | mean CPU {:.0}% | {:.0} CPU-µs per change",
             r.peak_rss_mb, r.mean_cpu_percent, r.cpu_us_per_change
+        );
+        let _ = writeln!(
+            s,
+            "servers       CPU-µs per change: {}",
+            crate::servers::summary(&r.servers_cpu_us_per_change)
         );
         let _ = writeln!(
             s,
