@@ -35,13 +35,14 @@ pub async fn publish_only(sc: &Scenario, ns: &str) -> anyhow::Result<PublishOnly
     let redis = engines[0].redis().clone();
     let flags = sc.publish_only_users;
     write_and_flag(&redis, "p", flags, sc.profile_bytes).await?;
-    settle_persistence(&engine_config(&sc, &ns, 0)?.redis).await?;
+    let config = engine_config(&sc, &ns, 0)?;
+    settle_persistence(&config.redis).await?;
     let scanned_before: u64 = engines.iter().map(|e| e.stats().flags_scanned).sum();
     anyhow::ensure!(
         scanned_before == 0,
         "{scanned_before} flags were scanned while the publish-only phase was being set up"
     );
-    let servers = crate::servers::Servers::find(&engine_config(&sc, &ns, 0)?);
+    let servers = crate::servers::Servers::find(&config);
     let servers_before = servers.cpu_seconds();
     let before = datasync::telemetry::process_usage();
     let rss_before = before.rss_mb;

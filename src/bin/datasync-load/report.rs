@@ -1,11 +1,11 @@
 //! The run's report: a console summary, a JSON file, SVG charts and one
 //! self-contained HTML page.
 
-use crate::{baseline::Baseline, ceilings::Ceilings, scenario::Scenario};
+use crate::{baseline::Baseline, ceilings::Ceilings, scenario::Scenario, servers::ByServer};
 use datasync::telemetry::LatencySummary;
 use plotters::{coord::types::RangedCoordf64, prelude::*};
 use serde::Serialize;
-use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+use std::{fmt::Write as _, path::Path};
 
 /// Rates in the throughput chart are taken over this many seconds.
 const RATE_WINDOW_S: f64 = 2.0;
@@ -36,7 +36,7 @@ pub struct PublishOnly {
     pub cpu_us_per_flag: f64,
     /// CPU time per flag of each server running on this machine (`redis`,
     /// `kafka`, `mongodb`) over the same drain.
-    pub servers_cpu_us_per_flag: BTreeMap<String, f64>,
+    pub servers_cpu_us_per_flag: ByServer,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -59,9 +59,9 @@ pub struct Run {
     /// whole process, driver included; external: the services').
     pub cpu_us_per_change: f64,
     /// CPU time per change of each server running on this machine
-    /// (`redis`, `kafka`, `mongodb`) over the same run; empty in external
-    /// mode or when they run elsewhere.
-    pub servers_cpu_us_per_change: BTreeMap<String, f64>,
+    /// (`redis`, `kafka`, `mongodb`) over the same run; empty when they run
+    /// elsewhere.
+    pub servers_cpu_us_per_change: ByServer,
     pub documents: u64,
     pub verified: bool,
     pub samples: Vec<Sample>,

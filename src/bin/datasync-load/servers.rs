@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 /// The local server processes of a run, by name (`redis`, `kafka`, `mongodb`).
 pub struct Servers(Vec<(&'static str, String)>);
 
-/// CPU seconds of each server found, by name.
-pub type CpuSeconds = BTreeMap<&'static str, f64>;
+/// A figure for each server found, by name.
+pub type ByServer = BTreeMap<&'static str, f64>;
 
 impl Servers {
     /// The processes listening on the loopback ports of the run's Redis,
@@ -30,7 +30,8 @@ impl Servers {
         )
     }
 
-    pub fn cpu_seconds(&self) -> CpuSeconds {
+    /// CPU seconds of each server found.
+    pub fn cpu_seconds(&self) -> ByServer {
         self.0
             .iter()
             .filter_map(|(name, pid)| Some((*name, process_usage_of(pid)?.cpu_seconds)))
@@ -39,18 +40,17 @@ impl Servers {
 }
 
 /// Each server's CPU-µs per change between two readings.
-pub fn per_change(before: &CpuSeconds, after: &CpuSeconds, changes: u64) -> BTreeMap<String, f64> {
+pub fn per_change(before: &ByServer, after: &ByServer, changes: u64) -> ByServer {
     after
         .iter()
         .filter_map(|(name, a)| {
-            let b = before.get(name)?;
-            Some((name.to_string(), (a - b) * 1e6 / changes.max(1) as f64))
+            Some((*name, (a - before.get(name)?) * 1e6 / changes.max(1) as f64))
         })
         .collect()
 }
 
 /// `redis 3.0 | kafka 0.7 | mongodb 150`, or `not on this machine`.
-pub fn summary(per_change: &BTreeMap<String, f64>) -> String {
+pub fn summary(per_change: &ByServer) -> String {
     if per_change.is_empty() {
         return "not on this machine".into();
     }
