@@ -42,7 +42,7 @@ use fred::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 use mongodb::bson::doc;
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::SliceRandom};
-use report::{ImmediateRun, PublishOnly, Report, Run, Sample};
+use report::{ImmediateRun, Marking, PublishOnly, Report, Run, Sample};
 use scenario::Scenario;
 use std::{
     path::PathBuf,

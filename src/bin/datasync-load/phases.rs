@@ -245,9 +245,14 @@ pub async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Res
         }
         anyhow::Ok(())
     };
+    // When the last change was flagged, and what was applied by then.
+    let mut marking: Option<(f64, u64)> = None;
     let driver = async {
         let r = driver.await;
         driver_done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let t_s = started.elapsed().as_secs_f64();
+        let applied = target.observe().await?.stats.events_applied;
+        marking = Some((t_s, applied - before.events_applied));
         r
     };
     // Immediate changes of the same users' static section, at their own rate,
@@ -276,12 +281,19 @@ pub async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Res
         Ok(Some((requests, failed, Latency::summarize(&ack))))
     };
 
+    // Completion is checked every WATCH_TICK, so the run's time is not
+    // rounded up by much; a sample is kept every SAMPLE_EVERY ticks, and the
+    // last one always.
+    const WATCH_TICK: Duration = Duration::from_millis(100);
+    const SAMPLE_EVERY: usize = 5;
     let watcher = async {
         let mut samples = Vec::new();
         let deadline = started + Duration::from_secs(sc.timeout_secs);
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut tick = tokio::time::interval(WATCH_TICK);
+        let mut ticks = 0usize;
         loop {
             tick.tick().await;
+            ticks += 1;
             let o = target.observe().await?;
             let s = o.stats;
             let applied = s.events_applied - before.events_applied;
@@ -290,7 +302,7 @@ pub async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Res
                 "| published {}",
                 s.events_published - before.events_published
             ));
-            samples.push(Sample {
+            let sample = Sample {
                 t_s: started.elapsed().as_secs_f64(),
                 marked: s.flags_marked - before.flags_marked,
                 scanned: s.flags_scanned - before.flags_scanned,
@@ -298,7 +310,7 @@ pub async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Res
                 applied,
                 rss_mb: o.rss_mb,
                 cpu_percent: 0.0,
-            });
+            };
             let consumed = s.events_applied + s.stale_skipped + s.poison_events + s.apply_failures;
             // Every sink, not only the primary one, consumed what was published.
             let consumed = o
@@ -310,19 +322,26 @@ pub async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Res
             if marked_all && consumed >= s.events_published && pending(&redis).await? == 0 {
                 let again = target.observe().await?.stats;
                 if again.events_published == s.events_published {
-                    return anyhow::Ok((samples, None));
+                    let done = sample.t_s;
+                    samples.push(sample);
+                    return anyhow::Ok((samples, done, None));
                 }
+            }
+            let t_s = sample.t_s;
+            if ticks % SAMPLE_EVERY == 1 {
+                samples.push(sample);
             }
             if Instant::now() > deadline {
                 return Ok((
                     samples,
+                    t_s,
                     Some(format!("did not drain within {}s", sc.timeout_secs)),
                 ));
             }
         }
     };
     let (driven, watched, immediate) = tokio::join!(driver, watcher, immediates);
-    let (samples, timeout) = watched?;
+    let (samples, seconds, timeout) = watched?;
     let immediate = match immediate? {
         Some((requests, failed, to_ack)) => Some(ImmediateRun {
             requests,
@@ -332,7 +351,6 @@ pub async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Res
         }),
         None => None,
     };
-    let seconds = started.elapsed().as_secs_f64();
     let servers_cpu_us_per_change =
         crate::servers::per_change(&servers_before, &servers.cpu_seconds(), total);
     bar.finish_and_clear();
@@ -405,6 +423,10 @@ pub async fn end_to_end(sc: &Scenario, ns: &str, config: &Config) -> anyhow::Res
         changes: total,
         seconds,
         changes_per_s: total as f64 / seconds,
+        marking: marking.map(|(t_s, applied)| Marking {
+            seconds: t_s,
+            applied,
+        }),
         events_published: after.events_published - before.events_published,
         events_applied: after.events_applied - before.events_applied,
         stale_or_superseded: after.stale_skipped - before.stale_skipped,

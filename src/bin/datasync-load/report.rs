@@ -45,6 +45,10 @@ pub struct Run {
     pub seconds: f64,
     /// Upstream changes synced per second, flag → applied.
     pub changes_per_s: f64,
+    /// How long the load generator took to flag every change, and what was
+    /// applied by then: on a machine the generator shares, the applier runs
+    /// slower while it marks.
+    pub marking: Option<Marking>,
     pub events_published: u64,
     pub events_applied: u64,
     pub stale_or_superseded: u64,
@@ -67,6 +71,30 @@ pub struct Run {
     pub samples: Vec<Sample>,
     /// Immediate changes sent alongside the run (`immediate_rate`).
     pub immediate: Option<ImmediateRun>,
+}
+
+/// The run split at the moment the last change was flagged.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Marking {
+    /// From the start to the last change flagged.
+    pub seconds: f64,
+    /// Events applied by then.
+    pub applied: u64,
+}
+
+impl Run {
+    /// Events applied per second while the generator was marking, and after
+    /// it was done; `None` for a phase shorter than a second.
+    pub fn applied_per_s_while_and_after_marking(&self) -> Option<(f64, f64)> {
+        let m = self.marking.as_ref()?;
+        let after_s = self.seconds - m.seconds;
+        (m.seconds >= 1.0 && after_s >= 1.0).then(|| {
+            (
+                m.applied as f64 / m.seconds,
+                self.events_applied.saturating_sub(m.applied) as f64 / after_s,
+            )
+        })
+    }
 }
 
 /// The immediate path measured during the run.
@@ -112,6 +140,13 @@ impl Report {
                 self.run.changes_per_s,
                 c.mongo_bulk_upserts_per_s,
             );
+            if let Some((_, after)) = self.run.applied_per_s_while_and_after_marking() {
+                put(
+                    "applied_after_marking_vs_mongo_ceiling",
+                    after,
+                    c.mongo_bulk_upserts_per_s,
+                );
+            }
             for (sink, ceiling) in &c.postgres_upserts_per_s {
                 put(
                     &format!("end_to_end_vs_postgres_ceiling ({sink})"),
@@ -208,6 +243,19 @@ impl Report {
             r.events_applied,
             r.stale_or_superseded
         );
+        if let (Some(m), Some((while_marking, after))) =
+            (&r.marking, r.applied_per_s_while_and_after_marking())
+        {
+            let _ = writeln!(
+                s,
+                "  phases      all flagged after {:.1}s, {} applied by then ({:.0}/s) | the rest in {:.1}s ({:.0}/s)",
+                m.seconds,
+                m.applied,
+                while_marking,
+                r.seconds - m.seconds,
+                after
+            );
+        }
         let _ = writeln!(
             s,
             "latency       flag→applied p50 {} ms | p95 {} ms | p99 {} ms | max {} ms ({} samples)",
