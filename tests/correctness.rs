@@ -471,6 +471,105 @@ async fn a_clear_of_thousands_of_flags_removes_only_those_still_at_their_version
     assert_eq!(left, want, "only the flags that moved on are left");
 }
 
+/// Marking thousands of users of one shard in one call (more than the mark
+/// script flags per chunk): each gets its own strictly increasing version,
+/// a user named twice keeps the later one, and every cached composed
+/// profile of theirs is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mark_of_thousands_of_users_versions_each_and_drops_their_cached_profiles() {
+    let ns = Namespace::new("mark-many");
+    let r = datasync::clients::redis::RedisStore::connect(&test_config(&ns).redis, 1)
+        .await
+        .unwrap();
+    let raw = raw_redis().await;
+    let mut users: Vec<String> = (0..2500).map(|i| format!("u{i}")).collect();
+    for u in users.iter().step_by(100) {
+        let _: () = raw
+            .set(r.keys().profile_cache(0, u), "{}", None, None, false)
+            .await
+            .unwrap();
+    }
+    // u7 again, in the second chunk.
+    users.push("u7".to_string());
+    let marked = r.mark(&users).await.unwrap();
+    assert_eq!(marked.len(), users.len());
+    assert!(
+        marked.windows(2).all(|w| w[0].1 < w[1].1),
+        "versions strictly increase in the order the users were given"
+    );
+    let flags: std::collections::HashMap<String, i64> = r
+        .read_flags(0, None, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(flags.len(), 2500);
+    for (u, v) in &marked[..2500] {
+        if u != "u7" {
+            assert_eq!(flags[u], *v, "{u}'s flag is at its version");
+        }
+    }
+    assert_eq!(flags["u7"], marked[2500].1, "u7 keeps its later version");
+    for u in users.iter().step_by(100) {
+        let cached: Option<String> = raw.get(r.keys().profile_cache(0, u)).await.unwrap();
+        assert_eq!(cached, None, "{u}'s cached profile is dropped");
+    }
+}
+
+/// The applied-version L2 only rises, over calls of thousands of fields
+/// (more than the script reads per chunk): a lower version leaves the
+/// stored one, and a field named twice in one call keeps the higher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_applied_versions_l2_only_rises_over_thousands_of_fields() {
+    let ns = Namespace::new("applied-l2");
+    let r = datasync::clients::redis::RedisStore::connect(&test_config(&ns).redis, 1)
+        .await
+        .unwrap();
+    let users: Vec<String> = (0..1500).map(|i| format!("u{i}")).collect();
+    let first: Vec<(&str, Section, i64)> = users
+        .iter()
+        .map(|u| (u.as_str(), Section::Dynamic, 100))
+        .collect();
+    r.raise_applied(0, &first).await.unwrap();
+    // Even users rise to 200, odd ones are offered 50. Named twice: u3 in
+    // the first chunk (400, then 300 in u5's place, which keeps 100), u1
+    // (60, then 300) and u2 (250, then 150) across chunks.
+    let mut second: Vec<(&str, Section, i64)> = users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            (
+                u.as_str(),
+                Section::Dynamic,
+                if i % 2 == 0 { 200 } else { 50 },
+            )
+        })
+        .collect();
+    second[1].2 = 60;
+    second[2].2 = 250;
+    second[3].2 = 400;
+    second[5] = ("u3", Section::Dynamic, 300);
+    second.push(("u1", Section::Dynamic, 300));
+    second.push(("u2", Section::Dynamic, 150));
+    second.push(("u0", Section::Static, 7));
+    r.raise_applied(0, &second).await.unwrap();
+
+    let ids: Vec<&str> = users.iter().map(String::as_str).collect();
+    let got = r.applied_versions(0, &ids).await.unwrap();
+    for (i, (s, d)) in got.iter().enumerate() {
+        let want = match i {
+            0 => 200,
+            1 => 300,
+            2 => 250,
+            3 => 400,
+            i if i % 2 == 0 => 200,
+            _ => 100,
+        };
+        assert_eq!(*d, Some(want), "u{i}'s dynamic version");
+        assert_eq!(*s, (i == 0).then_some(7), "u{i}'s static version");
+    }
+}
+
 /// The scanner's clear removes a page's published flags by score range. A
 /// flag the page did not publish (its change went to the dead-letter queue)
 /// and a flag marked again while the page was in flight must both stay.
