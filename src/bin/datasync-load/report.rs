@@ -498,3 +498,63 @@ pub fn html_escape(s: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(seconds: f64, applied: u64, marking: Option<(f64, u64)>) -> Run {
+        Run {
+            seconds,
+            events_applied: applied,
+            marking: marking.map(|(seconds, applied)| Marking { seconds, applied }),
+            ..Run::default()
+        }
+    }
+
+    #[test]
+    fn a_run_splits_at_its_last_flag_into_the_rates_while_and_after_marking() {
+        let r = run(30.0, 200_000, Some((10.0, 20_000)));
+        assert_eq!(
+            r.applied_per_s_while_and_after_marking(),
+            Some((2_000.0, 9_000.0))
+        );
+    }
+
+    #[test]
+    fn a_phase_shorter_than_a_second_gives_no_split_and_no_ratio() {
+        let ceilings = Ceilings {
+            mongo_bulk_upserts_per_s: 10_000.0,
+            ..Ceilings::default()
+        };
+        for r in [
+            run(30.0, 200_000, Some((29.5, 190_000))),
+            run(30.0, 200_000, Some((0.5, 0))),
+            run(30.0, 200_000, None),
+        ] {
+            assert_eq!(r.applied_per_s_while_and_after_marking(), None);
+            let mut report = Report {
+                ceilings: Some(ceilings.clone()),
+                run: r,
+                ..Report::default()
+            };
+            report.compute_ratios();
+            assert!(report.ratios.contains_key("end_to_end_vs_mongo_ceiling"));
+            assert!(
+                !report
+                    .ratios
+                    .contains_key("applied_after_marking_vs_mongo_ceiling")
+            );
+        }
+        let mut report = Report {
+            ceilings: Some(ceilings),
+            run: run(30.0, 200_000, Some((10.0, 20_000))),
+            ..Report::default()
+        };
+        report.compute_ratios();
+        assert_eq!(
+            report.ratios["applied_after_marking_vs_mongo_ceiling"],
+            serde_json::json!(0.9)
+        );
+    }
+}
