@@ -447,9 +447,7 @@ async fn a_clear_of_thousands_of_flags_removes_only_those_still_at_their_version
     // One shard, so one call covers more users than the script reads per
     // chunk.
     let ns = Namespace::new("clear-many");
-    let r = datasync::clients::redis::RedisStore::connect(&test_config(&ns).redis, 1)
-        .await
-        .unwrap();
+    let r = one_shard_redis(&ns).await;
     let users: Vec<String> = (0..2500).map(|i| format!("u{i}")).collect();
     let first = r.mark(&users).await.unwrap();
     // Every third user is flagged again: its flag moved on to a newer version.
@@ -478,9 +476,7 @@ async fn a_clear_of_thousands_of_flags_removes_only_those_still_at_their_version
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mark_of_thousands_of_users_versions_each_and_drops_their_cached_profiles() {
     let ns = Namespace::new("mark-many");
-    let r = datasync::clients::redis::RedisStore::connect(&test_config(&ns).redis, 1)
-        .await
-        .unwrap();
+    let r = one_shard_redis(&ns).await;
     let raw = raw_redis().await;
     let mut users: Vec<String> = (0..2500).map(|i| format!("u{i}")).collect();
     for u in users.iter().step_by(100) {
@@ -522,9 +518,7 @@ async fn a_mark_of_thousands_of_users_versions_each_and_drops_their_cached_profi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_applied_versions_l2_only_rises_over_thousands_of_fields() {
     let ns = Namespace::new("applied-l2");
-    let r = datasync::clients::redis::RedisStore::connect(&test_config(&ns).redis, 1)
-        .await
-        .unwrap();
+    let r = one_shard_redis(&ns).await;
     let users: Vec<String> = (0..1500).map(|i| format!("u{i}")).collect();
     let first: Vec<(&str, Section, i64)> = users
         .iter()
@@ -576,9 +570,7 @@ async fn the_applied_versions_l2_only_rises_over_thousands_of_fields() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_cleared_by_ranges_keeps_its_unpublished_and_re_marked_flags() {
     let ns = Namespace::new("clear-ranges");
-    let r = datasync::clients::redis::RedisStore::connect(&test_config(&ns).redis, 1)
-        .await
-        .unwrap();
+    let r = one_shard_redis(&ns).await;
     let users: Vec<String> = (0..2500).map(|i| format!("u{i}")).collect();
     r.mark(&users).await.unwrap();
     let page = r.read_flags(0, None, 10_000).await.unwrap();
@@ -618,9 +610,7 @@ async fn a_page_cleared_by_ranges_keeps_its_unpublished_and_re_marked_flags() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_clear_falls_back_to_members_for_strangers_and_dead_letters() {
     let ns = Namespace::new("clear-fallback");
-    let r = datasync::clients::redis::RedisStore::connect(&test_config(&ns).redis, 1)
-        .await
-        .unwrap();
+    let r = one_shard_redis(&ns).await;
     let raw = raw_redis().await;
     let dirty = r.keys().dirty(0);
 

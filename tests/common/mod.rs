@@ -231,6 +231,14 @@ pub async fn redis(ns: &str) -> RedisStore {
         .expect("redis")
 }
 
+/// A store over one shard, so every user of a test lands in the same
+/// scripts' calls.
+pub async fn one_shard_redis(ns: &str) -> RedisStore {
+    RedisStore::connect(&test_config(ns).redis, 1)
+        .await
+        .expect("redis")
+}
+
 pub async fn mongo(ns: &str) -> MongoStore {
     MongoStore::connect(&test_config(ns).mongo, "tests")
         .await
