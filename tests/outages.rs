@@ -338,6 +338,80 @@ async fn redis_restarted_mid_run_the_engine_reconnects_and_finishes() {
     let _ = mongo.collection().drop().await;
 }
 
+/// A write that carries a profile (a write, a delete, an immediate change)
+/// and failed while Redis was away is never sent after Redis returns. Queued
+/// through the restart, it would land seconds after its caller gave up, over
+/// whatever newer change of the user was written meanwhile (through another
+/// service, or a retry), and take a newer version than it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_that_failed_while_redis_was_away_are_not_sent_after_it_returns() {
+    let ns = Namespace::new("nowornever");
+    let (mut server, dir, port, config) = own_redis(&ns).await;
+    let engine = start_with(config.clone()).await;
+    let users: Vec<String> = ["written", "deleted", "vip"].map(String::from).into();
+    engine
+        .write_and_mark(&[profile("written", 1), profile("deleted", 1)])
+        .await
+        .unwrap();
+
+    stop(&mut server);
+    // Each call fails within the client's deadline for such writes (2 s),
+    // and nothing of it is written once Redis is back. (The callers give
+    // up after 20 s: a write waiting for the reconnection would still be
+    // queued then.)
+    let give_up = Duration::from_secs(20);
+    let newer = [profile("written", 2)];
+    let write = tokio::time::timeout(give_up, engine.write_and_mark(&newer)).await;
+    assert!(
+        matches!(write, Ok(Err(_))),
+        "a write fails while Redis is away: {write:?}"
+    );
+    let delete = tokio::time::timeout(give_up, engine.delete(&users[1..2])).await;
+    assert!(
+        matches!(delete, Ok(Err(_))),
+        "a delete fails while Redis is away: {delete:?}"
+    );
+    let vip = serde_json::json!({ "vip": true });
+    let immediate = tokio::time::timeout(give_up, engine.sync_immediate("vip", vip)).await;
+    assert!(
+        matches!(immediate, Ok(Err(_))),
+        "an immediate change fails while Redis is away: {immediate:?}"
+    );
+
+    let mut server = start_redis(port, dir.path());
+    wait_until("the engine writes to Redis again", LONG, || async {
+        engine.write_and_mark(&[profile("probe", 1)]).await.is_ok()
+    })
+    .await;
+    let redis = RedisStore::connect(&config.redis, config.sync.shards)
+        .await
+        .unwrap();
+    let profiles = redis.load_profiles(&users[..2]).await.unwrap();
+    let generation = |p: &Result<datasync::model::RawProfile, _>| match p {
+        Ok(datasync::model::RawProfile::Json(b)) => {
+            serde_json::from_slice::<serde_json::Value>(b).unwrap()["gen"].as_i64()
+        }
+        _ => None,
+    };
+    assert_eq!(
+        generation(&profiles[0]),
+        Some(1),
+        "the failed write was not sent later"
+    );
+    assert_eq!(
+        generation(&profiles[1]),
+        Some(1),
+        "the failed delete was not sent later"
+    );
+    assert_eq!(
+        redis.static_pending_of("vip").await.unwrap(),
+        None,
+        "the failed immediate change was not staged later"
+    );
+    finish(engine, &ns).await;
+    stop(&mut server);
+}
+
 /// Produce requests fail with transient broker errors (injected into the mock
 /// cluster). With a 1 s message timeout, librdkafka's own retries run out on
 /// some deliveries, so datasync's retry policy must re-send them: the counter

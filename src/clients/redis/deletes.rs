@@ -3,9 +3,9 @@
 //! the flag. The scanner publishes a delete event at that version; the
 //! applier turns the document into a tombstone (see `clients::mongo`).
 
-use super::{RedisError, RedisStore, lua_script};
+use super::{Delivery, RedisError, RedisStore, lua_script};
 use crate::shard::shard_of;
-use fred::{prelude::*, types::Value as RValue, types::scripts::Script};
+use fred::{prelude::*, types::scripts::Script};
 use std::sync::LazyLock;
 
 static DELETE: LazyLock<Script> = lua_script!("delete.lua", "clock.lua");
@@ -14,7 +14,9 @@ static CLEAR_DELETES: LazyLock<Script> = lua_script!("clear_deletes.lua");
 impl RedisStore {
     /// Deletes users: removes their profile keys, records the deletes and
     /// flags them, one script per shard. Returns `(user, version)` in input
-    /// order.
+    /// order. Sent within 2 s of the call or not at all (see
+    /// `RedisStore::now_or_never`): while Redis is away the call fails, and
+    /// a delete never lands after its caller gave up, over a newer write.
     ///
     /// On a single Redis the script removes the profile keys itself, so a
     /// delete happens whole or not at all: a delete whose caller gave up
@@ -27,15 +29,20 @@ impl RedisStore {
     /// check would bring it back).
     pub async fn delete(&self, users: &[String]) -> Result<Vec<(String, i64)>, RedisError> {
         if self.cluster {
-            let pipe = self.client().pipeline();
-            for u in users {
-                let _: () = pipe.del(self.keys.profile(u)).await?;
-            }
-            let _: Vec<RValue> = pipe.all().await?;
+            // Now or never, like the script (see `now_or_never`): one DEL a
+            // key, as a pipeline would drop the client's options.
+            let client = self.now_or_never();
+            let keys: Vec<String> = users.iter().map(|u| self.keys.profile(u)).collect();
+            super::detached(async move {
+                futures::future::try_join_all(keys.into_iter().map(|k| client.del::<(), _>(k)))
+                    .await
+            })
+            .await?;
         }
         let ids: Vec<&str> = users.iter().map(String::as_str).collect();
         let versions = self
             .allocate_versions(
+                Delivery::NowOrNever,
                 &DELETE,
                 &ids,
                 |shard| vec![self.keys.dirty(shard), self.keys.deleted(shard)],

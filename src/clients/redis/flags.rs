@@ -1,7 +1,7 @@
 //! Dirty flags: marking (a version per user from the shard's clock), reading a
 //! shard's flags oldest-first, and clearing them by compare-and-delete.
 
-use super::{RedisError, RedisStore, lua_script};
+use super::{Delivery, RedisError, RedisStore, lua_script};
 use crate::shard::shard_of;
 use fred::{prelude::*, types::scripts::Script};
 use std::sync::LazyLock;
@@ -66,6 +66,7 @@ impl RedisStore {
         let ids: Vec<&str> = users.iter().map(String::as_str).collect();
         let versions = self
             .allocate_versions(
+                Delivery::Queued,
                 &MARK,
                 &ids,
                 |shard| vec![self.keys.dirty(shard)],

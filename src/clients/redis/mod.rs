@@ -55,8 +55,17 @@ use crate::{
     model::Section,
     shard::{Keys, shard_of},
 };
-use fred::{interfaces::ConfigInterface, prelude::*, types::scripts::Script};
+use fred::{
+    clients::WithOptions,
+    interfaces::ConfigInterface,
+    prelude::*,
+    types::{ClusterHash, CustomCommand, FromValue, scripts::Script},
+};
 use std::{collections::BTreeMap, time::Duration};
+
+/// A command sent [`now_or_never`](RedisStore::now_or_never) is written to
+/// Redis within this long of the call, or not at all.
+const NOW_OR_NEVER: Duration = Duration::from_secs(2);
 
 /// A Lua script from `scripts/`, with the fragments it names from
 /// `scripts/includes/` put before it; built once, called by SHA.
@@ -161,7 +170,8 @@ impl RedisStore {
     /// each user index `i`. Returns one version per user, in input order.
     async fn allocate_versions(
         &self,
-        script: &Script,
+        delivery: Delivery,
+        script: &'static Script,
         users: &[&str],
         lead: impl Fn(u32) -> Vec<String>,
         args: impl Fn(usize) -> Vec<String>,
@@ -177,9 +187,14 @@ impl RedisStore {
             );
             let argv: Vec<String> = idx.iter().flat_map(|&i| args(i)).collect();
             async move {
-                let v: Vec<i64> = script
-                    .evalsha_with_reload(self.client(), keys, argv)
-                    .await?;
+                let v: Vec<i64> = match delivery {
+                    Delivery::Queued => {
+                        script
+                            .evalsha_with_reload(self.client(), keys, argv)
+                            .await?
+                    }
+                    Delivery::NowOrNever => eval(script, self.now_or_never(), keys, argv).await?,
+                };
                 Ok::<_, RedisError>(v)
             }
         });
@@ -240,6 +255,81 @@ impl RedisStore {
     fn client(&self) -> &Client {
         self.pool.next()
     }
+
+    /// A client whose commands go out now or not at all, for writes that
+    /// carry (or remove) a profile and take their version when Redis runs
+    /// them. Queued through a Redis restart, such a write could land seconds
+    /// after its caller gave up and wrote the user's next change through
+    /// another connection or service, and overwrite that newer change with
+    /// the older one. So while the connection is down a command fails at
+    /// once instead of waiting for the reconnection, and one still waiting
+    /// in the client (for the reconnection, or to be sent again after the
+    /// connection dropped) when [`NOW_OR_NEVER`] has passed is dropped
+    /// unwritten: fred skips a command it has timed out. Run such commands
+    /// with [`detached`], so the timeout runs even when the caller gives up
+    /// first. The caller gets an error and retries with what is current.
+    /// (A cluster's redirections are still followed within the deadline.)
+    fn now_or_never(&self) -> WithOptions<Client> {
+        self.client().with_options(&Options {
+            fail_fast: true,
+            timeout: Some(NOW_OR_NEVER),
+            ..Default::default()
+        })
+    }
+}
+
+/// How a command waits for a connection: see [`RedisStore::now_or_never`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// Queued through a reconnection (fred's default): for reads, and for
+    /// writes that are versioned or idempotent, so a late one does no harm.
+    Queued,
+    /// Sent now or failed.
+    NowOrNever,
+}
+
+/// Runs a command in a task of its own, to its end: fred marks a command
+/// timed out only when its future sees the timeout, and writes one whose
+/// caller merely dropped it once the connection is back. Detached, a
+/// now-or-never command is timed out even if its caller gives up first.
+async fn detached<T: Send + 'static>(
+    command: impl Future<Output = Result<T, fred::error::Error>> + Send + 'static,
+) -> Result<T, fred::error::Error> {
+    tokio::spawn(command).await.map_err(|e| {
+        fred::error::Error::new(fred::error::ErrorKind::Canceled, format!("redis call: {e}"))
+    })?
+}
+
+/// `EVALSHA` through a client with options, loading the script on a
+/// `NOSCRIPT` reply; [`detached`]. fred's `Script::evalsha_with_reload`
+/// takes a plain `Client` (a client with options derefs to one and loses
+/// them), and a client with options has no `LuaInterface`, so the command
+/// goes as a custom one, routed on a cluster by its first key.
+async fn eval<R: FromValue + Send + 'static>(
+    script: &'static Script,
+    client: WithOptions<Client>,
+    keys: Vec<String>,
+    args: Vec<String>,
+) -> Result<R, fred::error::Error> {
+    let mut argv: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
+    argv.push(script.sha1().clone().into());
+    argv.push((keys.len() as i64).into());
+    argv.extend(keys.into_iter().map(Value::from));
+    argv.extend(args.into_iter().map(Value::from));
+    detached(async move {
+        let evalsha = CustomCommand::new_static("EVALSHA", ClusterHash::Offset(2), false);
+        match client
+            .custom::<R, Value>(evalsha.clone(), argv.clone())
+            .await
+        {
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                script.load(&client).await?;
+                client.custom(evalsha, argv).await
+            }
+            result => result,
+        }
+    })
+    .await
 }
 
 /// The hash field of one section of one user: `<user>|s` or `<user>|d` (the

@@ -29,13 +29,13 @@ impl RedisStore {
             timeout: Some(Duration::from_secs(1)),
             ..Default::default()
         });
-        let current: Option<String> = CACHE_LEASE
-            .evalsha_with_reload(
-                &fail_fast,
-                vec![key],
-                vec![placeholder.to_string(), "5000".into()],
-            )
-            .await?;
+        let current: Option<String> = super::eval(
+            &CACHE_LEASE,
+            fail_fast,
+            vec![key],
+            vec![placeholder.to_string(), "5000".into()],
+        )
+        .await?;
         Ok(current.filter(|c| c != placeholder && !c.starts_with(CACHE_PLACEHOLDER)))
     }
 

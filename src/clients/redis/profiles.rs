@@ -6,29 +6,35 @@ use crate::model::{ProfileError, RawProfile};
 use fred::{prelude::*, types::Value as RValue};
 
 impl RedisStore {
-    /// Writes profiles as JSON strings: one MSET on a single Redis, a
-    /// pipeline of SETs on a cluster (the keys lie in many slots). fred
-    /// writes every pipelined command to the socket on its own, so the MSET
-    /// saves a system call a profile on both sides.
+    /// Writes profiles as JSON strings: one MSET on a single Redis, one SET a
+    /// profile on a cluster (the keys lie in many slots). fred writes every
+    /// command to the socket on its own, so the MSET saves a system call a
+    /// profile on both sides.
+    ///
+    /// Written within 2 s of the call or not at all (see
+    /// `RedisStore::now_or_never`): while Redis is away the call fails, and
+    /// a profile is never written after its caller gave up, over a newer
+    /// one written meanwhile.
     pub async fn write_profiles(&self, profiles: &[(String, String)]) -> Result<(), RedisError> {
         if profiles.is_empty() {
             return Ok(());
         }
+        let client = self.now_or_never();
+        let pairs: Vec<(String, String)> = profiles
+            .iter()
+            .map(|(user, json)| (self.keys.profile(user), json.clone()))
+            .collect();
         if !self.cluster {
-            let pairs: Vec<(String, &str)> = profiles
-                .iter()
-                .map(|(user, json)| (self.keys.profile(user), json.as_str()))
-                .collect();
-            let _: () = self.client().mset(pairs).await?;
+            super::detached(async move { client.mset(pairs).await }).await?;
             return Ok(());
         }
-        let pipe = self.client().pipeline();
-        for (user, json) in profiles {
-            let _: () = pipe
-                .set(self.keys.profile(user), json.as_str(), None, None, false)
-                .await?;
-        }
-        let _: Vec<RValue> = pipe.all().await?;
+        super::detached(async move {
+            let sets = pairs
+                .into_iter()
+                .map(|(key, json)| client.set::<(), _, _>(key, json, None, None, false));
+            futures::future::try_join_all(sets).await
+        })
+        .await?;
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 //! not acknowledged), `r` (put back in line by a redrive) or `a`
 //! (acknowledged by the broker).
 
-use super::{RedisError, RedisStore, lua_script};
+use super::{Delivery, RedisError, RedisStore, lua_script};
 use crate::shard::shard_of;
 use fred::{prelude::*, types::scripts::Script};
 use std::{collections::BTreeMap, sync::LazyLock};
@@ -39,9 +39,12 @@ pub struct PendingStatic {
 impl RedisStore {
     /// Accepts immediate changes of users' static profiles (`(user, JSON
     /// object)`), one script per shard; returns their versions in order.
+    /// Sent within 2 s of the call or not at all (see
+    /// `RedisStore::now_or_never`).
     pub async fn stage_static(&self, changes: &[(&str, String)]) -> Result<Vec<i64>, RedisError> {
         let users: Vec<&str> = changes.iter().map(|c| c.0).collect();
         self.allocate_versions(
+            Delivery::NowOrNever,
             &STAGE_STATIC,
             &users,
             |shard| vec![self.keys.static_pending(shard)],
@@ -137,6 +140,7 @@ impl RedisStore {
     pub async fn restage_static(&self, users: &[&str]) -> Result<Vec<Option<i64>>, RedisError> {
         let versions = self
             .allocate_versions(
+                Delivery::Queued,
                 &RESTAGE_STATIC,
                 users,
                 |shard| vec![self.keys.static_pending(shard)],
