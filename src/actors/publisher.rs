@@ -197,20 +197,25 @@ async fn publish_all(
     msg: Publish,
     shared: &Shared,
 ) -> PublishResults {
-    let label = type_label(msg.sync_type);
-    let events: Vec<Vec<u8>> = msg
-        .items
-        .iter()
-        .map(|item| build_event(msg.sync_type, item, &shared.instance_id).encode_to_vec())
-        .collect();
+    let Publish { sync_type, items } = msg;
+    let label = type_label(sync_type);
+    // Each profile is dropped once encoded: only the key and the event wait
+    // for the broker's reports (and a retry, or a dead letter).
+    let (keys, events): (Vec<String>, Vec<Vec<u8>>) = items
+        .into_iter()
+        .map(|item| {
+            let event = build_event(sync_type, &item, &shared.instance_id).encode_to_vec();
+            (item.user_id, event)
+        })
+        .unzip();
     let mut results: Vec<Option<Result<Delivered, PublishError>>> =
-        (0..msg.items.len()).map(|_| None).collect();
-    let mut pending: Vec<usize> = (0..msg.items.len()).collect();
+        (0..keys.len()).map(|_| None).collect();
+    let mut pending: Vec<usize> = (0..keys.len()).collect();
     let mut retries = 0;
     loop {
         let records = pending
             .iter()
-            .map(|&i| (msg.items[i].user_id.as_str(), events[i].as_slice()));
+            .map(|&i| (keys[i].as_str(), events[i].as_slice()));
         let outcomes = kafka::send_all(producer, topic, records).await;
         let mut again = Vec::new();
         let mut any_ok = false;

@@ -100,9 +100,21 @@ fn consumer_base(c: &KafkaConfig, group: &str, client_id: &str) -> ClientConfig 
 /// ever waiting on the broker.
 const PREFETCH_WINDOWS: usize = 8;
 const PREFETCH_MAX_KBYTES: &str = "16384";
+/// How much one fetch brings, compressed: a partition's share and the whole
+/// response. The queue bounds above are checked before a fetch is sent, not
+/// against what it brings back, and with librdkafka's defaults (1 MB a
+/// partition, 50 MB a response) one fetch from a backlog overshot them by
+/// tens of thousands of records: a profile's JSON compresses well, and each
+/// record's decompressed batch and queue entry stayed in memory until the
+/// loop took it (24 MB of decompressed batches and 13 MB of queue entries
+/// at 100,000 users, by a heap profile). A batch larger than these is
+/// still fetched whole.
+const FETCH_PARTITION_BYTES: &str = "262144";
+const FETCH_MAX_BYTES: usize = 1 << 20;
 
 /// The applier's consumer: manual commits only, from the earliest offset,
-/// fetching about [`PREFETCH_WINDOWS`] windows of `window_max_events` ahead;
+/// fetching about [`PREFETCH_WINDOWS`] windows of `window_max_events` ahead,
+/// [`FETCH_PARTITION_BYTES`] a partition at a time;
 /// `context` sees its rebalances.
 pub fn consumer<C: ConsumerContext + 'static>(
     c: &KafkaConfig,
@@ -115,9 +127,19 @@ pub fn consumer<C: ConsumerContext + 'static>(
     let per_partition = (window_max_events * PREFETCH_WINDOWS / c.partitions.max(1) as usize)
         .clamp(1_000, 100_000)
         .to_string();
+    // librdkafka refuses a fetch.max.bytes below message.max.bytes.
+    let fetch_max = c
+        .client
+        .0
+        .get("message.max.bytes")
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(FETCH_MAX_BYTES, |m| m.max(FETCH_MAX_BYTES))
+        .to_string();
     for (key, value) in [
         ("queued.min.messages", per_partition.as_str()),
         ("queued.max.messages.kbytes", PREFETCH_MAX_KBYTES),
+        ("max.partition.fetch.bytes", FETCH_PARTITION_BYTES),
+        ("fetch.max.bytes", fetch_max.as_str()),
     ] {
         if !c.client.0.contains_key(key) {
             cfg.set(key, value);
@@ -439,4 +461,28 @@ pub fn consumer_lag(
     }
     out.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use rdkafka::consumer::DefaultConsumerContext;
+
+    fn kafka(toml: &str) -> KafkaConfig {
+        Config::from_layers(&[("test.toml".into(), toml.into())], std::iter::empty())
+            .expect("config")
+            .kafka
+    }
+
+    /// librdkafka refuses a `fetch.max.bytes` below `message.max.bytes`:
+    /// the consumer's bounded fetch size must rise with a larger record size.
+    #[tokio::test]
+    async fn a_consumer_takes_a_record_size_above_its_fetch_size() {
+        let c = kafka("[kafka.client]\n\"message.max.bytes\" = \"4000000\"\n");
+        let made = consumer(&c, "g", "c", 5000, DefaultConsumerContext);
+        assert!(made.is_ok(), "{:?}", made.err());
+        let made = consumer(&kafka(""), "g", "c", 5000, DefaultConsumerContext);
+        assert!(made.is_ok(), "{:?}", made.err());
+    }
 }
