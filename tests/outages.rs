@@ -408,6 +408,16 @@ async fn writes_that_failed_while_redis_was_away_are_not_sent_after_it_returns()
         None,
         "the failed immediate change was not staged later"
     );
+    // Redis restarted with an empty script cache: the delete's script is
+    // loaded again on its first call, within the call's deadline.
+    engine
+        .delete(&users[1..2])
+        .await
+        .expect("a delete once Redis is back");
+    assert!(
+        redis.load_profiles(&users[1..2]).await.unwrap()[0].is_err(),
+        "the deleted profile is gone"
+    );
     finish(engine, &ns).await;
     stop(&mut server);
 }

@@ -316,6 +316,7 @@ async fn eval<R: FromValue + Send + 'static>(
     argv.push((keys.len() as i64).into());
     argv.extend(keys.into_iter().map(Value::from));
     argv.extend(args.into_iter().map(Value::from));
+    let started = std::time::Instant::now();
     detached(async move {
         let evalsha = CustomCommand::new_static("EVALSHA", ClusterHash::Offset(2), false);
         match client
@@ -324,7 +325,19 @@ async fn eval<R: FromValue + Send + 'static>(
         {
             Err(e) if e.details().starts_with("NOSCRIPT") => {
                 script.load(&client).await?;
-                client.custom(evalsha, argv).await
+                // The call keeps its deadline: the retry gets what is left.
+                let mut options = client.options().clone();
+                if let Some(timeout) = options.timeout {
+                    let left = timeout.saturating_sub(started.elapsed());
+                    if left.is_zero() {
+                        return Err(fred::error::Error::new(
+                            fred::error::ErrorKind::Timeout,
+                            "redis call: no time left after loading the script",
+                        ));
+                    }
+                    options.timeout = Some(left);
+                }
+                client.with_options(&options).custom(evalsha, argv).await
             }
             result => result,
         }
