@@ -193,7 +193,9 @@ impl RedisStore {
                             .evalsha_with_reload(self.client(), keys, argv)
                             .await?
                     }
-                    Delivery::NowOrNever => eval(script, self.now_or_never(), keys, argv).await?,
+                    Delivery::NowOrNever => {
+                        detached(eval(script, self.now_or_never(), keys, argv)).await?
+                    }
                 };
                 Ok::<_, RedisError>(v)
             }
@@ -270,9 +272,15 @@ impl RedisStore {
     /// first. The caller gets an error and retries with what is current.
     /// (A cluster's redirections are still followed within the deadline.)
     fn now_or_never(&self) -> WithOptions<Client> {
+        self.fail_fast(NOW_OR_NEVER)
+    }
+
+    /// A client whose commands fail at once while the connection is down,
+    /// and time out after `timeout`, instead of waiting for the reconnection.
+    fn fail_fast(&self, timeout: Duration) -> WithOptions<Client> {
         self.client().with_options(&Options {
             fail_fast: true,
-            timeout: Some(NOW_OR_NEVER),
+            timeout: Some(timeout),
             ..Default::default()
         })
     }
@@ -301,7 +309,7 @@ async fn detached<T: Send + 'static>(
 }
 
 /// `EVALSHA` through a client with options, loading the script on a
-/// `NOSCRIPT` reply; [`detached`]. fred's `Script::evalsha_with_reload`
+/// `NOSCRIPT` reply (a now-or-never call runs it [`detached`]). fred's `Script::evalsha_with_reload`
 /// takes a plain `Client` (a client with options derefs to one and loses
 /// them), and a client with options has no `LuaInterface`, so the command
 /// goes as a custom one, routed on a cluster by its first key.
@@ -317,32 +325,29 @@ async fn eval<R: FromValue + Send + 'static>(
     argv.extend(keys.into_iter().map(Value::from));
     argv.extend(args.into_iter().map(Value::from));
     let started = std::time::Instant::now();
-    detached(async move {
-        let evalsha = CustomCommand::new_static("EVALSHA", ClusterHash::Offset(2), false);
-        match client
-            .custom::<R, Value>(evalsha.clone(), argv.clone())
-            .await
-        {
-            Err(e) if e.details().starts_with("NOSCRIPT") => {
-                script.load(&client).await?;
-                // The call keeps its deadline: the retry gets what is left.
-                let mut options = client.options().clone();
-                if let Some(timeout) = options.timeout {
-                    let left = timeout.saturating_sub(started.elapsed());
-                    if left.is_zero() {
-                        return Err(fred::error::Error::new(
-                            fred::error::ErrorKind::Timeout,
-                            "redis call: no time left after loading the script",
-                        ));
-                    }
-                    options.timeout = Some(left);
+    let evalsha = CustomCommand::new_static("EVALSHA", ClusterHash::Offset(2), false);
+    match client
+        .custom::<R, Value>(evalsha.clone(), argv.clone())
+        .await
+    {
+        Err(e) if e.details().starts_with("NOSCRIPT") => {
+            script.load(&client).await?;
+            // The call keeps its deadline: the retry gets what is left.
+            let mut options = client.options().clone();
+            if let Some(timeout) = options.timeout {
+                let left = timeout.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    return Err(fred::error::Error::new(
+                        fred::error::ErrorKind::Timeout,
+                        "redis call: no time left after loading the script",
+                    ));
                 }
-                client.with_options(&options).custom(evalsha, argv).await
+                options.timeout = Some(left);
             }
-            result => result,
+            client.with_options(&options).custom(evalsha, argv).await
         }
-    })
-    .await
+        result => result,
+    }
 }
 
 /// The hash field of one section of one user: `<user>|s` or `<user>|d` (the

@@ -24,14 +24,9 @@ impl RedisStore {
         let key = self.keys.profile_cache(shard_of(user, self.shards), user);
         // A read has somewhere else to go (MongoDB): fail at once while the
         // connection is down instead of waiting for the reconnection.
-        let fail_fast = self.client().with_options(&Options {
-            fail_fast: true,
-            timeout: Some(Duration::from_secs(1)),
-            ..Default::default()
-        });
         let current: Option<String> = super::eval(
             &CACHE_LEASE,
-            fail_fast,
+            self.fail_fast(Duration::from_secs(1)),
             vec![key],
             vec![placeholder.to_string(), "5000".into()],
         )
